@@ -1,0 +1,191 @@
+"""The ``colo-appliance`` command line.
+
+    colo-appliance serve [--config FILE] [--name NAME] [--qmp PATH] [--http HOST:PORT] ...
+    colo-appliance qmp SOCKET [COMMAND [key=value ...]]   (no COMMAND: interactive, with history)
+    colo-appliance version
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+
+import appliance
+
+from .config import ConfigError, load_config, split_host_port
+
+
+class QMPClientError(Exception):
+    pass
+
+
+class SyncQMPClient:
+    """A small blocking QMP client for the command line (tests use ``qemu.qmp``)."""
+
+    def __init__(self, address: str, timeout: float = 30.0):
+        if os.path.sep in address or not address.rpartition(":")[2].isdigit():
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: object = address
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            target = split_host_port(address, "QMP address")
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(target)
+        except OSError as e:
+            raise QMPClientError(f"cannot connect to {address}: {e}") from e
+        self.file = self.sock.makefile("rwb")
+        self.greeting = self._read()
+        self.events: list[dict] = []
+        reply = self.execute("qmp_capabilities")
+        if "error" in reply:
+            raise QMPClientError(f"negotiation failed: {reply['error']['desc']}")
+
+    def _read(self) -> dict:
+        line = self.file.readline()
+        if not line:
+            raise QMPClientError("connection closed by the node")
+        return json.loads(line)
+
+    def execute(self, command: str, arguments: dict | None = None) -> dict:
+        request: dict = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.file.write(json.dumps(request).encode() + b"\n")
+        self.file.flush()
+        while True:
+            message = self._read()
+            if "event" in message:
+                self.events.append(message)
+                continue
+            return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def parse_arguments(pairs: list[str]) -> dict:
+    """``key=value`` pairs; a value that parses as JSON is taken as JSON (as qmp-shell does)."""
+    args: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QMPClientError(f"expected key=value, got {pair!r}")
+        try:
+            args[key] = json.loads(value)
+        except ValueError:
+            args[key] = value
+    return args
+
+
+def _print_reply(reply: dict) -> int:
+    if "error" in reply:
+        print(f"error: {reply['error']['class']}: {reply['error']['desc']}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply["return"], indent=2, sort_keys=True))
+    return 0
+
+
+def _interactive(client: SyncQMPClient) -> int:
+    import readline
+    history = os.path.expanduser("~/.colo-appliance-qmp-history")
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    version = client.greeting["QMP"]["version"]
+    print(f"connected: {version['package']}; commands as 'name key=value ...', Ctrl-D quits")
+    try:
+        while True:
+            try:
+                line = input("(QMP) ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not line:
+                continue
+            words = line.split()
+            try:
+                _print_reply(client.execute(words[0], parse_arguments(words[1:])))
+            except QMPClientError as e:
+                print(f"error: {e}", file=sys.stderr)
+                if "closed" in str(e):
+                    return 1
+            for event in client.events:
+                print(f"event: {json.dumps(event)}")
+            client.events.clear()
+    finally:
+        readline.write_history_file(history)
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    try:
+        client = SyncQMPClient(args.socket)
+        try:
+            if args.command is None:
+                return _interactive(client)
+            return _print_reply(client.execute(args.command, parse_arguments(args.arguments)))
+        finally:
+            client.close()
+    except QMPClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import serve, setup_logging
+    try:
+        config = load_config(args.config)
+        for flag, attr in (("name", "name"), ("qmp", "qmp"), ("qmp_tcp", "qmp_tcp"), ("http", "http"),
+                           ("http_token", "http_token"), ("log_format", "log_format"),
+                           ("incoming", "incoming")):
+            value = getattr(args, flag)
+            if value is not None:
+                setattr(config, attr, value)
+        if args.no_http:
+            config.http = None
+        config.validate()
+    except ConfigError as e:
+        print(f"colo-appliance: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_format)
+    return asyncio.run(serve(config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colo-appliance", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    serve = sub.add_parser("serve", help="run a node daemon")
+    serve.add_argument("--config", help="TOML config file")
+    serve.add_argument("--name", help="node name")
+    serve.add_argument("--qmp", help="QMP UNIX socket path (created 0600)")
+    serve.add_argument("--qmp-tcp", dest="qmp_tcp", metavar="HOST:PORT", help="also listen for QMP on TCP")
+    serve.add_argument("--http", metavar="HOST:PORT", help="HTTP API address (default 127.0.0.1:8080)")
+    serve.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
+    serve.add_argument("--http-token", dest="http_token", help="bearer token required by the HTTP API")
+    serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
+    serve.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration, as QEMU's -incoming")
+    serve.set_defaults(func=cmd_serve)
+
+    qmp = sub.add_parser("qmp", help="send a QMP command to a node, or talk to it interactively")
+    qmp.add_argument("socket", help="QMP UNIX socket path or HOST:PORT")
+    qmp.add_argument("command", nargs="?", help="command name (none: interactive mode)")
+    qmp.add_argument("arguments", nargs="*", metavar="key=value")
+    qmp.set_defaults(func=cmd_qmp)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda a: print(f"colo-appliance {appliance.__version__}") or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""``colo-appliance serve``: one node daemon (QMP server, HTTP API, the node's state).
+
+It runs until ``quit`` over QMP, SIGTERM or SIGINT, then closes its sockets
+and removes its QMP socket file.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+from .config import NodeConfig, split_host_port
+from .control import Node, QMPServer
+from .control.node import PACKAGE, QEMU_VERSION
+from .http_api import make_app
+
+log = logging.getLogger("appliance")
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``ts=... level=... logger=... msg="..."``: one greppable line per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = f'ts={ts} level={record.levelname.lower()} logger={record.name} msg={json.dumps(record.getMessage())}'
+        if record.exc_info:
+            line += f" exc={json.dumps(self.formatException(record.exc_info))}"
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(fmt: str, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _raise_fd_limit() -> None:
+    """Many QMP clients at once need many descriptors; take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve(config: NodeConfig) -> int:
+    config.validate()
+    _raise_fd_limit()
+    loop = asyncio.get_running_loop()
+    node = Node(config.name, loop, incoming=config.incoming)
+    server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
+    runner = None
+    try:
+        if config.qmp:
+            server.listen_unix(config.qmp)
+            log.info("QMP listening on unix:%s", config.qmp)
+        if config.qmp_tcp:
+            host, port = split_host_port(config.qmp_tcp, "qmp_tcp")
+            port = server.listen_tcp(host, port)
+            log.info("QMP listening on tcp:%s:%d", host, port)
+        if config.http:
+            host, port = split_host_port(config.http, "http")
+            runner = web.AppRunner(make_app(node, config.http_token), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            bound = site._server.sockets[0].getsockname()
+            log.info("HTTP API listening on http://%s:%d", bound[0], bound[1])
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.request_quit, "host-signal")
+        log.info("node %s ready (run state %s)", node.name, node.run_state)
+        await node.quit_requested.wait()
+        await asyncio.sleep(0.05)       # let the last replies and SHUTDOWN reach the clients
+        log.info("node %s shutting down", node.name)
+        return 0
+    finally:
+        server.close()
+        if runner is not None:
+            await runner.cleanup()

@@ -1,0 +1,92 @@
+"""The node's HTTP API (aiohttp).
+
+    GET  /api/v1/status   node, VM run state, migration and COLO state (JSON)
+    POST /api/v1/qmp      one QMP command: {"execute": NAME, "arguments": {...}}
+                          -> {"return": ...} (200) or {"error": {"class", "desc"}} (400)
+    GET  /metrics         Prometheus text format, with process figures from psutil
+
+With a bearer token configured every request must carry
+``Authorization: Bearer TOKEN``; without one the API binds to loopback only
+(enforced by the config check).
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+import psutil
+from aiohttp import web
+
+from appliance.control.dispatch import CallContext
+from appliance.control.node import Node
+from appliance.qapi import QMPError
+
+_START = time.time()
+_PROCESS = psutil.Process()
+
+
+def _metrics_text(node: Node) -> str:
+    mem = _PROCESS.memory_info()
+    cpu = _PROCESS.cpu_times()
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, value, labels: str = "") -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name}{labels} {value}")
+
+    metric("colo_appliance_up", "gauge", "1 while the node daemon serves.", 1, f'{{node="{node.name}"}}')
+    metric("colo_appliance_vm_running", "gauge", "1 when the guest is running.",
+           int(node.run_state == "running"), f'{{node="{node.name}",status="{node.run_state}"}}')
+    metric("colo_appliance_migration_active", "gauge", "1 while a migration is in progress.",
+           int(node.migration_running()), f'{{node="{node.name}",status="{node.migration_status}"}}')
+    metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", mem.rss)
+    metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", mem.vms)
+    metric("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",
+           round(cpu.user + cpu.system, 3))
+    metric("process_open_fds", "gauge", "Number of open file descriptors.", _PROCESS.num_fds())
+    metric("process_num_threads", "gauge", "Number of OS threads.", _PROCESS.num_threads())
+    metric("process_start_time_seconds", "gauge", "Start time of the process since the epoch.", round(_START, 3))
+    return "\n".join(lines) + "\n"
+
+
+def make_app(node: Node, token: str | None) -> web.Application:
+    @web.middleware
+    async def require_token(request: web.Request, handler):
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        return await handler(request)
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(node.status())
+
+    async def qmp(request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as e:
+            return web.json_response({"error": QMPError(f"JSON parse error, {e}").to_reply()}, status=400)
+        try:
+            if not isinstance(body, dict) or not isinstance(body.get("execute"), str):
+                raise QMPError("QMP input lacks member 'execute'")
+            unexpected = set(body) - {"execute", "arguments", "id"}
+            if unexpected:
+                raise QMPError(f"QMP input member '{sorted(unexpected)[0]}' is unexpected")
+            args = body.get("arguments")
+            if args is not None and not isinstance(args, dict):
+                raise QMPError("QMP input member 'arguments' must be an object")
+            result = await node.dispatcher.execute(body["execute"], args, CallContext(origin="http"))
+        except QMPError as e:
+            return web.json_response({"error": e.to_reply()}, status=400)
+        return web.json_response({"return": result})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=_metrics_text(node), content_type="text/plain", charset="utf-8")
+
+    app = web.Application(middlewares=[require_token], client_max_size=1024 * 1024)
+    app.router.add_get("/api/v1/status", status)
+    app.router.add_post("/api/v1/qmp", qmp)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,1 @@
+"""COLO: checkpoint protocol, secondary colo cache, heartbeat and failover."""
