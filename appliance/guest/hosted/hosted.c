@@ -1,0 +1,318 @@
+/*
+ * platform.h on Linux, for testing guest programs on the host.
+ *
+ * Live mode: frames go to and from a tap device (HOSTED_TAP or argv
+ * "tap=NAME", default tap0), the clock is CLOCK_MONOTONIC.
+ * Replay mode (HOSTED_REPLAY=file): frames and their arrival times come
+ * from a recording and the clock is fake, advancing only to the next frame
+ * or the guest's poll deadline, so a run is a pure function of the file.
+ *
+ * Recordings (HOSTED_RECORD_IN / HOSTED_RECORD_OUT) are
+ *   "HREC0001" u64 start_ns, then per frame: u64 ns, u32 len, bytes
+ * in host byte order, for received and transmitted frames respectively.
+ * HOSTED_DROP_EVERY=N drops every Nth received and every Nth transmitted
+ * frame (separate counters) to exercise loss recovery without netem.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "platform.h"
+
+#define REPLAY_TAIL_NS (10ull * 1000000000ull) /* keep running timers after the input ends */
+#define FAKE_WALL_BASE 1700000000000000000ull
+
+static int tap_fd = -1;
+static char cmdline[4096];
+static uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
+static unsigned long drop_every, rx_count, tx_count;
+static int rec_in_fd = -1, rec_out_fd = -1;
+
+static FILE *replay;
+static uint64_t fake_now;
+static bool replay_have, replay_eof;
+static uint64_t replay_ts, replay_last_ts;
+static uint32_t replay_len;
+static uint8_t replay_frame[65536];
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t plat_now_ns(void)
+{
+    return replay ? fake_now : mono_ns();
+}
+
+uint64_t plat_wall_ns(void)
+{
+    if (replay)
+        return FAKE_WALL_BASE + fake_now;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void plat_console_write(const char *s, size_t n)
+{
+    while (n) {
+        ssize_t w = write(1, s, n);
+        if (w <= 0)
+            return;
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static void write_all(int fd, const void *p, size_t n)
+{
+    const char *s = p;
+    while (n) {
+        ssize_t w = write(fd, s, n);
+        if (w <= 0) {
+            perror("hosted: record");
+            exit(2);
+        }
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static void record(int fd, const void *frame, uint32_t len)
+{
+    uint64_t ts = plat_now_ns();
+    uint8_t hdr[12];
+    memcpy(hdr, &ts, 8);
+    memcpy(hdr + 8, &len, 4);
+    write_all(fd, hdr, sizeof hdr);
+    write_all(fd, frame, len);
+}
+
+static int open_record(const char *path, uint64_t start)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        perror(path);
+        exit(2);
+    }
+    write_all(fd, "HREC0001", 8);
+    write_all(fd, &start, 8);
+    return fd;
+}
+
+/* Loads the next replayed frame header and body, if any. */
+static void replay_next(void)
+{
+    uint8_t hdr[12];
+    if (replay_eof || fread(hdr, 1, 12, replay) != 12) {
+        replay_eof = true;
+        replay_have = false;
+        return;
+    }
+    memcpy(&replay_ts, hdr, 8);
+    memcpy(&replay_len, hdr + 8, 4);
+    if (replay_len > sizeof replay_frame || fread(replay_frame, 1, replay_len, replay) != replay_len) {
+        fprintf(stderr, "hosted: truncated replay file\n");
+        exit(2);
+    }
+    replay_have = true;
+    replay_last_ts = replay_ts;
+}
+
+static bool replay_poll(uint64_t deadline)
+{
+    if (replay_have && replay_ts <= fake_now)
+        return true;
+    if (replay_have && replay_ts <= deadline) {
+        fake_now = replay_ts;
+        return true;
+    }
+    if (!replay_have && (deadline == UINT64_MAX || deadline > replay_last_ts + REPLAY_TAIL_NS))
+        exit(0); /* input exhausted and nothing left to do within the tail */
+    if (deadline > fake_now)
+        fake_now = deadline;
+    return false;
+}
+
+bool plat_poll(uint64_t deadline_ns)
+{
+    if (replay)
+        return replay_poll(deadline_ns);
+    struct pollfd pfd = { .fd = tap_fd, .events = POLLIN };
+    for (;;) {
+        struct timespec ts, *tsp = NULL;
+        if (deadline_ns != UINT64_MAX) {
+            uint64_t now = mono_ns();
+            uint64_t left = deadline_ns > now ? deadline_ns - now : 0;
+            ts.tv_sec = (time_t)(left / 1000000000ull);
+            ts.tv_nsec = (long)(left % 1000000000ull);
+            tsp = &ts;
+        }
+        int r = ppoll(&pfd, 1, tsp, NULL);
+        if (r >= 0)
+            return r > 0 && (pfd.revents & POLLIN);
+        if (errno != EINTR) {
+            perror("hosted: ppoll");
+            exit(2);
+        }
+    }
+}
+
+size_t plat_net_read(void *frame, size_t cap)
+{
+    if (replay) {
+        if (!replay_have || replay_ts > fake_now)
+            return 0;
+        size_t n = replay_len < cap ? replay_len : cap;
+        memcpy(frame, replay_frame, n);
+        replay_next();
+        return n;
+    }
+    for (;;) {
+        ssize_t n = read(tap_fd, frame, cap);
+        if (n <= 0)
+            return 0;
+        if (drop_every && ++rx_count % drop_every == 0)
+            continue;
+        if (rec_in_fd >= 0)
+            record(rec_in_fd, frame, (uint32_t)n);
+        return (size_t)n;
+    }
+}
+
+int plat_net_write(const void *frame, size_t len)
+{
+    if (drop_every && ++tx_count % drop_every == 0)
+        return 0; /* lost on the wire: the sender cannot tell */
+    if (rec_out_fd >= 0)
+        record(rec_out_fd, frame, (uint32_t)len);
+    if (replay)
+        return 0;
+    return write(tap_fd, frame, len) == (ssize_t)len ? 0 : -1;
+}
+
+void plat_net_mac(uint8_t out[6])
+{
+    memcpy(out, mac, 6);
+}
+
+uint64_t plat_block_sectors(void)
+{
+    return 0;
+}
+
+int plat_block_read(uint64_t sector, void *buf, size_t count)
+{
+    (void)sector, (void)buf, (void)count;
+    return -1;
+}
+
+int plat_block_write(uint64_t sector, const void *buf, size_t count)
+{
+    (void)sector, (void)buf, (void)count;
+    return -1;
+}
+
+const char *plat_cmdline(void)
+{
+    return cmdline;
+}
+
+void plat_halt(int status)
+{
+    exit(status);
+}
+
+static int open_tap(const char *name)
+{
+    int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        perror("hosted: /dev/net/tun");
+        exit(2);
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+        perror("hosted: TUNSETIFF");
+        exit(2);
+    }
+    return fd;
+}
+
+static void parse_mac(const char *s)
+{
+    unsigned v[6];
+    if (sscanf(s, "%x:%x:%x:%x:%x:%x", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]) != 6) {
+        fprintf(stderr, "hosted: bad HOSTED_MAC %s\n", s);
+        exit(2);
+    }
+    for (int i = 0; i < 6; i++)
+        mac[i] = (uint8_t)v[i];
+}
+
+static uint64_t open_replay(const char *path)
+{
+    replay = fopen(path, "rb");
+    char magic[8];
+    uint64_t start;
+    if (!replay || fread(magic, 1, 8, replay) != 8 || memcmp(magic, "HREC0001", 8) != 0 ||
+        fread(&start, 1, 8, replay) != 8) {
+        fprintf(stderr, "hosted: bad replay file %s\n", path);
+        exit(2);
+    }
+    replay_last_ts = start;
+    replay_next();
+    return start;
+}
+
+int main(int argc, char **argv)
+{
+    const char *tap = getenv("HOSTED_TAP");
+    size_t len = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strncmp(argv[i], "tap=", 4) == 0)
+            tap = argv[i] + 4;
+        int n = snprintf(cmdline + len, sizeof cmdline - len, "%s%s", len ? " " : "", argv[i]);
+        if (n < 0 || (size_t)n >= sizeof cmdline - len) {
+            fprintf(stderr, "hosted: command line too long\n");
+            return 2;
+        }
+        len += (size_t)n;
+    }
+    const char *env = getenv("HOSTED_MAC");
+    if (env)
+        parse_mac(env);
+    env = getenv("HOSTED_DROP_EVERY");
+    if (env)
+        drop_every = strtoul(env, NULL, 10);
+
+    uint64_t start;
+    env = getenv("HOSTED_REPLAY");
+    if (env) {
+        start = fake_now = open_replay(env);
+    } else {
+        tap_fd = open_tap(tap ? tap : "tap0");
+        start = mono_ns();
+    }
+    env = getenv("HOSTED_RECORD_IN");
+    if (env && !replay)
+        rec_in_fd = open_record(env, start);
+    env = getenv("HOSTED_RECORD_OUT");
+    if (env)
+        rec_out_fd = open_record(env, start);
+    return guest_main();
+}
