@@ -1,0 +1,55 @@
+/*
+ * Hypercall ABI v1 between unikernel guests and the appliance VMM.
+ * docs/guest-abi.md is the reference; appliance/vmm/abi.py mirrors these numbers.
+ * A hypercall is `outl(port, (uint32_t)gpa_of_argument_struct)`: the VMM reads the
+ * struct from guest RAM, does the work and writes the outputs back before the
+ * guest's next instruction runs.  All pointers are guest-physical (= virtual).
+ */
+#ifndef GUEST_ABI_H
+#define GUEST_ABI_H
+
+#include <stdint.h>
+
+#define ABI_VERSION          1
+#define ABI_BOOT_MAGIC       0x4f4c4f43u   /* "COLO" */
+#define ABI_BOOT_INFO_GPA    0x9000u
+#define ABI_CMDLINE_MAX      4032
+
+struct abi_boot_info {
+    uint32_t magic;
+    uint32_t abi_version;
+    uint64_t ram_size;
+    uint64_t heap_start;
+    uint64_t heap_end;
+    uint64_t stack_top;
+    uint64_t tsc_khz;          /* 0 when unknown */
+    uint64_t disk_sectors;     /* 0 when there is no disk */
+    uint8_t mac[6];
+    uint8_t nic_present;
+    uint8_t reserved;
+    char cmdline[ABI_CMDLINE_MAX];   /* NUL-terminated */
+};
+
+#define HC_CONSOLE_WRITE 0x500
+#define HC_TIME          0x501
+#define HC_POLL          0x502
+#define HC_NET_WRITE     0x503
+#define HC_NET_READ      0x504
+#define HC_BLOCK_READ    0x505
+#define HC_BLOCK_WRITE   0x506
+#define HC_HALT          0x507
+
+struct hc_console_write { uint64_t data; uint64_t len; };
+struct hc_time { uint64_t monotonic_ns; uint64_t wall_ns; };            /* out */
+struct hc_poll { uint64_t deadline_ns; uint64_t ready; };               /* ready: out */
+struct hc_net_write { uint64_t data; uint64_t len; int64_t ret; };      /* ret: out */
+struct hc_net_read { uint64_t data; uint64_t cap; uint64_t len; };      /* len: out */
+struct hc_block { uint64_t sector; uint64_t data; uint64_t count; int64_t ret; };  /* ret: out */
+struct hc_halt { uint64_t status; };
+
+static inline void hypercall(uint16_t port, void *arg)
+{
+    __asm__ volatile("outl %0, %1" : : "a"((uint32_t)(uintptr_t)arg), "Nd"(port) : "memory");
+}
+
+#endif

@@ -1,0 +1,12 @@
+/* Internals shared by the runtime's own files (not for guest programs). */
+#ifndef GUEST_RUNTIME_H
+#define GUEST_RUNTIME_H
+
+#include <stdint.h>
+#include "abi.h"
+
+extern const struct abi_boot_info *boot_info;
+
+void heap_init(uint64_t start, uint64_t end);
+
+#endif
