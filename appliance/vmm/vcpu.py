@@ -69,7 +69,7 @@ class Vcpu:
             kvm.KVM_CAP_XSAVE, kvm.KVM_CAP_XCRS, kvm.KVM_CAP_VCPU_EVENTS, kvm.KVM_CAP_DEBUGREGS)}
         self.has_xsave = self._has[kvm.KVM_CAP_XSAVE] and self._has[kvm.KVM_CAP_XCRS]
         self._setup_cpuid(kvm_fd)
-        self.msr_indices = self._readable_msrs(kvm.msr_index_list(kvm_fd))
+        self.msr_indices = self._saveable_msrs(kvm.msr_index_list(kvm_fd))
 
     def io_data(self, offset: int, size: int) -> bytes:
         return self._run_mmap[offset:offset + size]
@@ -86,15 +86,31 @@ class Vcpu:
                     entry.ecx |= CPUID_1_ECX_OSXSAVE  # CR4.OSXSAVE is set at boot
         kvm.ioctl(self.fd, kvm.KVM_SET_CPUID2, cpuid)
 
-    def _readable_msrs(self, candidates):
-        """KVM_GET_MSRS stops at the first MSR it cannot read: drop those one by one."""
+    def _saveable_msrs(self, candidates):
+        """The MSRs KVM both reads and writes back here, so save/restore is lossless.
+
+        KVM_GET_MSRS and KVM_SET_MSRS stop at the first MSR they refuse: drop
+        that one and go on with the rest.
+        """
         readable, pending = [], list(candidates)
         while pending:
             buf = kvm.msrs_buffer(pending)
             count = kvm.ioctl(self.fd, kvm.KVM_GET_MSRS, buf)
-            readable += pending[:count]
+            readable += [(e.index, e.data) for e in buf.entries[:count]]
             pending = pending[count + 1:]
-        return readable
+        return [index for index, _ in self._set_msrs(readable)]
+
+    def _set_msrs(self, entries):
+        """KVM_SET_MSRS for [(index, value)]; returns the entries KVM accepted."""
+        accepted = []
+        while entries:
+            buf = kvm.msrs_buffer([index for index, _ in entries])
+            for entry, (_, data) in zip(buf.entries, entries):
+                entry.data = data
+            count = kvm.ioctl(self.fd, kvm.KVM_SET_MSRS, buf)
+            accepted += entries[:count]
+            entries = entries[count + 1:]
+        return accepted
 
     def boot(self, entry: int, stack_top: int, boot_info: int):
         """Enter the guest in 64-bit mode at CPL3, paging on with the VMM's identity map."""
@@ -184,14 +200,9 @@ class Vcpu:
         if len(payload) % _MSR_ENTRY.size:
             raise StateFileError("section cpu.msrs: truncated entry")
         entries = [_MSR_ENTRY.unpack_from(payload, off) for off in range(0, len(payload), _MSR_ENTRY.size)]
-        while entries:
-            buf = kvm.msrs_buffer([index for index, _ in entries])
-            for entry, (_, data) in zip(buf.entries, entries):
-                entry.data = data
-            count = kvm.ioctl(self.fd, kvm.KVM_SET_MSRS, buf)
-            if count < len(entries):  # KVM stops at the first MSR it refuses
-                _log.warning("MSR %#x could not be restored", entries[count][0])
-            entries = entries[count + 1:]
+        refused = set(entries) - set(self._set_msrs(entries))
+        for index, value in sorted(refused):
+            _log.warning("MSR %#x = %#x could not be restored", index, value)
 
     def close(self):
         if self._run_mmap.closed:
