@@ -1,0 +1,68 @@
+"""Devices: state round trips, the block device through a guest, the tap NIC."""
+
+import os
+import socket
+import struct
+
+import pytest
+
+from appliance.vmm import BlockState, ConsoleState, NicState, SHUTDOWN, StateFileError
+from vmm_helpers import guest_images, vms, wait_for  # noqa: F401
+
+
+@pytest.mark.parametrize("state", [
+    ConsoleState(bytes_written=12345),
+    NicState(mac=bytes.fromhex("525400abcdef"), rx_frames=1, tx_frames=2, rx_dropped=3, tx_dropped=4),
+    BlockState(sectors=2048, reads=5, writes=6),
+])
+def test_device_state_round_trip(state):
+    data = state.save()
+    assert type(state).restore(data) == state
+    with pytest.raises(StateFileError):
+        type(state).restore(data + b"\0")
+
+
+@pytest.mark.kvm
+def test_block_device_round_trip_through_the_guest(guest_images, vms, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(16 * 512))
+    vm = vms.new("probe", "mode=disk", disk=str(disk))
+    vm.start()
+    wait_for(lambda: "disk ok sectors=16" in vm.read_console() or vm.state == SHUTDOWN,
+             what="the disk probe")
+    assert "disk ok sectors=16" in vm.read_console(), vm.read_console()
+    assert disk.read_bytes()[:4096] == bytes((i * 7 + 3) & 0xFF for i in range(4096))
+    vm.pause()
+    saved = dict((name, payload) for name, _, payload in vm.save_devices())
+    assert BlockState.restore(saved["dev.block"]).writes >= 1
+
+
+@pytest.mark.kvm
+@pytest.mark.netns
+def test_nic_passes_frames_both_ways_through_the_hook(guest_images, vms):
+    tap = f"vmmt{os.getpid() % 100000}"
+    vm = vms.new("probe", "mode=echo", tap=tap, mac="52:54:00:00:00:42")
+    seen = []
+
+    def hook(direction, frame):
+        seen.append(direction)
+        return frame
+
+    vm.nic.hook = hook
+    vm.start()
+    wait_for(lambda: "echo ready" in vm.read_console(), what="the echo guest")
+    ethertype = 0x88B5  # local experimental
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype)) as sock:
+        sock.bind((tap, 0))
+        sock.settimeout(5)
+        guest_mac, host_mac = bytes.fromhex("525400000042"), bytes.fromhex("02aabbccddee")
+        payload = b"hello guest" * 10
+        sock.send(guest_mac + host_mac + struct.pack("!H", ethertype) + payload)
+        while True:
+            reply = sock.recv(2048)
+            if reply[:6] == host_mac:
+                break
+    assert reply[6:12] == guest_mac and reply[14:14 + len(payload)] == payload
+    assert "rx" in seen and "tx" in seen
+    vm.close()
+    assert not os.path.exists(f"/sys/class/net/{tap}"), "the VM should delete the tap it created"
