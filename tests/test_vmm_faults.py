@@ -1,7 +1,9 @@
 """Bad guests and bad images: each ends in a clear state and reason, and the
 Python process stays healthy enough to run the next VM."""
 
+import os
 import struct
+import threading
 
 import pytest
 
@@ -69,3 +71,19 @@ def test_segment_outside_ram_is_rejected(guest_images, tmp_path):
 def test_bad_memory_size_is_rejected(guest_images):
     with pytest.raises(VMError, match="multiple of 2"):
         VirtualMachine(VMConfig(image=image("memdirty"), memory_mib=3))
+
+
+def test_closing_vms_releases_every_fd_and_thread(guest_images):
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    VirtualMachine(VMConfig(image=image("probe"), cmdline="mode=loop")).close()  # warm up imports
+    fds, threads = open_fds(), threading.active_count()
+    for mode in ("loop", "null", "exit"):
+        vm = VirtualMachine(VMConfig(image=image("probe"), cmdline=f"mode={mode}"))
+        vm.start()
+        vm.throttle(50)
+        vm.close()
+        vm.close()  # idempotent
+    assert open_fds() == fds
+    assert threading.active_count() == threads

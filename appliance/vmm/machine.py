@@ -339,18 +339,20 @@ class VirtualMachine:
             raise ValueError("throttle percentage must be within 0..99")
         with self._lock:
             self._throttle_pct = pct
-            if pct and self._throttle_thread is None:
+            if pct and self._throttle_thread is None and not self._quit:
                 self._throttle_thread = threading.Thread(
                     target=self._throttle_timer, name=f"throttle-{self.uuid[:8]}", daemon=True)
                 self._throttle_thread.start()
 
     def _throttle_timer(self):
+        """Every timeslice, ask the vCPU thread to take its throttle sleep; exits at 0%."""
         while True:
             time.sleep(_THROTTLE_TIMESLICE)
             with self._lock:
-                if self._quit:
+                if self._quit or not self._throttle_pct:
+                    self._throttle_thread = None
                     return
-                if self._throttle_pct and self._run_requested and not self._parked:
+                if self._run_requested and not self._parked:
                     self._throttle_pending = True
                     self._kick(wake_poll=False)
 
@@ -623,9 +625,10 @@ class VirtualMachine:
         with self._cond:
             self._quit = True
             self._cond.notify_all()
+            throttle_thread = self._throttle_thread
         self._thread.join()
-        if self._throttle_thread:
-            self._throttle_thread.join()
+        if throttle_thread:
+            throttle_thread.join()
         self._closed = True
         self._release()
 
