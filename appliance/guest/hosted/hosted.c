@@ -2,14 +2,17 @@
  * platform.h on Linux, for testing guest programs on the host.
  *
  * Live mode: frames go to and from a tap device (HOSTED_TAP or argv
- * "tap=NAME", default tap0), the clock is CLOCK_MONOTONIC.
- * Replay mode (HOSTED_REPLAY=file): frames and their arrival times come
- * from a recording and the clock is fake, advancing only to the next frame
- * or the guest's poll deadline, so a run is a pure function of the file.
+ * "tap=NAME", default tap0).  The clock is CLOCK_MONOTONIC sampled when
+ * plat_poll() returns, so the guest sees one time per loop iteration and a
+ * recording of (wake-up time, frames read) is everything it took as input.
  *
- * Recordings (HOSTED_RECORD_IN / HOSTED_RECORD_OUT) are
- *   "HREC0001" u64 start_ns, then per frame: u64 ns, u32 len, bytes
- * in host byte order, for received and transmitted frames respectively.
+ * Replay mode (HOSTED_REPLAY=file): the guest's wake-ups and frames come
+ * from such a recording instead of the tap, so a run is a pure function of
+ * the file; it exits with status 0 when the recording ends.
+ *
+ * Recordings (HOSTED_RECORD_IN for input, HOSTED_RECORD_OUT for frames sent)
+ * are "HREC0002", u64 start_ns, then records u64 ns, u32 len, len bytes, in
+ * host byte order.  In input recordings len 0 marks a plat_poll() return.
  * HOSTED_DROP_EVERY=N drops every Nth received and every Nth transmitted
  * frame (separate counters) to exercise loss recovery without netem.
  */
@@ -28,7 +31,7 @@
 
 #include "platform.h"
 
-#define REPLAY_TAIL_NS (10ull * 1000000000ull) /* keep running timers after the input ends */
+#define REC_MAGIC "HREC0002"
 #define FAKE_WALL_BASE 1700000000000000000ull
 
 static int tap_fd = -1;
@@ -37,10 +40,11 @@ static uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
 static unsigned long drop_every, rx_count, tx_count;
 static int rec_in_fd = -1, rec_out_fd = -1;
 
+static uint64_t clock_now;     /* the guest's time, set at each plat_poll() return */
+
 static FILE *replay;
-static uint64_t fake_now;
-static bool replay_have, replay_eof;
-static uint64_t replay_ts, replay_last_ts;
+static bool replay_have;       /* a record is loaded in replay_* */
+static uint64_t replay_ts;
 static uint32_t replay_len;
 static uint8_t replay_frame[65536];
 
@@ -53,13 +57,13 @@ static uint64_t mono_ns(void)
 
 uint64_t plat_now_ns(void)
 {
-    return replay ? fake_now : mono_ns();
+    return clock_now;
 }
 
 uint64_t plat_wall_ns(void)
 {
     if (replay)
-        return FAKE_WALL_BASE + fake_now;
+        return FAKE_WALL_BASE + clock_now;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
@@ -92,7 +96,7 @@ static void write_all(int fd, const void *p, size_t n)
 
 static void record(int fd, const void *frame, uint32_t len)
 {
-    uint64_t ts = plat_now_ns();
+    uint64_t ts = clock_now;
     uint8_t hdr[12];
     memcpy(hdr, &ts, 8);
     memcpy(hdr + 8, &len, 4);
@@ -107,20 +111,18 @@ static int open_record(const char *path, uint64_t start)
         perror(path);
         exit(2);
     }
-    write_all(fd, "HREC0001", 8);
+    write_all(fd, REC_MAGIC, 8);
     write_all(fd, &start, 8);
     return fd;
 }
 
-/* Loads the next replayed frame header and body, if any. */
+/* Loads the next record into replay_*; replay_have is false at the end. */
 static void replay_next(void)
 {
     uint8_t hdr[12];
-    if (replay_eof || fread(hdr, 1, 12, replay) != 12) {
-        replay_eof = true;
-        replay_have = false;
+    replay_have = false;
+    if (fread(hdr, 1, 12, replay) != 12)
         return;
-    }
     memcpy(&replay_ts, hdr, 8);
     memcpy(&replay_len, hdr + 8, 4);
     if (replay_len > sizeof replay_frame || fread(replay_frame, 1, replay_len, replay) != replay_len) {
@@ -128,28 +130,26 @@ static void replay_next(void)
         exit(2);
     }
     replay_have = true;
-    replay_last_ts = replay_ts;
 }
 
-static bool replay_poll(uint64_t deadline)
+/* The guest wakes when the recorded guest woke, whatever its deadline. */
+static bool replay_poll(void)
 {
-    if (replay_have && replay_ts <= fake_now)
-        return true;
-    if (replay_have && replay_ts <= deadline) {
-        fake_now = replay_ts;
-        return true;
+    if (!replay_have)
+        exit(0);
+    if (replay_len != 0) {
+        fprintf(stderr, "hosted: replay out of step (frame where a wake-up was recorded)\n");
+        exit(2);
     }
-    if (!replay_have && (deadline == UINT64_MAX || deadline > replay_last_ts + REPLAY_TAIL_NS))
-        exit(0); /* input exhausted and nothing left to do within the tail */
-    if (deadline > fake_now)
-        fake_now = deadline;
-    return false;
+    clock_now = replay_ts;
+    replay_next();
+    return replay_have && replay_len != 0;
 }
 
 bool plat_poll(uint64_t deadline_ns)
 {
     if (replay)
-        return replay_poll(deadline_ns);
+        return replay_poll();
     struct pollfd pfd = { .fd = tap_fd, .events = POLLIN };
     for (;;) {
         struct timespec ts, *tsp = NULL;
@@ -161,8 +161,12 @@ bool plat_poll(uint64_t deadline_ns)
             tsp = &ts;
         }
         int r = ppoll(&pfd, 1, tsp, NULL);
-        if (r >= 0)
+        if (r >= 0) {
+            clock_now = mono_ns();
+            if (rec_in_fd >= 0)
+                record(rec_in_fd, "", 0);
             return r > 0 && (pfd.revents & POLLIN);
+        }
         if (errno != EINTR) {
             perror("hosted: ppoll");
             exit(2);
@@ -173,7 +177,7 @@ bool plat_poll(uint64_t deadline_ns)
 size_t plat_net_read(void *frame, size_t cap)
 {
     if (replay) {
-        if (!replay_have || replay_ts > fake_now)
+        if (!replay_have || replay_len == 0)
             return 0;
         size_t n = replay_len < cap ? replay_len : cap;
         memcpy(frame, replay_frame, n);
@@ -269,12 +273,11 @@ static uint64_t open_replay(const char *path)
     replay = fopen(path, "rb");
     char magic[8];
     uint64_t start;
-    if (!replay || fread(magic, 1, 8, replay) != 8 || memcmp(magic, "HREC0001", 8) != 0 ||
+    if (!replay || fread(magic, 1, 8, replay) != 8 || memcmp(magic, REC_MAGIC, 8) != 0 ||
         fread(&start, 1, 8, replay) != 8) {
         fprintf(stderr, "hosted: bad replay file %s\n", path);
         exit(2);
     }
-    replay_last_ts = start;
     replay_next();
     return start;
 }
@@ -303,11 +306,12 @@ int main(int argc, char **argv)
     uint64_t start;
     env = getenv("HOSTED_REPLAY");
     if (env) {
-        start = fake_now = open_replay(env);
+        start = open_replay(env);
     } else {
         tap_fd = open_tap(tap ? tap : "tap0");
         start = mono_ns();
     }
+    clock_now = start;
     env = getenv("HOSTED_RECORD_IN");
     if (env && !replay)
         rec_in_fd = open_record(env, start);

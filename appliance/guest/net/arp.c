@@ -88,7 +88,7 @@ static void learn(uint32_t ip, const uint8_t mac[6], bool create)
     memcpy(e->mac, mac, 6);
     e->resolved = true;
     e->tries = 0;
-    e->stamp = plat_now_ns();
+    e->stamp = net_now;
     /* Release frames that waited for this address, oldest first. */
     for (int i = 0; i < ARP_PENDING; i++)
         if (pend[i].frame && pend[i].next_hop == ip) {
@@ -121,7 +121,7 @@ int arp_output_ip(uint8_t *frame, size_t len, uint32_t next_hop)
         eth_output(frame, bcast, ETHERTYPE_IPV4, len);
         return 0;
     }
-    uint64_t now = plat_now_ns();
+    uint64_t now = net_now;
     struct arp_entry *e = lookup(next_hop);
     if (e && e->resolved && now - e->stamp < ARP_TTL_NS) {
         eth_output(frame, e->mac, ETHERTYPE_IPV4, len);

@@ -2,6 +2,7 @@
 #include "netif.h"
 
 struct net_config net_cfg;
+uint64_t net_now;
 
 static uint8_t rxbuf[ETH_FRAME_MAX + 4];
 
@@ -9,6 +10,7 @@ int net_init(void)
 {
     const char *cmd = plat_cmdline();
     char val[40];
+    net_now = plat_now_ns();
     plat_net_mac(net_cfg.mac);
 
     if (cmdline_get(cmd, "ip", val, sizeof val) < 0)
@@ -34,7 +36,7 @@ int net_init(void)
             return -1;
     }
     const uint8_t *m = net_cfg.mac;
-    net_log("net: ip %I/%u gw %I mac %x:%x:%x:%x:%x:%x", net_cfg.ip, prefix, net_cfg.gw,
+    net_log("net: ip %I/%u gw %I mac %02x:%02x:%02x:%02x:%02x:%02x", net_cfg.ip, prefix, net_cfg.gw,
             m[0], m[1], m[2], m[3], m[4], m[5]);
     return 0;
 }
@@ -46,6 +48,7 @@ uint32_t net_ip(void)
 
 void net_poll(void)
 {
+    net_now = plat_now_ns();
     /* Bound the batch so timers and the application still run under a flood. */
     for (int i = 0; i < 256; i++) {
         size_t n = plat_net_read(rxbuf, sizeof rxbuf);
@@ -55,9 +58,8 @@ void net_poll(void)
             continue;
         eth_input(rxbuf, n);
     }
-    uint64_t now = plat_now_ns();
-    arp_timers(now);
-    tcp_timers(now);
+    arp_timers(net_now);
+    tcp_timers(net_now);
     tcp_dispatch_events();
 }
 

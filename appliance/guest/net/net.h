@@ -13,8 +13,9 @@
  * TCP callbacks run from net_poll() after every received frame has been
  * processed, so the stack is never re-entered half way through a segment;
  * a UDP receive callback runs as its datagram arrives (it may udp_sendto).
- * Nothing here uses randomness: given the same frames at the same
- * plat_now_ns() values the stack emits the same frames (needed by COLO).
+ * Nothing here uses randomness: the stack reads plat_now_ns() once per
+ * net_poll(), and given the same frames in the same iterations with the same
+ * clock values it emits the same frames (needed by COLO).
  */
 #ifndef NET_H
 #define NET_H
@@ -94,7 +95,8 @@ int cmdline_get(const char *cmdline, const char *key, char *out, size_t cap);
 /* Parses dotted-quad; returns the end of the address or NULL. */
 const char *parse_ipv4(const char *s, uint32_t *ip);
 
-/* Minimal snprintf: %s %c %d %u %x %ld %lu %lx %lld %llu %llx %zu %%, and %I
+/* Minimal snprintf: %s %c %d %u %x %ld %lu %lx %lld %llu %llx %zu %%, a zero-pad
+ * width for integers (%02x), and %I
  * for an IPv4 address (uint32_t).  Always NUL terminates; returns the length
  * that would have been written. */
 #include <stdarg.h>

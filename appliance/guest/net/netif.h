@@ -22,6 +22,10 @@ struct net_config {
 };
 extern struct net_config net_cfg;
 
+/* The clock, read once per net_poll(): every decision in one iteration sees
+ * the same time, and a replay needs only one clock value per iteration. */
+extern uint64_t net_now;
+
 /* Byte-order access to unaligned wire fields. */
 static inline uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static inline uint32_t get32(const uint8_t *p)

@@ -7,7 +7,9 @@
  * by the application, and out-of-order bytes are written at their final
  * place beyond them, with the held ranges listed in ooo[].
  *
- * No window scaling, SACK or timestamps: windows are at most 65535 bytes.
+ * As a receiver it reports held out-of-order ranges with SACK (RFC 2018) so
+ * the peer repairs several holes per round trip; as a sender it ignores SACK.
+ * No window scaling or timestamps: windows are at most 65535 bytes.
  * No congestion control beyond loss recovery: the peers are on a LAN.
  */
 #include "netif.h"
@@ -65,6 +67,7 @@ struct tcp_conn {
     /* send side */
     uint32_t iss, snd_una, snd_nxt, snd_max, snd_wnd, snd_wl1, snd_wl2;
     uint16_t mss;
+    bool sack_ok;         /* the peer offered SACK-permitted */
     uint8_t *sbuf;
     uint32_t s_head, s_len, s_seq;
     bool fin_queued;
@@ -74,7 +77,7 @@ struct tcp_conn {
     uint32_t rcv_nxt, rcv_adv;
     uint8_t *rbuf;
     uint32_t r_head, r_len;
-    struct range ooo[OOO_MAX];
+    struct range ooo[OOO_MAX];   /* most recently changed first (RFC 2018) */
     int n_ooo;
 
     /* timers (monotonic ns; 0 = off) */
@@ -120,7 +123,7 @@ static uint32_t make_isn(uint32_t lip, uint16_t lport, uint32_t rip, uint16_t rp
         h *= 0xff51afd7ed558ccdull;
         h ^= h >> 33;
     }
-    return (uint32_t)h + (uint32_t)(plat_now_ns() / 4000) + (isn_counter++ << 16);
+    return (uint32_t)h + (uint32_t)(net_now / 4000) + (isn_counter++ << 16);
 }
 
 static void ring_write(uint8_t *ring, uint32_t size, uint32_t pos, const uint8_t *src, uint32_t n)
@@ -139,14 +142,36 @@ static void ring_read(const uint8_t *ring, uint32_t size, uint32_t pos, uint8_t 
     memcpy(dst + first, ring, n - first);
 }
 
-/* Builds and sends one segment.  c supplies the data (n bytes at send-ring
- * offset off) and may be NULL for an RST with no connection. */
+/* Builds and sends one segment.  c supplies the options and the data (n
+ * bytes at send-ring offset off); it is NULL for an RST with no connection. */
 static void xmit(uint32_t src, uint16_t sport, uint32_t dst, uint16_t dport, uint32_t seq,
                  uint32_t ack, uint8_t flags, uint16_t wnd, const struct tcp_conn *c,
                  uint32_t off, uint32_t n)
 {
     uint8_t *t = L4_TX;
-    size_t hlen = (flags & F_SYN) ? 24 : 20;
+    size_t hlen = 20;
+    if (c && (flags & F_SYN)) {
+        t[hlen++] = 2; /* MSS */
+        t[hlen++] = 4;
+        put16(t + hlen, TCP_MSS);
+        hlen += 2;
+        if (c->sack_ok) {
+            static const uint8_t sack_perm[4] = { 1, 1, 4, 2 };
+            memcpy(t + hlen, sack_perm, 4);
+            hlen += 4;
+        }
+    } else if (c && c->sack_ok && c->n_ooo && n == 0 && !(flags & (F_FIN | F_RST))) {
+        /* SACK blocks on pure ACKs only, so data segments keep a full MSS. */
+        int blocks = c->n_ooo < 4 ? c->n_ooo : 4;
+        t[hlen++] = 1;
+        t[hlen++] = 1;
+        t[hlen++] = 5;
+        t[hlen++] = (uint8_t)(2 + 8 * blocks);
+        for (int i = 0; i < blocks; i++, hlen += 8) {
+            put32(t + hlen, c->ooo[i].start);
+            put32(t + hlen + 4, c->ooo[i].end);
+        }
+    }
     put16(t, sport);
     put16(t + 2, dport);
     put32(t + 4, seq);
@@ -156,11 +181,6 @@ static void xmit(uint32_t src, uint16_t sport, uint32_t dst, uint16_t dport, uin
     put16(t + 14, wnd);
     put16(t + 16, 0);
     put16(t + 18, 0);
-    if (flags & F_SYN) {
-        t[20] = 2; /* MSS */
-        t[21] = 4;
-        put16(t + 22, TCP_MSS);
-    }
     if (n)
         ring_read(c->sbuf, SNDBUF, c->s_head + off, t + hlen, n);
     size_t len = hlen + n;
@@ -183,7 +203,7 @@ static void send_synack(struct tcp_conn *c)
 
 static void rtx_arm(struct tcp_conn *c)
 {
-    c->rtx_deadline = plat_now_ns() + c->rto;
+    c->rtx_deadline = net_now + c->rto;
 }
 
 static void conn_free(struct tcp_conn *c)
@@ -213,7 +233,7 @@ static void enter_time_wait(struct tcp_conn *c)
 {
     c->state = TIME_WAIT;
     c->rtx_deadline = 0;
-    c->state_deadline = plat_now_ns() + TIME_WAIT_NS;
+    c->state_deadline = net_now + TIME_WAIT_NS;
 }
 
 /* ---- output ---- */
@@ -230,7 +250,7 @@ static void tcp_output(struct tcp_conn *c, bool force_ack)
     default:
         return;
     }
-    uint64_t now = plat_now_ns();
+    uint64_t now = net_now;
     bool sent = false;
     for (;;) {
         uint32_t off = c->snd_nxt - c->s_seq;
@@ -322,8 +342,10 @@ static void reset_unknown(uint32_t src, uint32_t dst, const uint8_t *t, uint32_t
         xmit(dst, get16(t + 2), src, get16(t), 0, get32(t + 4) + seglen, F_RST | F_ACK, 0, NULL, 0, 0);
 }
 
-static uint16_t parse_mss(const uint8_t *opt, size_t len)
+/* SYN options we use: MSS and SACK-permitted. */
+static uint16_t parse_syn_options(const uint8_t *opt, size_t len, bool *sack_ok)
 {
+    uint16_t mss = 536; /* RFC 9293 default */
     size_t i = 0;
     while (i < len) {
         uint8_t kind = opt[i];
@@ -336,10 +358,12 @@ static uint16_t parse_mss(const uint8_t *opt, size_t len)
         if (i + 1 >= len || opt[i + 1] < 2 || i + opt[i + 1] > len)
             break;
         if (kind == 2 && opt[i + 1] == 4)
-            return get16(opt + i + 2);
+            mss = get16(opt + i + 2);
+        else if (kind == 4 && opt[i + 1] == 2)
+            *sack_ok = true;
         i += opt[i + 1];
     }
-    return 536; /* RFC 9293 default */
+    return mss;
 }
 
 static void passive_open(struct listener *l, uint32_t src, uint32_t dst, const uint8_t *t,
@@ -371,12 +395,12 @@ static void passive_open(struct listener *l, uint32_t src, uint32_t dst, const u
     c->s_seq = c->iss + 1;
     c->snd_wnd = get16(t + 14);
     c->snd_wl1 = get32(t + 4);
-    uint16_t mss = parse_mss(t + 20, doff - 20);
+    uint16_t mss = parse_syn_options(t + 20, doff - 20, &c->sack_ok);
     c->mss = mss < 64 ? 64 : mss > TCP_MSS ? TCP_MSS : mss;
     c->rto = RTO_INIT;
     c->rtt_active = true;
     c->rtt_seq = c->iss + 1;
-    c->rtt_start = plat_now_ns();
+    c->rtt_start = net_now;
     send_synack(c);
     rtx_arm(c);
 }
@@ -400,6 +424,12 @@ static void rtt_sample(struct tcp_conn *c, uint64_t r)
         c->rto = RTO_MAX;
 }
 
+static void ooo_remove(struct tcp_conn *c, int i)
+{
+    c->n_ooo--;
+    memmove(&c->ooo[i], &c->ooo[i + 1], (size_t)(c->n_ooo - i) * sizeof c->ooo[0]);
+}
+
 /* Merges [s,e) into the out-of-order list, which stays a set of disjoint,
  * non-touching ranges; false when it cannot be held. */
 static bool ooo_add(struct tcp_conn *c, uint32_t s, uint32_t e)
@@ -412,14 +442,16 @@ static bool ooo_add(struct tcp_conn *c, uint32_t s, uint32_t e)
                 n.start = r->start;
             if (SEQ_GT(r->end, n.end))
                 n.end = r->end;
-            c->ooo[i] = c->ooo[--c->n_ooo];
+            ooo_remove(c, i);
         } else {
             i++;
         }
     }
     if (c->n_ooo == OOO_MAX)
         return false;
-    c->ooo[c->n_ooo++] = n;
+    memmove(&c->ooo[1], &c->ooo[0], (size_t)c->n_ooo * sizeof c->ooo[0]);
+    c->ooo[0] = n;
+    c->n_ooo++;
     return true;
 }
 
@@ -433,7 +465,7 @@ static void ooo_absorb(struct tcp_conn *c)
                 c->r_len += r->end - c->rcv_nxt;
                 c->rcv_nxt = r->end;
             }
-            c->ooo[i] = c->ooo[--c->n_ooo];
+            ooo_remove(c, i);
             i = -1; /* restart: another range may now be contiguous */
         }
     }
@@ -497,7 +529,7 @@ static bool receive_data(struct tcp_conn *c, uint32_t seq, const uint8_t *data, 
 
 static void process_ack(struct tcp_conn *c, uint32_t seq, uint32_t ack, uint32_t wnd, bool pure)
 {
-    uint64_t now = plat_now_ns();
+    uint64_t now = net_now;
     if (SEQ_GT(ack, c->snd_una)) {
         uint32_t d = ack - c->s_seq;
         if (d > c->s_len)
@@ -623,7 +655,7 @@ void tcp_input(uint32_t src, uint32_t dst, const uint8_t *t, size_t len)
         c->rtx_deadline = 0;
         if (c->rtt_active) {
             c->rtt_active = false;
-            rtt_sample(c, plat_now_ns() - c->rtt_start);
+            rtt_sample(c, net_now - c->rtt_start);
         }
         c->accept_pending = true;
     } else {
@@ -639,7 +671,7 @@ void tcp_input(uint32_t src, uint32_t dst, const uint8_t *t, size_t len)
     case FIN_WAIT_1:
         if (fin_acked) {
             c->state = FIN_WAIT_2;
-            c->state_deadline = plat_now_ns() + FIN_WAIT2_NS;
+            c->state_deadline = net_now + FIN_WAIT2_NS;
         }
         break;
     case CLOSING:

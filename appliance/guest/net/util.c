@@ -88,7 +88,7 @@ static void put_s(struct out *o, const char *s)
         put_c(o, *s++);
 }
 
-static void put_u(struct out *o, unsigned long long v, unsigned base)
+static void put_u(struct out *o, unsigned long long v, unsigned base, int width)
 {
     char tmp[24];
     int n = 0;
@@ -96,6 +96,8 @@ static void put_u(struct out *o, unsigned long long v, unsigned base)
         tmp[n++] = "0123456789abcdef"[v % base];
         v /= base;
     } while (v);
+    for (; width > n; width--)
+        put_c(o, '0');
     while (n)
         put_c(o, tmp[--n]);
 }
@@ -109,6 +111,10 @@ size_t fmt_vsn(char *buf, size_t cap, const char *fmt, va_list ap)
             continue;
         }
         fmt++;
+        int width = 0;
+        if (*fmt == '0')
+            for (fmt++; *fmt >= '0' && *fmt <= '9'; fmt++)
+                width = width * 10 + (*fmt - '0');
         int lng = 0;
         while (*fmt == 'l') {
             lng++;
@@ -136,19 +142,19 @@ size_t fmt_vsn(char *buf, size_t cap, const char *fmt, va_list ap)
                 put_c(&o, '-');
                 u = 0 - u;
             }
-            put_u(&o, u, 10);
+            put_u(&o, u, 10, width);
             break;
         }
         case 'u':
         case 'x': {
             unsigned long long v = lng ? va_arg(ap, unsigned long long) : va_arg(ap, unsigned);
-            put_u(&o, v, *fmt == 'u' ? 10 : 16);
+            put_u(&o, v, *fmt == 'u' ? 10 : 16, width);
             break;
         }
         case 'I': {
             uint32_t ip = va_arg(ap, uint32_t);
             for (int i = 3; i >= 0; i--) {
-                put_u(&o, (ip >> (i * 8)) & 0xff, 10);
+                put_u(&o, (ip >> (i * 8)) & 0xff, 10, 0);
                 if (i)
                     put_c(&o, '.');
             }
