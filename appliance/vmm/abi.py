@@ -10,7 +10,7 @@ BOOT_MAGIC = 0x4F4C4F43  # "COLO"
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
-MAX_RAM = 4 << 30  # the boot page tables map 4 GiB
+MAX_RAM = 3 << 30  # below 0xfffbd000, where KVM_SET_TSS_ADDR puts the VMX TSS
 
 # Guest-physical layout: page 0 is left unmapped so null pointers fault.
 GDT_GPA = 0x1000

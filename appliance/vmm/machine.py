@@ -138,7 +138,8 @@ class VirtualMachine:
         self.stop_reason = None  # why the VM stopped on its own, in words
         ram_size = config.memory_mib << 20
         if ram_size % abi.HUGE_PAGE_SIZE or not 4 << 20 <= ram_size <= abi.MAX_RAM:
-            raise VMError(f"memory_mib={config.memory_mib}: must be a multiple of 2 between 4 and 4096")
+            raise VMError(f"memory_mib={config.memory_mib}: must be a multiple of 2 "
+                          f"between 4 and {abi.MAX_RAM >> 20}")
         try:
             with open(config.image, "rb") as f:
                 image = f.read()
