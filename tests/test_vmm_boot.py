@@ -112,3 +112,32 @@ def test_console_log_file(guest_images, vms, tmp_path):
     vm.start()
     wait_for(lambda: vm.state == SHUTDOWN, what="the guest to halt")
     assert re.search("exiting with 0", log.read_text())
+
+
+def test_pause_is_prompt_while_the_guest_blocks_in_poll(guest_images, vms):
+    vm = vms.new("probe", "mode=echo")  # no NIC: the guest sleeps in 1 s polls
+    vm.start()
+    wait_for(lambda: "echo ready" in vm.read_console(), what="the guest to idle")
+    time.sleep(0.1)
+    for _ in range(5):
+        started = time.monotonic()
+        vm.pause()
+        assert time.monotonic() - started < 0.2
+        vm.resume()
+
+
+def test_rapid_pause_resume_never_breaks_the_guest(guest_images, vms):
+    # rate-limited memdirty makes time and poll hypercalls all the time, so many
+    # pauses land on a pending port-I/O exit that must be completed first.
+    vm = vms.new("memdirty", "mib=4 rate=400")
+    vm.start()
+    base, pages = memdirty_layout(vm)
+    ram = vm.ram_regions()[0][3]
+    for _ in range(100):
+        vm.pause()
+        assert_one_step(page_counters(ram, base, pages))
+        vm.resume()
+        time.sleep(0.001)
+    before = last_pass(vm.read_console())
+    wait_for(lambda: last_pass(vm.read_console()) > before, what="more passes")
+    assert vm.state == RUNNING and "invariant broken" not in vm.read_console()

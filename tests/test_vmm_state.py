@@ -4,11 +4,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from appliance.vmm import PAUSED, StateFileError, VMError
-from vmm_helpers import REPO, image, guest_images, last_pass, memdirty_layout, vms, wait_for  # noqa: F401
+from vmm_helpers import (REPO, assert_one_step, guest_images, image, last_pass, memdirty_layout,  # noqa: F401
+                         page_counters, vms, wait_for)
 
 pytestmark = pytest.mark.kvm
 
@@ -119,3 +121,24 @@ def test_sections_are_named_and_versioned(guest_images, vms):
     vm, _, _ = _paused_memdirty(vms)
     names = {name for name, version, payload in vm.save_devices()}
     assert {"cpu.regs", "cpu.sregs", "cpu.msrs", "cpu.mp_state", "vm.clock", "dev.console"} <= names
+
+
+def test_rollback_to_an_in_memory_checkpoint(guest_images, vms):
+    """What COLO does on the secondary: keep a checkpoint, run on, then go back to it."""
+    vm, base, pages = _paused_memdirty(vms)
+    ram = vm.ram_regions()[0][3]
+    checkpoint_ram, checkpoint = bytes(ram), vm.save_devices()
+    checkpoint_clock = vm.guest_monotonic_ns()
+    vm.resume()
+    time.sleep(0.2)
+    vm.pause()
+    assert bytes(ram) != checkpoint_ram
+    ram[:] = checkpoint_ram
+    vm.load_devices(checkpoint)
+    assert vm.guest_monotonic_ns() == checkpoint_clock
+    vm.resume()
+    passes = last_pass(vm.read_console())
+    wait_for(lambda: last_pass(vm.read_console()) > passes, what="passes after the rollback")
+    vm.pause()
+    assert "invariant broken" not in vm.read_console()
+    assert_one_step(page_counters(ram, base, pages))
