@@ -28,7 +28,6 @@ EFER_LME, EFER_LMA = 0x100, 0x400
 RFLAGS_RESERVED, RFLAGS_IOPL3 = 0x2, 0x3000
 XCR0_X87_SSE = 0x3
 CPUID_1_ECX_XSAVE = 1 << 26
-CPUID_1_ECX_OSXSAVE = 1 << 27
 
 _MSR_ENTRY = struct.Struct("<IQ")
 _log = logging.getLogger(__name__)
@@ -79,11 +78,8 @@ class Vcpu:
         cpuid = kvm.cpuid_buffer(256)
         kvm.ioctl(kvm_fd, kvm.KVM_GET_SUPPORTED_CPUID, cpuid)
         for entry in cpuid.entries[:cpuid.nent]:
-            if entry.function == 1:
-                if not self.has_xsave or not entry.ecx & CPUID_1_ECX_XSAVE:
-                    self.has_xsave = False
-                else:
-                    entry.ecx |= CPUID_1_ECX_OSXSAVE  # CR4.OSXSAVE is set at boot
+            if entry.function == 1 and not entry.ecx & CPUID_1_ECX_XSAVE:
+                self.has_xsave = False
         kvm.ioctl(self.fd, kvm.KVM_SET_CPUID2, cpuid)
 
     def _saveable_msrs(self, candidates):
