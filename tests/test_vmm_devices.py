@@ -14,6 +14,7 @@ from vmm_helpers import guest_images, vms, wait_for  # noqa: F401
 @pytest.mark.parametrize("state", [
     ConsoleState(bytes_written=12345),
     NicState(mac=bytes.fromhex("525400abcdef"), rx_frames=1, tx_frames=2, rx_dropped=3, tx_dropped=4),
+    NicState(mac=bytes(6), injected=[b"\x01" * 60, b"frame two" * 100]),
     BlockState(sectors=2048, reads=5, writes=6),
 ])
 def test_device_state_round_trip(state):
@@ -43,28 +44,42 @@ def test_block_device_round_trip_through_the_guest(guest_images, vms, tmp_path):
 def test_nic_passes_frames_both_ways_through_the_hook(guest_images, vms):
     tap = f"vmmt{os.getpid() % 100000}"
     vm = vms.new("probe", "mode=echo", tap=tap, mac="52:54:00:00:00:42")
-    seen = []
+    seen, held = [], []
 
     def hook(direction, frame):
         seen.append(direction)
+        if direction == "tx" and b"hold me" in frame:
+            held.append(frame)
+            return None
         return frame
 
     vm.nic.hook = hook
     vm.start()
     wait_for(lambda: "echo ready" in vm.read_console(), what="the echo guest")
     ethertype = 0x88B5  # local experimental
+    guest_mac, host_mac = bytes.fromhex("525400000042"), bytes.fromhex("02aabbccddee")
+    header = guest_mac + host_mac + struct.pack("!H", ethertype)
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype)) as sock:
         sock.bind((tap, 0))
         sock.settimeout(5)
-        guest_mac, host_mac = bytes.fromhex("525400000042"), bytes.fromhex("02aabbccddee")
+
+        def echoed():
+            while True:
+                reply = sock.recv(2048)
+                if reply[:6] == host_mac:
+                    return reply
+
         payload = b"hello guest" * 10
-        sock.send(guest_mac + host_mac + struct.pack("!H", ethertype) + payload)
-        while True:
-            reply = sock.recv(2048)
-            if reply[:6] == host_mac:
-                break
-    assert reply[6:12] == guest_mac and reply[14:14 + len(payload)] == payload
-    assert "rx" in seen and "tx" in seen
+        sock.send(header + payload)
+        reply = echoed()
+        assert reply[6:12] == guest_mac and reply[14:14 + len(payload)] == payload
+        assert "rx" in seen and "tx" in seen
+
+        # Injected frames reach the guest without the hook; held frames leave on transmit().
+        vm.nic.inject_rx(header + b"hold me" * 10)
+        wait_for(lambda: held, what="the hook to hold the echo")
+        assert vm.nic.transmit(held[0])
+        assert b"hold me" in echoed()
     vm.close()
     assert not os.path.exists(f"/sys/class/net/{tap}"), "the VM should delete the tap it created"
 

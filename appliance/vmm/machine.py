@@ -483,9 +483,9 @@ class VirtualMachine:
         ready = False
         if self._run_requested:
             wait = min(max(deadline - self._clock.now(), 0) / 1e9, _MAX_POLL_WAIT)
-            fds = [self._wake_fd] + ([self.nic.fd] if self.nic else [])
-            readable, _, _ = select.select(fds, [], [], wait)
-            ready = self.nic is not None and self.nic.fd in readable
+            nic_fds = self.nic.wait_fds() if self.nic else []
+            readable, _, _ = select.select([self._wake_fd] + nic_fds, [], [], wait)
+            ready = any(fd in readable for fd in nic_fds)
         self.memory.pack(abi.HC_POLL_ARGS, gpa, deadline, int(ready))
 
     def _hc_net_write(self, gpa):

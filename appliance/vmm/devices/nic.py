@@ -2,14 +2,17 @@
 
 `hook` is where netfilter attaches: hook(direction, frame) with direction
 "rx" (host -> guest) or "tx" (guest -> host) returns the frame to pass on
-(possibly changed) or None to drop it.
+(possibly changed) or None to hold or drop it.  A filter that holds frames
+releases them later with inject_rx() (to the guest) or transmit() (to the
+tap); both bypass the hook.  Injected frames not yet read by the guest are
+part of the saved state.
 """
 
 import fcntl
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 
@@ -35,17 +38,35 @@ class NicState:
     tx_frames: int = 0
     rx_dropped: int = 0
     tx_dropped: int = 0
+    injected: list[bytes] = field(default_factory=list)  # queued for the guest by inject_rx()
 
-    _LAYOUT = struct.Struct("<6s2xQQQQ")
+    _HEAD = struct.Struct("<6s2xQQQQI")
+    _FRAME_LEN = struct.Struct("<I")
 
     def save(self) -> bytes:
-        return self._LAYOUT.pack(self.mac, self.rx_frames, self.tx_frames, self.rx_dropped, self.tx_dropped)
+        parts = [self._HEAD.pack(self.mac, self.rx_frames, self.tx_frames, self.rx_dropped,
+                                 self.tx_dropped, len(self.injected))]
+        for frame in self.injected:
+            parts += [self._FRAME_LEN.pack(len(frame)), frame]
+        return b"".join(parts)
 
     @classmethod
     def restore(cls, data: bytes) -> "NicState":
-        if len(data) != cls._LAYOUT.size:
-            raise StateFileError(f"nic state: {len(data)} bytes, expected {cls._LAYOUT.size}")
-        return cls(*cls._LAYOUT.unpack(data))
+        try:
+            *counters, count = cls._HEAD.unpack_from(data)
+            offset, injected = cls._HEAD.size, []
+            for _ in range(count):
+                (length,) = cls._FRAME_LEN.unpack_from(data, offset)
+                offset += cls._FRAME_LEN.size
+                if offset + length > len(data):
+                    raise StateFileError("nic state: injected frame runs past the end")
+                injected.append(data[offset:offset + length])
+                offset += length
+        except struct.error as exc:
+            raise StateFileError(f"nic state: truncated ({exc})") from exc
+        if offset != len(data):
+            raise StateFileError(f"nic state: {len(data) - offset} stray bytes")
+        return cls(*counters, injected=injected)
 
 
 class TapNic:
@@ -64,6 +85,8 @@ class TapNic:
         except OSError as exc:
             os.close(self.fd)
             raise VMError(f"cannot attach to tap {tap_name}: {exc}") from exc
+        # Readable while injected frames wait; the guest's poll() waits on it too.
+        self.inject_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     @staticmethod
     def _ensure_tap(name: str, bridge: str | None) -> bool:
@@ -84,8 +107,35 @@ class TapNic:
     def fileno(self) -> int:
         return self.fd
 
+    def wait_fds(self):
+        """File descriptors that become readable when a frame for the guest is queued."""
+        return [self.fd, self.inject_fd]
+
+    def inject_rx(self, frame: bytes):
+        """Queue a frame for the guest, bypassing the hook (from any thread)."""
+        with self._lock:
+            self.state.injected.append(bytes(frame))
+        os.eventfd_write(self.inject_fd, 1)
+
+    def _take_injected(self):
+        with self._lock:
+            if not self.state.injected:
+                return None
+            frame = self.state.injected.pop(0)
+            if not self.state.injected:
+                try:
+                    os.eventfd_read(self.inject_fd)
+                except BlockingIOError:
+                    pass
+            self.state.rx_frames += 1
+            return frame
+
     def read_frame(self):
-        """The next frame for the guest after the hook, or None when none is queued."""
+        """The next frame for the guest (injected ones first, then the tap's after
+        the hook), or None when none is queued."""
+        injected = self._take_injected()
+        if injected is not None:
+            return injected
         while True:
             try:
                 frame = os.read(self.fd, _MAX_FRAME)
@@ -104,10 +154,15 @@ class TapNic:
             self.state.rx_dropped += 1
 
     def write_frame(self, frame: bytes) -> bool:
+        """A frame from the guest: through the hook, then out of the tap."""
         if self.hook:
             frame = self.hook("tx", frame)
             if frame is None:
-                return True  # consumed by the hook: not an error for the guest
+                return True  # held or dropped by the hook: not an error for the guest
+        return self.transmit(frame)
+
+    def transmit(self, frame: bytes) -> bool:
+        """Send a frame out of the tap, bypassing the hook (from any thread)."""
         try:
             os.write(self.fd, frame)
         except OSError:
@@ -119,11 +174,19 @@ class TapNic:
         return True
 
     def restore_state(self, state: NicState):
-        self.state = state
+        with self._lock:
+            self.state = state
+            try:
+                os.eventfd_read(self.inject_fd)
+            except BlockingIOError:
+                pass
+            if state.injected:
+                os.eventfd_write(self.inject_fd, 1)
 
     def close(self):
         """Close the tap fd, and delete the tap if this NIC created it."""
         os.close(self.fd)
+        os.close(self.inject_fd)
         if self.created_tap:
             with IPRoute() as ipr:
                 for index in ipr.link_lookup(ifname=self.tap_name):
