@@ -102,3 +102,18 @@ def test_kvstore_guest_serves_redis_over_the_tap(guest_images, vms):
             assert chunk, f"connection closed after {reply!r}"
             reply += chunk
     assert reply == b"+OK\r\n$3\r\nabc\r\n"
+
+
+@pytest.mark.kvm
+@pytest.mark.netns
+def test_nic_attaches_its_tap_to_a_bridge(guest_images, vms):
+    bridge, tap = f"vmmb{os.getpid() % 100000}", f"vmmbt{os.getpid() % 10000}"
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=bridge, kind="bridge")
+    try:
+        vm = vms.new("probe", "mode=loop", tap=tap, bridge=bridge)
+        assert os.path.basename(os.readlink(f"/sys/class/net/{tap}/master")) == bridge
+        vm.close()
+    finally:
+        with IPRoute() as ipr:
+            ipr.link("del", index=ipr.link_lookup(ifname=bridge)[0])

@@ -622,6 +622,8 @@ class VirtualMachine:
         """Shut down (if needed), stop all threads and release every fd. Idempotent."""
         if self._closed:
             return
+        if threading.get_ident() == self._thread.ident:
+            raise VMError("close() cannot run on the vCPU thread (from an event listener)")
         self.shutdown()
         with self._cond:
             self._quit = True
