@@ -390,6 +390,35 @@ def test_fifty_concurrent_clients(topo, guest):
     assert topo.cli("PING") == b"PONG\n"
 
 
+def test_zero_window_then_reset(topo, guest):
+    """A client that stops reading closes its window (the guest must probe
+    and resume); a client that resets mid-reply must not hurt the guest."""
+    value = payload(1 << 20, seed=4)
+    with topo.in_client():
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect((GUEST_IP, 6379))
+    try:
+        slow.settimeout(10)
+        slow.sendall(resp("SET", "zw", value))
+        assert read_exact(slow, 5) == b"+OK\r\n"
+        slow.sendall(resp("GET", "zw") * 3)
+        time.sleep(1.5)  # window closed: only persist probes flow now
+        expect = (b"$%d\r\n%s\r\n" % (len(value), value)) * 3
+        assert read_exact(slow, len(expect)) == expect
+
+        rude = topo.connect()
+        rude.sendall(resp("GET", "zw") * 5)
+        time.sleep(0.05)
+        rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rude.close()  # unread data: the kernel sends RST
+        time.sleep(0.1)
+        slow.sendall(resp("PING"))
+        assert read_exact(slow, 7) == b"+PONG\r\n"
+    finally:
+        slow.close()
+
+
 def test_redis_benchmark_pipelined(topo, guest):
     r = topo.run("redis-benchmark", "-h", GUEST_IP, "-q", "-n", "2000", "-P", "16",
                  "-t", "set,get", timeout=60)

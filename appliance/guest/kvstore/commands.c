@@ -33,7 +33,9 @@ static const char *err_int = "ERR value is not an integer or out of range";
 
 static void cmd_ping(struct client *cl, struct arg *argv, size_t argc)
 {
-    if (argc == 1)
+    if (argc > 2)
+        reply_error(cl, "ERR wrong number of arguments for 'ping' command");
+    else if (argc == 1)
         reply_status(cl, "PONG");
     else
         reply_bulk(cl, argv[1].p, argv[1].len);

@@ -10,6 +10,7 @@
 #define KV_MAX_ARGS    (1u << 20)
 #define KV_MAX_INLINE  (64u << 10)
 #define KV_OUT_HIGH    (1u << 20)    /* stop parsing while this much output waits */
+#define KV_READ_BATCH  (64u << 10)   /* input taken from TCP per parsing round */
 
 struct buf {
     uint8_t *p;

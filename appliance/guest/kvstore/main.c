@@ -53,9 +53,12 @@ static void service(struct client *cl)
         flush_out(cl);
         if (cl->close_after || cl->out.len - cl->out_off >= KV_OUT_HIGH)
             break; /* stop reading: TCP's window closes on the client */
+        /* Take input in batches so a client pipelining faster than we
+         * answer is held back by its TCP window, not by our memory. */
         size_t before = cl->in.len;
         size_t n;
-        while (cl->in.len < KV_MAX_QUERY && (n = tcp_recv(cl->conn, chunk, sizeof chunk)) > 0)
+        while (cl->in.len < before + KV_READ_BATCH && cl->in.len < KV_MAX_QUERY &&
+               (n = tcp_recv(cl->conn, chunk, sizeof chunk)) > 0)
             buf_append(&cl->in, chunk, n);
         size_t out_before = cl->out.len;
         process_input(cl);
