@@ -15,7 +15,7 @@ import re
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _STRUCTURAL = re.compile(rb'[{}\[\]"]')
-_IN_STRING = re.compile(rb'["\\]')
+_IN_STRING = re.compile(rb'["\\\x00-\x1f]')
 _SCALAR_END = re.compile(rb'[\s{}\[\]"]')
 _BLANK = re.compile(rb"\s*")
 
@@ -28,12 +28,8 @@ class JSONStreamer:
     def __init__(self, limit: int = MAX_MESSAGE_BYTES):
         self.limit = limit
         self._parts: list[bytes] = []
-        self._size = 0
-        self._depth = 0
-        self._in_string = False
         self._escape = False
-        self._scalar = False
-        self._oversized = False
+        self._reset()
 
     def _keep(self, piece: bytes) -> None:
         if self._oversized:
@@ -45,15 +41,20 @@ class JSONStreamer:
         else:
             self._parts.append(piece)
 
+    def _reset(self) -> None:
+        self._parts.clear()
+        self._size = 0
+        self._depth = 0
+        self._in_string = False
+        self._scalar = False
+        self._oversized = False
+
     def _finish(self, out: list) -> None:
         if self._oversized:
             out.append(ParseError(f"JSON parse error, message exceeds {self.limit} bytes"))
         else:
             out.append(b"".join(self._parts))
-        self._parts.clear()
-        self._size = 0
-        self._oversized = False
-        self._scalar = False
+        self._reset()
 
     def feed(self, data: bytes) -> list:
         """Complete texts (bytes) and ParseErrors, in stream order."""
@@ -73,6 +74,11 @@ class JSONStreamer:
                 pos = m.end()
                 if m.group() == b"\\":
                     self._escape = True
+                elif m.group() < b" ":
+                    # A raw control character cannot be in a JSON string: like
+                    # QEMU's lexer, report it and start afresh after it.
+                    out.append(ParseError("JSON parse error, invalid character in string"))
+                    self._reset()
                 else:
                     self._in_string = False
                     if self._depth == 0:          # a bare top-level string

@@ -214,9 +214,16 @@ class QMPConnection:
         if self._unsubscribe:
             self._unsubscribe()
         current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
+        others = [task for task in self._tasks if task is not current]
+        for task in others:
+            task.cancel()
+        self.loop.create_task(self._release(others))
+
+    async def _release(self, tasks: list[asyncio.Task]) -> None:
+        # The socket is closed only once no task still waits on it: a closed
+        # fd number is soon reused by accept(), and the event loop must not
+        # confuse the new connection with a stale registration of the old one.
+        await asyncio.gather(*tasks, return_exceptions=True)
         for fd in self.ctx.received_fds + list(self.ctx.fds.values()):
             os.close(fd)
         self.ctx.received_fds.clear()

@@ -205,7 +205,9 @@ class Schema:
         if command.args is None:
             self._check_unexpected(args, [], None)
             return {}
-        return self._visit_struct_members(command.args.members, args, None)
+        out = self._visit_struct_members(command.args.members, args, None)
+        self._check_unexpected(args, command.args.members, None)
+        return out
 
     def _full(self, path: str | None, name: str) -> str:
         return name if path is None else f"{path}.{name}"

@@ -1,0 +1,81 @@
+"""Shared fixtures: a running node daemon, free ports, and the KVM requirement."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    qmp: str
+    http: str
+    log_path: str
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_daemon(tmp_path, *extra: str, name: str = "test-node", wait: bool = True) -> Daemon:
+    qmp = str(tmp_path / f"{name}.qmp")
+    http = f"127.0.0.1:{free_port()}"
+    log_path = str(tmp_path / f"{name}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "serve", "--name", name, "--qmp", qmp,
+             "--http", http, *extra],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    daemon = Daemon(proc, qmp, http, log_path)
+    if wait:
+        deadline = time.monotonic() + 20
+        while "ready" not in daemon.log():
+            if not daemon.alive() or time.monotonic() > deadline:
+                stop_daemon(daemon)
+                raise RuntimeError(f"daemon did not start:\n{daemon.log()}")
+            time.sleep(0.05)
+    return daemon
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    if daemon.alive():
+        daemon.proc.send_signal(signal.SIGTERM)
+        try:
+            daemon.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = start_daemon(tmp_path)
+    yield d
+    stop_daemon(d)
+    assert d.proc.returncode == 0, d.log()
+
+
+@pytest.fixture(scope="session")
+def kvm_device():
+    """KVM tests are real tests: without /dev/kvm they fail, loudly, never skip."""
+    if not os.path.exists("/dev/kvm"):
+        pytest.fail("/dev/kvm is missing: this test needs KVM (kvm_pvm or hardware KVM)", pytrace=False)
+    return "/dev/kvm"
