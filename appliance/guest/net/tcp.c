@@ -25,6 +25,8 @@
 #define RTO_MIN        (200 * NS_PER_MS)   /* Linux's floor, not RFC 6298's 1 s */
 #define RTO_MAX        (60000 * NS_PER_MS)
 #define CLOCK_G        NS_PER_MS
+#define REC_TIMER_MIN  (10 * NS_PER_MS)
+#define REC_PROBES     4
 #define MAX_RETRIES    10
 #define SYN_RETRIES    5
 #define TIME_WAIT_NS   (2000 * NS_PER_MS)  /* short: peers are local, ISNs move on */
@@ -89,6 +91,7 @@ struct tcp_conn {
     uint8_t retries;
     uint8_t dupacks;
     bool in_recovery;
+    uint8_t rec_probes;   /* recovery-timer resends of the same hole */
     uint32_t recover;
 
     bool ack_pending;
@@ -286,6 +289,17 @@ static void tcp_output(struct tcp_conn *c, bool force_ack)
         rtx_arm(c);
 }
 
+/* While recovering, a resent hole that stays unacknowledged for a few RTTs
+ * was most likely lost again: nothing else is in flight to produce duplicate
+ * ACKs, so without this only the (backed-off) RTO would notice. */
+static uint64_t recovery_timeout(const struct tcp_conn *c)
+{
+    uint64_t t = 2 * c->srtt + 4 * c->rttvar;
+    if (t < REC_TIMER_MIN)
+        t = REC_TIMER_MIN;
+    return t < c->rto ? t : c->rto;
+}
+
 /* Resends the first unacknowledged segment (fast retransmit, NewReno). */
 static void retransmit_first(struct tcp_conn *c)
 {
@@ -297,7 +311,7 @@ static void retransmit_first(struct tcp_conn *c)
         return;
     send_seg(c, c->snd_una, (uint8_t)((n ? F_PSH : 0) | (fin ? F_FIN : 0)), off, n);
     c->rtt_active = false;
-    rtx_arm(c);
+    c->rtx_deadline = net_now + (c->in_recovery ? recovery_timeout(c) : c->rto);
 }
 
 /* ---- input ---- */
@@ -546,15 +560,16 @@ static void process_ack(struct tcp_conn *c, uint32_t seq, uint32_t ack, uint32_t
         }
         c->retries = 0;
         c->dupacks = 0;
+        c->rec_probes = 0;
         if (d)
             c->events |= TCP_EV_WRITABLE;
+        c->rtx_deadline = c->snd_una == c->snd_max ? 0 : now + c->rto;
         if (c->in_recovery) {
             if (SEQ_GE(ack, c->recover))
                 c->in_recovery = false;
             else
-                retransmit_first(c);
+                retransmit_first(c); /* NewReno partial ACK: the next hole */
         }
-        c->rtx_deadline = c->snd_una == c->snd_max ? 0 : now + c->rto;
     } else if (ack == c->snd_una && pure && wnd == c->snd_wnd && c->snd_una != c->snd_max) {
         if (++c->dupacks == 3 && !c->in_recovery) {
             c->in_recovery = true;
@@ -742,6 +757,11 @@ static void rtx_timeout(struct tcp_conn *c, uint64_t now)
         return;
     }
     bool outstanding = c->snd_una != c->snd_max;
+    if (outstanding && c->in_recovery && c->rec_probes < REC_PROBES) {
+        c->rec_probes++;
+        retransmit_first(c);
+        return;
+    }
     if (outstanding && ++c->retries > MAX_RETRIES) {
         send_rst(c);
         conn_kill(c);
