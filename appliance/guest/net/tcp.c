@@ -97,6 +97,7 @@ struct tcp_conn {
     bool ack_pending;
     bool accept_pending;
     bool app_owned;
+    bool app_closed;      /* tcp_close/abort called: received data is discarded */
     unsigned events;
     tcp_event_fn fn;
     void *user;
@@ -517,6 +518,12 @@ static bool receive_data(struct tcp_conn *c, uint32_t seq, const uint8_t *data, 
             ooo_absorb(c);
             c->events |= TCP_EV_READABLE;
             urgent_ack = filled_hole;
+            if (c->app_closed) {
+                /* Nobody will read it: keep the window open so the peer can
+                 * finish and close. */
+                c->r_head = (c->r_head + c->r_len) % RCVBUF;
+                c->r_len = 0;
+            }
         } else {
             ooo_add(c, seq, seq + dlen);
             return true; /* duplicate ACK tells the sender about the hole */
@@ -897,6 +904,9 @@ size_t tcp_send(tcp_conn *c, const void *buf, size_t len)
 void tcp_close(tcp_conn *c)
 {
     c->app_owned = false;
+    c->app_closed = true;
+    c->r_head = (c->r_head + c->r_len) % RCVBUF; /* unread data is dropped */
+    c->r_len = 0;
     c->fn = NULL;
     if (c->dead || c->fin_queued)
         return;
@@ -918,6 +928,7 @@ void tcp_close(tcp_conn *c)
 void tcp_abort(tcp_conn *c)
 {
     c->app_owned = false;
+    c->app_closed = true;
     c->fn = NULL;
     if (c->dead)
         return;
