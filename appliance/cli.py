@@ -145,6 +145,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             value = getattr(args, flag)
             if value is not None:
                 setattr(config, attr, value)
+        for flag in ("image", "memory", "append", "nic", "disk"):
+            value = getattr(args, flag)
+            if value is not None:
+                setattr(config.guest, flag, value)
+        if args.start_paused:
+            config.guest.start_paused = True
+        if args.state_dir is not None:
+            config.state_dir = args.state_dir
         if args.no_http:
             config.http = None
         config.validate()
@@ -152,7 +160,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"colo-appliance: {e}", file=sys.stderr)
         return 2
     setup_logging(config.log_format)
-    return asyncio.run(serve(config))
+    from .vmm import VMError
+    try:
+        return asyncio.run(serve(config))
+    except VMError as e:
+        print(f"colo-appliance: guest: {e}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-token", dest="http_token", help="bearer token required by the HTTP API")
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     serve.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration, as QEMU's -incoming")
+    serve.add_argument("--state-dir", dest="state_dir", help="directory for the console log and other node files")
+    guest = serve.add_argument_group("guest", "the VM this node hosts (QEMU-like flags)")
+    guest.add_argument("--guest", dest="image", metavar="kvstore|memdirty|PATH", help="guest image")
+    guest.add_argument("-m", "--memory", type=int, metavar="MiB", help="guest RAM in MiB (default 64)")
+    guest.add_argument("--append", metavar="'key=value ...'", help="the guest's command line")
+    guest.add_argument("--nic", metavar="tap=IFNAME[,bridge=BR][,mac=MAC]", help="a NIC backed by a tap")
+    guest.add_argument("--disk", metavar="PATH", help="raw disk image")
+    guest.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest (prelaunch)")
     serve.set_defaults(func=cmd_serve)
 
     qmp = sub.add_parser("qmp", help="send a QMP command to a node, or talk to it interactively")

@@ -9,6 +9,7 @@ Example (every key optional; a node starts with no file at all)::
     http = "127.0.0.1:8080"                    # HTTP API bind address
     http_token = "secret"                      # required to bind beyond loopback
     log_format = "text"                        # or "json"
+    state_dir = "/var/lib/colo-appliance"      # console log and other per-node files
 
     [guest]
     image = "kvstore"                          # kvstore | memdirty | PATH
@@ -24,8 +25,16 @@ Example (every key optional; a node starts with no file at all)::
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
+
+# Where `make guests` puts the built-in guest images.
+GUEST_DIR = os.environ.get(
+    "COLO_GUEST_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "guest"))
+BUILTIN_GUESTS = ("kvstore", "memdirty")
+_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
 class ConfigError(Exception):
@@ -42,6 +51,33 @@ class GuestConfig:
     start_paused: bool = False
 
 
+    def image_path(self) -> str:
+        """The guest ELF: a built-in name resolves to the image `make guests` builds."""
+        path = os.path.join(GUEST_DIR, f"{self.image}.elf") if self.image in BUILTIN_GUESTS else self.image
+        if not os.path.isfile(path):
+            hint = " (run 'make guests')" if self.image in BUILTIN_GUESTS else ""
+            raise ConfigError(f"guest image {path} does not exist{hint}")
+        return path
+
+    def nic_options(self) -> dict:
+        """``tap=IFNAME[,bridge=BR][,mac=MAC]`` as keyword arguments for the VM config."""
+        if not self.nic:
+            return {}
+        options = {}
+        for part in self.nic.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("tap", "bridge", "mac") or not value:
+                raise ConfigError(f"--nic: bad option {part!r}; expected tap=IFNAME[,bridge=BR][,mac=MAC]")
+            options[key] = value
+        if "tap" not in options:
+            raise ConfigError("--nic: tap=IFNAME is required")
+        if len(options["tap"]) > 15:
+            raise ConfigError(f"--nic: interface name {options['tap']!r} is longer than 15 characters")
+        if "mac" in options and not _MAC.match(options["mac"]):
+            raise ConfigError(f"--nic: bad MAC address {options['mac']!r}")
+        return options
+
+
 @dataclass
 class NodeConfig:
     name: str = "node"
@@ -51,6 +87,7 @@ class NodeConfig:
     http_token: str | None = None
     log_format: str = "text"
     incoming: str | None = None
+    state_dir: str | None = None
     guest: GuestConfig = field(default_factory=GuestConfig)
     peers: dict[str, str] = field(default_factory=dict)
 
@@ -64,8 +101,11 @@ class NodeConfig:
                                   "without a bearer token (set http_token or --http-token)")
         if self.qmp_tcp:
             split_host_port(self.qmp_tcp, "qmp_tcp")
-        if self.guest.memory < 1:
-            raise ConfigError("guest memory must be at least 1 MiB")
+        if self.guest.image is not None:
+            self.guest.image_path()
+            self.guest.nic_options()
+            if self.guest.disk and not os.path.isfile(self.guest.disk):
+                raise ConfigError(f"disk image {self.guest.disk} does not exist")
 
 
 def _is_loopback(host: str) -> bool:
@@ -84,7 +124,7 @@ def split_host_port(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-_NODE_KEYS = {"name", "qmp", "qmp_tcp", "http", "http_token", "log_format", "incoming"}
+_NODE_KEYS = {"name", "qmp", "qmp_tcp", "http", "http_token", "log_format", "incoming", "state_dir"}
 _GUEST_KEYS = {"image", "memory", "append", "nic", "disk", "start_paused"}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
 import signal
 import sys
@@ -59,11 +60,24 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def create_vm(config: NodeConfig, log_dir: str | None):
+    """The node's guest, booted (or held in prelaunch with -S or --incoming)."""
+    from .vmm import VirtualMachine, VMConfig
+    guest = config.guest
+    console_log = os.path.join(log_dir, f"{config.name}-console.log") if log_dir else None
+    vm = VirtualMachine(VMConfig(
+        image=guest.image_path(), memory_mib=guest.memory, cmdline=guest.append, disk=guest.disk,
+        console_log=console_log, start_paused=guest.start_paused or bool(config.incoming),
+        **guest.nic_options()))
+    return vm
+
+
 async def serve(config: NodeConfig) -> int:
     config.validate()
     _raise_fd_limit()
     loop = asyncio.get_running_loop()
-    node = Node(config.name, loop, incoming=config.incoming)
+    vm = create_vm(config, config.state_dir) if config.guest.image else None
+    node = Node(config.name, loop, incoming=config.incoming, vm=vm)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
     runner = None
     try:
@@ -84,12 +98,15 @@ async def serve(config: NodeConfig) -> int:
             log.info("HTTP API listening on http://%s:%d", bound[0], bound[1])
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_quit, "host-signal")
+        if vm is not None:
+            vm.start()
         log.info("node %s ready (run state %s)", node.name, node.run_state)
         await node.quit_requested.wait()
         await asyncio.sleep(0.05)       # let the last replies and SHUTDOWN reach the clients
         log.info("node %s shutting down", node.name)
         return 0
     finally:
+        await node.close()
         server.close()
         if runner is not None:
             await runner.cleanup()

@@ -3,6 +3,7 @@
     GET  /api/v1/status   node, VM run state, migration and COLO state (JSON)
     POST /api/v1/qmp      one QMP command: {"execute": NAME, "arguments": {...}}
                           -> {"return": ...} (200) or {"error": {"class", "desc"}} (400)
+    GET  /api/v1/console  the guest's console output (text)
     GET  /metrics         Prometheus text format, with process figures from psutil
 
 With a bearer token configured every request must carry
@@ -82,11 +83,17 @@ def make_app(node: Node, token: str | None) -> web.Application:
             return web.json_response({"error": e.to_reply()}, status=400)
         return web.json_response({"return": result})
 
+    async def console(request: web.Request) -> web.Response:
+        if node.vm is None:
+            return web.json_response({"error": "this node has no guest"}, status=404)
+        return web.Response(text=node.vm.read_console(), content_type="text/plain", charset="utf-8")
+
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=_metrics_text(node), content_type="text/plain", charset="utf-8")
 
     app = web.Application(middlewares=[require_token], client_max_size=1024 * 1024)
     app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/qmp", qmp)
+    app.router.add_get("/api/v1/console", console)
     app.router.add_get("/metrics", metrics)
     return app

@@ -21,6 +21,7 @@ EVERY_COMMAND = {
     "stop": ("return", {}),
     "cont": ("return", {}),
     "getfd": ("error", "GenericError", "No file descriptor supplied via SCM_RIGHTS"),
+    "ringbuf-read": ("error", "DeviceNotFound", "Device 'console' not found"),
     "closefd": ("error", "GenericError", "File descriptor named 'nope' not found"),
     "query-migrate": ("return", {}),
     "migrate-set-capabilities": ("return", {}),
@@ -54,6 +55,7 @@ EVERY_COMMAND = {
 
 VALID_ARGUMENTS = {
     "getfd": {"fdname": "fd0"},
+    "ringbuf-read": {"device": "console", "size": 1024},
     "closefd": {"fdname": "nope"},
     "migrate-set-capabilities": {"capabilities": [{"capability": "events", "state": True}]},
     "migrate-set-parameters": {"downtime-limit": 300},

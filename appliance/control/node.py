@@ -8,6 +8,7 @@ messages (checked against QEMU's behaviour).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import re
@@ -36,18 +37,24 @@ class Node:
     """Control state of one appliance node; the QMP and HTTP front ends call into it."""
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, incoming: str | None = None,
-                 schema: Schema | None = None):
+                 schema: Schema | None = None, vm=None):
         self.name = name
+        self.vm = vm
         self.schema = schema or default_schema()
         self.loop = loop
         self.events = EventBus(self.schema, loop)
         self.dispatcher = Dispatcher(self.schema)
         self.settings = MigrationSettings(self.schema)
         self.incoming = incoming
-        self.run_state = "inmigrate" if incoming else "running"
+        self._run_state = "inmigrate" if incoming else "running"
+        if vm is not None:
+            if incoming:
+                vm.set_state("prelaunch", "inmigrate")
+            vm.add_listener(self._on_vm_event)
         self.migration_status = "none"
         self.colo = {"mode": "none", "last-mode": "none", "reason": "none"}
         self.quit_requested = asyncio.Event()
+        self._console_read = 0          # bytes of console output already read by ringbuf-read
         self._register_all()
         missing = self.dispatcher.missing()
         if missing:
@@ -55,14 +62,28 @@ class Node:
 
     # -- helpers ---------------------------------------------------------------
 
+    @property
+    def run_state(self) -> str:
+        """The guest's run state; a node without a guest keeps its own."""
+        return self.vm.state if self.vm is not None else self._run_state
+
     def set_run_state(self, old: str | set[str], new: str) -> bool:
-        """Compare-and-set the run state; False (no change) when it is not ``old``."""
+        """Compare-and-set the run state of a node without a guest."""
         olds = {old} if isinstance(old, str) else old
-        if self.run_state not in olds:
+        if self._run_state not in olds:
             return False
-        log.info("run state %s -> %s", self.run_state, new)
-        self.run_state = new
+        log.info("run state %s -> %s", self._run_state, new)
+        self._run_state = new
         return True
+
+    def _on_vm_event(self, name: str, data: dict) -> None:
+        """VM events (from any thread) become QMP events, reduced to the schema's members."""
+        if name == "SHUTDOWN" and not data.get("guest"):
+            return                      # host-side shutdowns are announced by request_quit
+        if name == "GUEST_PANICKED":
+            log.error("guest panicked: %s", data.get("reason"))
+            data = {"action": data["action"]}
+        self.events.emit(name, data or None)
 
     def migration_running(self) -> bool:
         return self.migration_status in RUNNING_MIGRATION_STATES
@@ -72,10 +93,18 @@ class Node:
         return {
             "node": self.name,
             "version": appliance.__version__,
-            "vm": {"status": self.run_state, "running": self.run_state == "running"},
+            "vm": self._vm_status(),
             "migration": {"status": self.migration_status},
             "colo": dict(self.colo),
         }
+
+    def _vm_status(self) -> dict:
+        status = {"status": self.run_state, "running": self.run_state == "running"}
+        if self.vm is not None:
+            status.update(image=self.vm.config.image, memory_mib=self.vm.config.memory_mib,
+                          uuid=str(self.vm.uuid), stop_reason=self.vm.stop_reason,
+                          exit_status=self.vm.exit_status)
+        return status
 
     def _register_all(self) -> None:
         table: dict[str, Callable[[dict, CallContext], Any]] = {
@@ -87,6 +116,7 @@ class Node:
             "cont": self.cont,
             "quit": self.quit,
             "getfd": self.getfd,
+            "ringbuf-read": self.ringbuf_read,
             "closefd": self.closefd,
             "query-migrate": self.query_migrate,
             "migrate-set-capabilities": lambda a, c: self.settings.set_capabilities(
@@ -129,18 +159,23 @@ class Node:
     def query_status(self, args: dict, ctx: CallContext) -> dict:
         return {"running": self.run_state == "running", "singlestep": False, "status": self.run_state}
 
-    def stop(self, args: dict, ctx: CallContext) -> None:
+    async def stop(self, args: dict, ctx: CallContext) -> None:
         if self.run_state == "inmigrate":
             return                    # QEMU: only clears autostart
-        if self.set_run_state("running", "paused"):
+        if self.vm is not None:
+            # pause() waits for the vCPU to leave KVM_RUN; the loop keeps serving meanwhile.
+            await self.loop.run_in_executor(None, self.vm.pause)
+        elif self.set_run_state("running", "paused"):
             self.events.emit("STOP")
 
-    def cont(self, args: dict, ctx: CallContext) -> None:
+    async def cont(self, args: dict, ctx: CallContext) -> None:
         if self.run_state in RESET_NEEDED_STATES:
             raise QMPError("Resetting the Virtual Machine is required")
-        if self.run_state == "inmigrate":
+        if self.run_state in ("inmigrate", "running"):
             return
-        if self.set_run_state({"paused", "prelaunch", "postmigrate"}, "running"):
+        if self.vm is not None:
+            await self.loop.run_in_executor(None, self.vm.resume)
+        elif self.set_run_state({"paused", "prelaunch", "postmigrate"}, "running"):
             self.events.emit("RESUME")
 
     def quit(self, args: dict, ctx: CallContext) -> None:
@@ -150,6 +185,11 @@ class Node:
         if not self.quit_requested.is_set():
             self.events.emit("SHUTDOWN", {"guest": False, "reason": reason})
             self.quit_requested.set()
+
+    async def close(self) -> None:
+        """Power the guest off and release it (the daemon is exiting)."""
+        if self.vm is not None:
+            await self.loop.run_in_executor(None, self.vm.close)
 
     def getfd(self, args: dict, ctx: CallContext) -> None:
         if not ctx.received_fds:
@@ -162,6 +202,18 @@ class Node:
         if name in ctx.fds:
             os.close(ctx.fds[name])
         ctx.fds[name] = fd
+
+    def ringbuf_read(self, args: dict, ctx: CallContext) -> str:
+        if args["device"] != "console" or self.vm is None:
+            raise QMPError(f"Device '{args['device']}' not found", "DeviceNotFound")
+        if args["size"] < 0:
+            raise QMPError("size must be greater than zero")
+        output = self.vm.read_console().encode()
+        chunk = output[self._console_read:self._console_read + args["size"]]
+        self._console_read += len(chunk)
+        if args.get("format") == "base64":
+            return base64.b64encode(chunk).decode()
+        return chunk.decode(errors="replace")
 
     def closefd(self, args: dict, ctx: CallContext) -> None:
         fd = ctx.fds.pop(args["fdname"], None)

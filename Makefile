@@ -1,0 +1,49 @@
+# colo-appliance: every set-up step, idempotent, for a fresh Debian 12 machine as root.
+#   make demo   boot the kvstore guest and load it with redis-benchmark (the main job)
+#   make test   the whole test suite
+#   make bench  benchmarks; results go to docs/benchmarks.md
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+BUILD   := $(CURDIR)/build
+APT_PACKAGES := gcc make libc6-dev python3-venv python3-dev iproute2 redis-tools redis-server kmod procps
+
+.PHONY: all deps venv guests test demo bench clean
+
+all: guests
+
+# System packages: installed only when one is missing, so an offline re-run is a no-op.
+$(BUILD)/.deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(BUILD) && touch $@
+deps: $(BUILD)/.deps
+
+# The virtualenv, with the package (and its C extension) installed editable.
+$(VENV)/.installed: pyproject.toml native/_native.c $(BUILD)/.deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+venv: $(VENV)/.installed
+
+guests: $(BUILD)/.deps
+	$(MAKE) -s -C appliance/guest BUILD=$(BUILD)/guest
+	$(MAKE) -s -C appliance/guest/hosted BUILD=$(BUILD)/hosted
+
+test: venv guests
+	@test -e /dev/kvm || { echo "error: /dev/kvm is missing; the KVM tests need it" >&2; exit 1; }
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: venv guests
+	$(PY) -m appliance.demo
+
+bench: venv guests
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(BUILD) $(VENV) *.egg-info

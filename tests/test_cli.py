@@ -1,0 +1,74 @@
+"""The command line: one-shot and interactive QMP, version, config files and flags."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, free_port, start_daemon, stop_daemon
+
+CLI = [sys.executable, "-m", "appliance.cli"]
+
+
+def run(*args, stdin=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=REPO, input=stdin, timeout=60)
+
+
+def test_version():
+    result = run("version")
+    assert result.returncode == 0 and result.stdout.strip() == "colo-appliance 0.1.0"
+
+
+def test_one_shot_commands(daemon):
+    result = run("qmp", daemon.qmp, "query-status")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"running": True, "singlestep": False, "status": "running"}
+    result = run("qmp", daemon.qmp, "migrate-set-parameters", "downtime-limit=500", "tls-hostname=peer")
+    assert result.returncode == 0, result.stderr
+    params = json.loads(run("qmp", daemon.qmp, "query-migrate-parameters").stdout)
+    assert params["downtime-limit"] == 500 and params["tls-hostname"] == "peer"
+    result = run("qmp", daemon.qmp, "migrate-set-parameters", "compress-level=10")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: GenericError: Parameter 'compress_level' expects a value between 0 and 9"
+    result = run("qmp", daemon.qmp, "migrate-set-capabilities",
+                 'capabilities=[{"capability": "events", "state": true}]')
+    assert result.returncode == 0
+
+
+def test_interactive_mode(daemon, tmp_path):
+    env_home = tmp_path / "home"
+    env_home.mkdir()
+    result = subprocess.run([*CLI, "qmp", daemon.qmp], input="query-status\nstop\nbogus\n", capture_output=True,
+                            text=True, cwd=REPO, timeout=60, env={**os.environ, "HOME": str(env_home)})
+    assert result.returncode == 0, result.stderr
+    assert '"status": "running"' in result.stdout
+    assert "The command bogus has not been found" in result.stderr
+    assert (env_home / ".colo-appliance-qmp-history").exists()
+
+
+def test_unreachable_socket(tmp_path):
+    result = run("qmp", str(tmp_path / "none.qmp"), "query-status")
+    assert result.returncode == 1 and "cannot connect" in result.stderr
+
+
+def test_config_file_and_flag_override(tmp_path):
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\nname = "from-file"\nqmp_tcp = "127.0.0.1:{port}"\n')
+    d = start_daemon(tmp_path, "--config", str(config), name="from-flag")
+    try:
+        assert "node from-flag ready" in d.log()          # the flag wins over the file
+        result = run("qmp", f"127.0.0.1:{port}", "query-status")   # the file's TCP listener
+        assert result.returncode == 0, result.stderr
+    finally:
+        stop_daemon(d)
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[node]\nnmae = "typo"\n')
+    result = run("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "unknown key(s) ['nmae'] in [node]" in result.stderr
+    config.write_text("[node\n")
+    result = run("serve", "--config", str(config))
+    assert result.returncode == 2 and "cannot read config" in result.stderr
