@@ -464,6 +464,152 @@ def test_malformed_frames_do_not_crash(topo, guest):
     assert guest.proc.poll() is None, guest.output()
 
 
+class RawPeer:
+    """A hand-made TCP/IP peer on a raw socket in the client namespace, using
+    an address the client kernel does not own (so its TCP never interferes)."""
+
+    IP = "10.77.0.9"
+    MAC = bytes.fromhex("020000000009")
+
+    def __init__(self, topo):
+        with topo.in_client():
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            self.sock.bind(("vc", 0))
+        self.ip = socket.inet_aton(self.IP)
+        self.guest_ip = socket.inet_aton(GUEST_IP)
+        self.guest_mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
+        self.ip_id = 0
+
+    def close(self):
+        self.sock.close()
+
+    def send_arp(self, op, target_ip, target_mac=b"\0" * 6, dst=b"\xff" * 6):
+        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, op, self.MAC, self.ip,
+                          target_mac, target_ip)
+        self.sock.send(dst + self.MAC + b"\x08\x06" + arp)
+
+    def send_ip(self, proto, body, frag=0x4000):
+        self.ip_id += 1
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), self.ip_id, frag, 64, proto,
+                          0, self.ip, self.guest_ip)
+        hdr = hdr[:10] + struct.pack("!H", _inet_csum(hdr)) + hdr[12:]
+        self.sock.send(self.guest_mac + self.MAC + b"\x08\x00" + hdr + body)
+
+    def tcp(self, sport, dport, seq, ack, flags, data=b"", opts=b"", wnd=65535, bad_csum=False,
+            frag=0x4000):
+        off = (20 + len(opts)) // 4
+        seg = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xffffffff, ack & 0xffffffff,
+                          off << 4, flags, wnd, 0, 0) + opts + data
+        pseudo = self.ip + self.guest_ip + struct.pack("!BBH", 0, 6, len(seg))
+        csum = _inet_csum(pseudo + seg) ^ (0x5555 if bad_csum else 0)
+        self.send_ip(6, seg[:16] + struct.pack("!H", csum) + seg[18:], frag)
+
+    def recv(self, timeout=1.0, want=None):
+        """Returns the guest's next TCP segment to us (dict) matching want,
+        answering its ARP requests on the way; None on timeout."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                f = self.sock.recv(65535)
+            except socket.timeout:
+                return None
+            if f[6:12] != self.guest_mac:
+                continue
+            if f[12:14] == b"\x08\x06" and f[38:42] == self.ip and f[20:22] == b"\0\1":
+                self.send_arp(2, self.guest_ip, self.guest_mac, self.guest_mac)
+                continue
+            if f[12:14] != b"\x08\x00" or f[23] != 6 or f[30:34] != self.ip:
+                continue
+            ip = f[14:]
+            tcp = ip[(ip[0] & 0xf) * 4: struct.unpack("!H", ip[2:4])[0]]
+            sport, dport, seq, ack, off, flags, wnd = struct.unpack("!HHIIBBH", tcp[:16])
+            seg = dict(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags, wnd=wnd,
+                       opts=tcp[20:(off >> 4) * 4], data=tcp[(off >> 4) * 4:])
+            if want is None or want(seg):
+                return seg
+        return None
+
+
+def _options(raw):
+    out, i = {}, 0
+    while i < len(raw) and raw[i] != 0:
+        if raw[i] == 1:
+            i += 1
+            continue
+        out[raw[i]] = raw[i + 2: i + raw[i + 1]]
+        i += raw[i + 1]
+    return out
+
+
+SYN, RST, PSH, ACK, FIN = 0x02, 0x04, 0x08, 0x10, 0x01
+
+
+def test_tcp_edge_cases_with_raw_peer(topo, guest):
+    peer = RawPeer(topo)
+    try:
+        # Our ARP request for the guest teaches it our MAC.
+        peer.send_arp(1, peer.guest_ip)
+        # Handshake: MSS and SACK-permitted come back in the SYN-ACK.
+        sport, seq = 40001, 1000
+        peer.tcp(sport, 6379, seq, 0, SYN, opts=b"\x02\x04\x02\x18\x01\x01\x04\x02")
+        synack = peer.recv(want=lambda s: s["flags"] & SYN)
+        assert synack and synack["flags"] == SYN | ACK and synack["ack"] == seq + 1
+        opts = _options(synack["opts"])
+        assert opts[2] == struct.pack("!H", 1460) and 4 in opts
+        seq, gseq = seq + 1, synack["seq"] + 1
+        peer.tcp(sport, 6379, seq, gseq, ACK)
+
+        def reply(timeout=1.0):
+            return peer.recv(timeout, want=lambda s: s["data"] and s["seq"] == gseq)
+
+        # Out of order: the second half first gets a duplicate ACK with SACK.
+        cmd = resp("SET", "raw", "value")
+        a, b = cmd[:10], cmd[10:]
+        peer.tcp(sport, 6379, seq + len(a), gseq, ACK | PSH, b)
+        dup = peer.recv(want=lambda s: s["flags"] == ACK)
+        assert dup["ack"] == seq
+        assert _options(dup["opts"])[5] == struct.pack("!II", seq + len(a), seq + len(cmd))
+        peer.tcp(sport, 6379, seq, gseq, ACK | PSH, a)
+        r = reply()
+        assert r["data"] == b"+OK\r\n" and r["ack"] == seq + len(cmd)
+        seq, gseq = seq + len(cmd), gseq + len(r["data"])
+
+        # A bad checksum and an IP fragment are dropped; the good copy works.
+        ping = resp("PING")
+        peer.tcp(sport, 6379, seq, gseq, ACK | PSH, ping, bad_csum=True)
+        peer.tcp(sport, 6379, seq, gseq, ACK | PSH, ping, frag=0x2000)
+        assert reply(0.3) is None
+        peer.tcp(sport, 6379, seq, gseq, ACK | PSH, ping)
+        r = reply()
+        assert r["data"] == b"+PONG\r\n"
+        seq, gseq = seq + len(ping), gseq + len(r["data"])
+
+        # An in-window RST that is not exact draws a challenge ACK only.
+        peer.tcp(sport, 6379, seq + 100, 0, RST)
+        chal = peer.recv(want=lambda s: s["flags"] == ACK)
+        assert chal and chal["ack"] == seq
+        peer.tcp(sport, 6379, seq, gseq, ACK | PSH, ping)
+        r = reply()
+        assert r["data"] == b"+PONG\r\n"
+        seq, gseq = seq + len(ping), gseq + len(r["data"])
+
+        # The exact RST ends it: later data is answered with RST.
+        peer.tcp(sport, 6379, seq, 0, RST)
+        time.sleep(0.05)
+        peer.tcp(sport, 6379, seq, gseq, ACK | PSH, ping)
+        rst = peer.recv(want=lambda s: s["flags"] & RST)
+        assert rst and rst["seq"] == gseq
+
+        # SYN to a closed port: RST|ACK acknowledging the SYN.
+        peer.tcp(40002, 6380, 5000, 0, SYN)
+        rst = peer.recv(want=lambda s: s["sport"] == 6380)
+        assert rst["flags"] == RST | ACK and rst["ack"] == 5001
+    finally:
+        peer.close()
+    assert topo.cli("GET", "raw") == b"value\n"
+
+
 # ---- loss, reordering, determinism ----
 
 def _netem_available(topo):
