@@ -20,6 +20,7 @@
 #ifndef NET_H
 #define NET_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdbool.h>
@@ -99,7 +100,6 @@ const char *parse_ipv4(const char *s, uint32_t *ip);
  * width for integers (%02x), and %I
  * for an IPv4 address (uint32_t).  Always NUL terminates; returns the length
  * that would have been written. */
-#include <stdarg.h>
 size_t fmt_vsn(char *buf, size_t cap, const char *fmt, va_list ap);
 size_t fmt_sn(char *buf, size_t cap, const char *fmt, ...);
 /* Formatted console line (truncated at 255 bytes). */

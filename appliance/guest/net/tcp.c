@@ -502,7 +502,7 @@ static bool receive_data(struct tcp_conn *c, uint32_t seq, const uint8_t *data, 
     }
     uint32_t free_space = RCVBUF - c->r_len;
     uint32_t off = seq - c->rcv_nxt;
-    if (off >= free_space)
+    if (dlen && off >= free_space)
         return true;
     if (dlen > free_space - off) {
         dlen = free_space - off;
@@ -529,19 +529,22 @@ static bool receive_data(struct tcp_conn *c, uint32_t seq, const uint8_t *data, 
             return true; /* duplicate ACK tells the sender about the hole */
         }
     }
-    if (fin && seq + dlen == c->rcv_nxt) {
-        c->rcv_nxt++;
-        c->events |= TCP_EV_PEER_FIN;
-        switch (c->state) {
-        case ESTABLISHED:
-            c->state = CLOSE_WAIT;
-            break;
-        case FIN_WAIT_1:
-            c->state = CLOSING;
-            break;
-        case FIN_WAIT_2:
-            enter_time_wait(c);
-            break;
+    if (fin) {
+        /* Taken only in order; an early FIN is dropped and comes again. */
+        if (seq + dlen == c->rcv_nxt) {
+            c->rcv_nxt++;
+            c->events |= TCP_EV_PEER_FIN;
+            switch (c->state) {
+            case ESTABLISHED:
+                c->state = CLOSE_WAIT;
+                break;
+            case FIN_WAIT_1:
+                c->state = CLOSING;
+                break;
+            case FIN_WAIT_2:
+                enter_time_wait(c);
+                break;
+            }
         }
         urgent_ack = true;
     }
