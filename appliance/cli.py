@@ -136,7 +136,8 @@ def cmd_qmp(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon import serve, setup_logging
+    from .daemon import create_vm, serve, setup_logging
+    from .vmm import VMError
     try:
         config = load_config(args.config)
         for flag, attr in (("name", "name"), ("qmp", "qmp"), ("qmp_tcp", "qmp_tcp"), ("http", "http"),
@@ -160,12 +161,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"colo-appliance: {e}", file=sys.stderr)
         return 2
     setup_logging(config.log_format)
-    from .vmm import VMError
+    vm = None
     try:
-        return asyncio.run(serve(config))
+        if config.guest.image:
+            vm = create_vm(config, config.state_dir)
+        return asyncio.run(serve(config, vm))
     except VMError as e:
         print(f"colo-appliance: guest: {e}", file=sys.stderr)
         return 1
+    finally:
+        if vm is not None:
+            vm.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

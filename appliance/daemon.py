@@ -61,7 +61,9 @@ def _raise_fd_limit() -> None:
 
 
 def create_vm(config: NodeConfig, log_dir: str | None):
-    """The node's guest, booted (or held in prelaunch with -S or --incoming)."""
+    """The node's guest, not yet started.  Created before the event loop runs:
+    the VMM installs its vCPU signal handler from the main thread, and its
+    pyroute2 calls are synchronous."""
     from .vmm import VirtualMachine, VMConfig
     guest = config.guest
     console_log = os.path.join(log_dir, f"{config.name}-console.log") if log_dir else None
@@ -72,11 +74,11 @@ def create_vm(config: NodeConfig, log_dir: str | None):
     return vm
 
 
-async def serve(config: NodeConfig) -> int:
+async def serve(config: NodeConfig, vm=None) -> int:
+    """Serve until quit; ``vm`` (from create_vm) is started here and closed on the way out."""
     config.validate()
     _raise_fd_limit()
     loop = asyncio.get_running_loop()
-    vm = create_vm(config, config.state_dir) if config.guest.image else None
     node = Node(config.name, loop, incoming=config.incoming, vm=vm)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
     runner = None
