@@ -241,6 +241,9 @@ def test_commands_roundtrip(topo, guest):
     assert cli("DBSIZE") == b"2\n"
     assert cli("SELECT", "0") == b"OK\n"
     assert cli("SET", "t", "v", "PX", "100000") == b"OK\n"
+    assert cli("SET", "short", "v", "PX", "100") == b"OK\n"
+    time.sleep(0.2)
+    assert cli("GET", "short") == b"\n"
     assert cli("SET", "foo", "baz", "NX") == b"\n"
     assert cli("GET", "foo") == b"bar\n"
     info = cli("INFO").decode()

@@ -96,7 +96,7 @@ static void cmd_set(struct client *cl, struct arg *argv, size_t argc)
         return;
     }
     if (has_ttl)
-        e->expire_ns = plat_now_ns() + ttl_ns;
+        e->expire_ns = net_clock() + ttl_ns;
     reply_status(cl, "OK");
 }
 
@@ -249,7 +249,7 @@ static void cmd_info(struct client *cl, struct arg *argv, size_t argc)
                     "# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\n"
                     "os:colo-appliance kvstore\r\narch_bits:64\r\ntcp_port:6379\r\n"
                     "uptime_in_seconds:%llu\r\n",
-                    (unsigned long long)((plat_now_ns() - start_ns) / 1000000000ull));
+                    (unsigned long long)((net_clock() - start_ns) / 1000000000ull));
     if (server && keyspace)
         n += fmt_sn(text + n, sizeof text - n, "\r\n");
     if (keyspace) {
@@ -362,7 +362,7 @@ static void reply_unknown(struct client *cl, struct arg *argv, size_t argc)
 
 void kv_init(void)
 {
-    start_ns = plat_now_ns();
+    start_ns = net_clock();
 }
 
 void kv_execute(struct client *cl, size_t argc)

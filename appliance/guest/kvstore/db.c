@@ -2,6 +2,7 @@
  * everything the server does, identical on the COLO primary and secondary. */
 #include "platform.h"
 #include "db.h"
+#include "net.h"
 
 static struct kv_entry **buckets;
 static size_t nbuckets, count;
@@ -67,7 +68,7 @@ struct kv_entry *db_get(const uint8_t *key, size_t klen)
     struct kv_entry **pp = find(key, klen, hash_key(key, klen));
     if (!pp || !*pp)
         return NULL;
-    if (expired(*pp, plat_now_ns())) {
+    if (expired(*pp, net_clock())) {
         unlink_free(pp);
         return NULL;
     }
@@ -84,7 +85,7 @@ struct kv_entry *db_set(const uint8_t *key, size_t klen, const uint8_t *val, siz
     memcpy(v, val, vlen);
     struct kv_entry **pp = find(key, klen, h);
     struct kv_entry *e = pp ? *pp : NULL;
-    if (e && expired(e, plat_now_ns())) {
+    if (e && expired(e, net_clock())) {
         unlink_free(pp);
         e = NULL;
     }
@@ -118,7 +119,7 @@ bool db_del(const uint8_t *key, size_t klen)
     struct kv_entry **pp = find(key, klen, hash_key(key, klen));
     if (!pp || !*pp)
         return false;
-    bool live = !expired(*pp, plat_now_ns());
+    bool live = !expired(*pp, net_clock());
     unlink_free(pp);
     return live;
 }
@@ -132,7 +133,7 @@ void db_flush(void)
 
 size_t db_size(size_t *with_ttl)
 {
-    uint64_t now = plat_now_ns();
+    uint64_t now = net_clock();
     size_t ttl = 0;
     for (size_t i = 0; i < nbuckets; i++) {
         struct kv_entry **pp = &buckets[i];

@@ -46,6 +46,11 @@ uint32_t net_ip(void)
     return net_cfg.ip;
 }
 
+uint64_t net_clock(void)
+{
+    return net_now;
+}
+
 void net_poll(void)
 {
     net_now = plat_now_ns();

@@ -40,6 +40,11 @@ uint64_t net_next_deadline(void);
 
 uint32_t net_ip(void);
 
+/* plat_now_ns() as read at the start of the current net_poll().  Using it
+ * instead of the platform clock keeps the whole program to one clock read
+ * per loop iteration, which is what a record/replay or COLO run must match. */
+uint64_t net_clock(void);
+
 /* ---- TCP ---- */
 
 typedef struct tcp_conn tcp_conn;
