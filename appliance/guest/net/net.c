@@ -54,18 +54,24 @@ uint64_t net_clock(void)
 void net_poll(void)
 {
     net_now = plat_now_ns();
-    /* Bound the batch so timers and the application still run under a flood. */
+    /* Timers first: everything due at this clock value fires before any
+     * frame is looked at, whichever frames arrived in this iteration. */
+    arp_timers(net_now);
+    tcp_timers(net_now);
+    tcp_dispatch_events();
+    /* Then each frame is taken to completion (callbacks, replies, ACKs)
+     * before the next is read, so what we send depends on the frames and the
+     * clock but not on how the NIC happened to batch them: a COLO primary and
+     * secondary that see the same frames emit the same packets.  The batch
+     * is bounded so timers still run under a flood. */
     for (int i = 0; i < 256; i++) {
         size_t n = plat_net_read(rxbuf, sizeof rxbuf);
         if (n == 0)
             break;
-        if (n > sizeof rxbuf)
-            continue;
-        eth_input(rxbuf, n);
+        if (n <= sizeof rxbuf)
+            eth_input(rxbuf, n);
+        tcp_dispatch_events();
     }
-    arp_timers(net_now);
-    tcp_timers(net_now);
-    tcp_dispatch_events();
 }
 
 uint64_t net_next_deadline(void)

@@ -10,7 +10,7 @@
  *         net_poll();          // frames in, timers, then callbacks
  *     }
  *
- * TCP callbacks run from net_poll() after every received frame has been
+ * TCP callbacks run from net_poll() once a received frame has been fully
  * processed, so the stack is never re-entered half way through a segment;
  * a UDP receive callback runs as its datagram arrives (it may udp_sendto).
  * Nothing here uses randomness: the stack reads plat_now_ns() once per
@@ -31,7 +31,8 @@
  * plat_net_mac().  Returns 0, or -1 when the command line has no valid ip=. */
 int net_init(void);
 
-/* Processes every queued frame, fires due timers, then runs callbacks. */
+/* Fires due timers, then processes queued frames one at a time, each
+ * followed by its callbacks and the resulting output. */
 void net_poll(void);
 
 /* The earliest monotonic time at which net_poll() has timer work to do

@@ -817,9 +817,9 @@ void tcp_timers(uint64_t now)
     }
 }
 
-/* Callbacks run here, after input and timers, so the application never
- * re-enters the stack in the middle of a segment; then pending ACKs and
- * newly allowed data go out in as few segments as possible. */
+/* Callbacks run here, after a frame or the timers were processed, so the
+ * application never re-enters the stack in the middle of a segment; then
+ * the pending ACK rides on the reply, and data the peer's ACK allowed goes. */
 void tcp_dispatch_events(void)
 {
     for (int i = 0; i < TCP_MAX_CONNS; i++) {
