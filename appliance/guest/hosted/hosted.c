@@ -161,6 +161,10 @@ bool plat_poll(uint64_t deadline_ns)
             tsp = &ts;
         }
         int r = ppoll(&pfd, 1, tsp, NULL);
+        if (r > 0 && (pfd.revents & (POLLERR | POLLHUP | POLLNVAL))) {
+            fprintf(stderr, "hosted: tap device gone\n");
+            exit(3); /* rather than spin on a dead descriptor */
+        }
         if (r >= 0) {
             clock_now = mono_ns();
             if (rec_in_fd >= 0)
