@@ -13,17 +13,16 @@ static void client_free(struct client *cl)
     free(cl);
 }
 
-/* Hands buffered output to TCP; true when all of it went. */
-static bool flush_out(struct client *cl)
+/* Hands buffered output to TCP as far as its send buffer allows. */
+static void flush_out(struct client *cl)
 {
     while (cl->out_off < cl->out.len) {
         size_t n = tcp_send(cl->conn, cl->out.p + cl->out_off, cl->out.len - cl->out_off);
         if (!n)
-            return false;
+            return;
         cl->out_off += n;
     }
     cl->out.len = cl->out_off = 0;
-    return true;
 }
 
 /* Parses and executes complete commands while output is not backed up. */

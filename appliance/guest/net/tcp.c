@@ -1,6 +1,8 @@
 /*
  * TCP (RFC 793/9293 with RFC 6298 retransmission timing, RFC 5681 fast
- * retransmit and RFC 6582 NewReno partial-ACK recovery).  Passive open only.
+ * retransmit and RFC 6582 NewReno partial-ACK recovery, plus a short
+ * recovery timer that resends a lost retransmission before the RTO would).
+ * Passive open only.
  *
  * Buffers are rings: the send ring holds bytes from s_seq (acked bytes are
  * dropped from its head); the receive ring holds in-order bytes not yet read
