@@ -1,7 +1,9 @@
 """Native hot paths with pure-Python references, chosen at import.
 
 ``COLO_NATIVE=0`` in the environment forces the reference implementation;
-``IMPLEMENTATION`` says which one is in use.
+``IMPLEMENTATION`` says which one is in use.  See native/reference.py for the
+contracts.  ``_native.memcmp_bandwidth_probe`` is a benchmark baseline only and
+is not exported.
 """
 import os
 
@@ -16,5 +18,12 @@ else:
 
 zero_pages = _impl.zero_pages
 changed_pages = _impl.changed_pages
+xbzrle_encode = _impl.xbzrle_encode
+xbzrle_decode = _impl.xbzrle_decode
+bitmap_pages = _impl.bitmap_pages
+bitmap_count = _impl.bitmap_count
+gather_pages = _impl.gather_pages
+scatter_pages = _impl.scatter_pages
 
-__all__ = ["zero_pages", "changed_pages", "reference", "IMPLEMENTATION"]
+__all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bitmap_pages",
+           "bitmap_count", "gather_pages", "scatter_pages", "reference", "IMPLEMENTATION"]

@@ -3,25 +3,55 @@
  * pure-Python twin in native/reference.py with the same contract; native/__init__.py
  * picks one at import (COLO_NATIVE=0 forces the reference).  The GIL is
  * released around every scan so vCPU and transfer threads keep running.
+ *
+ * Buffers from Python may start at any address, so words are read with
+ * memcpy (one plain load on x86-64) rather than through cast pointers.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 
+static PyObject *array_type; /* array.array, for bitmap_pages' result */
+
+/* The 8 bytes at p as a little-endian word: byte k of memory is bits 8k..8k+7. */
+static inline uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t w;
+    memcpy(&w, p, 8);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    w = __builtin_bswap64(w);
+#endif
+    return w;
+}
+
+/* Offset of the first nonzero byte of a nonzero little-endian word. */
+static inline Py_ssize_t first_nonzero_byte(uint64_t w)
+{
+    return __builtin_ctzll(w) / 8;
+}
+
+/* Nonzero exactly when w has a zero byte; its lowest set bit marks the first one
+ * (borrows only ever run towards higher bytes). */
+static inline uint64_t zero_byte_mask(uint64_t w)
+{
+    const uint64_t ones = 0x0101010101010101ULL;
+    return (w - ones) & ~w & (ones << 7);
+}
+
 static int page_is_zero(const uint8_t *p, Py_ssize_t len)
 {
-    const uint64_t *w = (const uint64_t *)p;
-    Py_ssize_t words = len / 8;
-    uint64_t acc = 0;
-    for (Py_ssize_t i = 0; i < words; i += 8) {
-        Py_ssize_t end = i + 8 < words ? i + 8 : words;
-        for (Py_ssize_t j = i; j < end; j++)
-            acc |= w[j];
+    Py_ssize_t i = 0;
+    /* OR 64 bytes at a time: the compiler turns this into vector ORs, and
+     * testing once per block keeps the early exit cheap. */
+    for (; i + 64 <= len; i += 64) {
+        uint64_t acc = 0;
+        for (int j = 0; j < 64; j += 8)
+            acc |= load_le64(p + i + j);
         if (acc)
             return 0;
     }
-    for (Py_ssize_t i = words * 8; i < len; i++)
+    for (; i < len; i++)
         if (p[i])
             return 0;
     return 1;
@@ -36,61 +66,578 @@ static int check_pages(Py_buffer *buf, Py_ssize_t page_size)
     return 0;
 }
 
-/* zero_pages(buf, page_size) -> bytes, one byte per page: 1 when the page is all zero. */
-static PyObject *zero_pages(PyObject *self, PyObject *args)
+/* ---- page number lists ---------------------------------------------------- */
+
+/* A list of page numbers: borrowed from a uint64 buffer (array('Q'), a
+ * memoryview cast to 'Q', ...) or copied out of any other sequence of ints. */
+typedef struct {
+    const uint64_t *v;
+    Py_ssize_t n;
+    Py_buffer view; /* held when v points into it */
+    uint64_t *owned; /* PyMem_Malloc'ed when copied */
+} page_list;
+
+static int is_uint64_format(const Py_buffer *b)
 {
+    const char *f = b->format ? b->format : "B";
+    if (*f == '@' || *f == '=' || (__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && *f == '<'))
+        f++;
+    return b->itemsize == 8 && (f[0] == 'Q' || f[0] == 'L') && f[1] == '\0';
+}
+
+static int page_list_get(PyObject *obj, page_list *pl)
+{
+    memset(pl, 0, sizeof(*pl));
+    if (PyObject_CheckBuffer(obj)) {
+        if (PyObject_GetBuffer(obj, &pl->view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+            /* Not contiguous: still a sequence, read item by item below. */
+            if (!PyErr_ExceptionMatches(PyExc_BufferError))
+                return -1;
+            PyErr_Clear();
+        } else if (is_uint64_format(&pl->view)) {
+            pl->v = pl->view.buf;
+            pl->n = pl->view.len / 8;
+            return 0;
+        } else {
+            PyBuffer_Release(&pl->view);
+        }
+    }
+    PyObject *seq = PySequence_Fast(obj, "page_numbers must be a sequence of ints");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    pl->owned = PyMem_Malloc(n ? (size_t)n * 8 : 1);
+    if (!pl->owned) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *index = PyNumber_Index(PySequence_Fast_GET_ITEM(seq, k));
+        if (!index)
+            goto fail;
+        pl->owned[k] = PyLong_AsUnsignedLongLong(index);
+        Py_DECREF(index);
+        if (PyErr_Occurred()) {
+            /* Negative or beyond 64 bits: out of range of any buffer. */
+            if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_ValueError, "page number out of range");
+            }
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    pl->v = pl->owned;
+    pl->n = n;
+    return 0;
+fail:
+    Py_DECREF(seq);
+    PyMem_Free(pl->owned);
+    pl->owned = NULL;
+    return -1;
+}
+
+static void page_list_release(page_list *pl)
+{
+    if (pl->view.obj)
+        PyBuffer_Release(&pl->view);
+    PyMem_Free(pl->owned);
+}
+
+/* Index of the first page number >= pages, or -1 when all are in range. */
+static Py_ssize_t first_bad_page(const page_list *pl, Py_ssize_t pages)
+{
+    for (Py_ssize_t k = 0; k < pl->n; k++)
+        if (pl->v[k] >= (uint64_t)pages)
+            return k;
+    return -1;
+}
+
+static int raise_bad_page(const page_list *pl, Py_ssize_t bad, Py_ssize_t pages)
+{
+    PyErr_Format(PyExc_ValueError, "page number %llu out of range (%zd pages)",
+                 (unsigned long long)pl->v[bad], pages);
+    return -1;
+}
+
+/* Optional page_numbers argument: NULL or None means every page (pl->v NULL). */
+static int page_list_opt(PyObject *obj, page_list *pl)
+{
+    if (!obj || obj == Py_None) {
+        memset(pl, 0, sizeof(*pl));
+        return 0;
+    }
+    return page_list_get(obj, pl);
+}
+
+/* ---- zero and changed page scans ---------------------------------------- */
+
+/* zero_pages(buf, page_size, page_numbers=None) -> bytes, one byte per page
+ * (per listed page when page_numbers is given): 1 when the page is all zero. */
+static PyObject *zero_pages(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"buf", "page_size", "page_numbers", NULL};
     Py_buffer buf;
     Py_ssize_t page_size;
-    if (!PyArg_ParseTuple(args, "y*n", &buf, &page_size))
+    PyObject *numbers = NULL;
+    page_list pl;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*n|O", kwlist, &buf, &page_size, &numbers))
         return NULL;
-    if (check_pages(&buf, page_size) < 0) {
+    if (check_pages(&buf, page_size) < 0 || page_list_opt(numbers, &pl) < 0) {
         PyBuffer_Release(&buf);
         return NULL;
     }
-    Py_ssize_t pages = buf.len / page_size;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, pages);
-    if (out) {
+    Py_ssize_t pages = buf.len / page_size, bad = -1;
+    PyObject *out = NULL;
+    if (pl.v)
+        bad = first_bad_page(&pl, pages);
+    if (bad >= 0) {
+        raise_bad_page(&pl, bad, pages);
+    } else if ((out = PyBytes_FromStringAndSize(NULL, pl.v ? pl.n : pages))) {
         uint8_t *flags = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *base = buf.buf;
+        Py_ssize_t n = PyBytes_GET_SIZE(out);
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < pages; i++)
-            flags[i] = (uint8_t)page_is_zero(base + i * page_size, page_size);
+        for (Py_ssize_t k = 0; k < n; k++) {
+            Py_ssize_t page = pl.v ? (Py_ssize_t)pl.v[k] : k;
+            flags[k] = (uint8_t)page_is_zero(base + page * page_size, page_size);
+        }
         Py_END_ALLOW_THREADS
     }
+    page_list_release(&pl);
     PyBuffer_Release(&buf);
     return out;
 }
 
-/* changed_pages(buf, shadow, page_size) -> bytes, one byte per page: 1 when the page differs. */
-static PyObject *changed_pages(PyObject *self, PyObject *args)
+/* changed_pages(buf, shadow, page_size, page_numbers=None) -> bytes, one byte per
+ * page (per listed page when page_numbers is given): 1 when the page differs. */
+static PyObject *changed_pages(PyObject *self, PyObject *args, PyObject *kwargs)
 {
+    static char *kwlist[] = {"buf", "shadow", "page_size", "page_numbers", NULL};
     Py_buffer buf, shadow;
     Py_ssize_t page_size;
-    if (!PyArg_ParseTuple(args, "y*y*n", &buf, &shadow, &page_size))
+    PyObject *numbers = NULL;
+    page_list pl = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*y*n|O", kwlist, &buf, &shadow, &page_size, &numbers))
         return NULL;
     PyObject *out = NULL;
     if (buf.len != shadow.len) {
         PyErr_SetString(PyExc_ValueError, "buffer and shadow differ in length");
-    } else if (check_pages(&buf, page_size) == 0) {
+    } else if (check_pages(&buf, page_size) == 0 && page_list_opt(numbers, &pl) == 0) {
         Py_ssize_t pages = buf.len / page_size;
-        out = PyBytes_FromStringAndSize(NULL, pages);
-        if (out) {
+        Py_ssize_t bad = pl.v ? first_bad_page(&pl, pages) : -1;
+        if (bad >= 0) {
+            raise_bad_page(&pl, bad, pages);
+        } else if ((out = PyBytes_FromStringAndSize(NULL, pl.v ? pl.n : pages))) {
             uint8_t *flags = (uint8_t *)PyBytes_AS_STRING(out);
             const uint8_t *a = buf.buf, *b = shadow.buf;
+            Py_ssize_t n = PyBytes_GET_SIZE(out);
             Py_BEGIN_ALLOW_THREADS
-            for (Py_ssize_t i = 0; i < pages; i++)
-                flags[i] = memcmp(a + i * page_size, b + i * page_size, page_size) != 0;
+            for (Py_ssize_t k = 0; k < n; k++) {
+                Py_ssize_t off = (pl.v ? (Py_ssize_t)pl.v[k] : k) * page_size;
+                flags[k] = memcmp(a + off, b + off, page_size) != 0;
+            }
             Py_END_ALLOW_THREADS
         }
     }
+    page_list_release(&pl);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&shadow);
     return out;
 }
 
+/* memcmp_bandwidth_probe(a, b, page_size) -> int: memcmp every page pair and
+ * count the differing ones.  Only the benchmark's baseline, hence no Python twin. */
+static PyObject *memcmp_bandwidth_probe(PyObject *self, PyObject *args)
+{
+    Py_buffer a, b;
+    Py_ssize_t page_size, differing = 0;
+    if (!PyArg_ParseTuple(args, "y*y*n", &a, &b, &page_size))
+        return NULL;
+    PyObject *out = NULL;
+    if (a.len != b.len) {
+        PyErr_SetString(PyExc_ValueError, "buffers differ in length");
+    } else if (check_pages(&a, page_size) == 0) {
+        const uint8_t *pa = a.buf, *pb = b.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t off = 0; off < a.len; off += page_size)
+            differing += memcmp(pa + off, pb + off, page_size) != 0;
+        Py_END_ALLOW_THREADS
+        out = PyLong_FromSsize_t(differing);
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+/* ---- XBZRLE (QEMU migration/xbzrle.c) ---------------------------------------
+ * encoded = (zrun nzrun)*, zrun = ULEB128 count of equal bytes, nzrun = ULEB128
+ * count n > 0 of differing bytes followed by those n bytes of the new page.
+ * A trailing run of equal bytes is not encoded; equal pages encode to nothing. */
+
+/* End of the run of equal bytes starting at i. */
+static Py_ssize_t equal_run_end(const uint8_t *a, const uint8_t *b, Py_ssize_t i, Py_ssize_t len)
+{
+    for (; i + 8 <= len; i += 8) {
+        uint64_t x = load_le64(a + i) ^ load_le64(b + i);
+        if (x)
+            return i + first_nonzero_byte(x);
+    }
+    while (i < len && a[i] == b[i])
+        i++;
+    return i;
+}
+
+/* End of the run of differing bytes starting at i. */
+static Py_ssize_t differ_run_end(const uint8_t *a, const uint8_t *b, Py_ssize_t i, Py_ssize_t len)
+{
+    for (; i + 8 <= len; i += 8) {
+        uint64_t z = zero_byte_mask(load_le64(a + i) ^ load_le64(b + i));
+        if (z)
+            return i + first_nonzero_byte(z);
+    }
+    while (i < len && a[i] != b[i])
+        i++;
+    return i;
+}
+
+static int put_uleb128(uint8_t *dst, Py_ssize_t cap, Py_ssize_t *d, size_t v)
+{
+    do {
+        if (*d >= cap)
+            return -1;
+        dst[(*d)++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+        v >>= 7;
+    } while (v);
+    return 0;
+}
+
+/* Encoded length, or -1 when it would exceed cap. */
+static Py_ssize_t xbzrle_encode_buf(const uint8_t *old, const uint8_t *new, Py_ssize_t len,
+                                    uint8_t *dst, Py_ssize_t cap)
+{
+    Py_ssize_t i = 0, d = 0;
+    while (i < len) {
+        Py_ssize_t zstart = i;
+        i = equal_run_end(old, new, i, len);
+        if (i == len)
+            break;
+        Py_ssize_t nzstart = i;
+        i = differ_run_end(old, new, i, len);
+        Py_ssize_t nz = i - nzstart;
+        if (put_uleb128(dst, cap, &d, (size_t)(nzstart - zstart)) < 0
+            || put_uleb128(dst, cap, &d, (size_t)nz) < 0 || nz > cap - d)
+            return -1;
+        memcpy(dst + d, new + nzstart, nz);
+        d += nz;
+    }
+    return d;
+}
+
+/* xbzrle_encode(old, new, limit) -> bytes | None: None when the encoding would
+ * be longer than limit bytes (QEMU's overflow), b"" when the pages are equal. */
+static PyObject *xbzrle_encode(PyObject *self, PyObject *args)
+{
+    Py_buffer old, new;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "y*y*n", &old, &new, &limit))
+        return NULL;
+    PyObject *out = NULL;
+    if (old.len != new.len) {
+        PyErr_SetString(PyExc_ValueError, "old and new pages differ in length");
+    } else if (limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+    } else {
+        /* A ULEB128 is no longer than the run it counts (bar an empty first zero
+         * run), so 2 * len + 1 bounds any encoding and the scratch stays small. */
+        Py_ssize_t len = old.len;
+        Py_ssize_t cap = limit / 2 <= len ? limit : 2 * len + 1;
+        uint8_t *dst = PyMem_Malloc(cap ? cap : 1);
+        if (!dst) {
+            PyErr_NoMemory();
+        } else {
+            Py_ssize_t d;
+            const uint8_t *po = old.buf, *pn = new.buf;
+            Py_BEGIN_ALLOW_THREADS
+            d = xbzrle_encode_buf(po, pn, len, dst, cap);
+            Py_END_ALLOW_THREADS
+            out = d < 0 ? Py_NewRef(Py_None) : PyBytes_FromStringAndSize((char *)dst, d);
+            PyMem_Free(dst);
+        }
+    }
+    PyBuffer_Release(&old);
+    PyBuffer_Release(&new);
+    return out;
+}
+
+/* Reads a ULEB128 at src[*i] no larger than max; NULL or what is wrong. */
+static const char *get_uleb128(const uint8_t *src, Py_ssize_t slen, Py_ssize_t *i,
+                               size_t max, size_t *v)
+{
+    size_t value = 0;
+    for (int shift = 0;; shift += 7) {
+        if (*i >= slen)
+            return "truncated ULEB128 length";
+        if (shift > 56) /* 9 bytes already: no page is that long */
+            return "ULEB128 length too long";
+        uint8_t byte = src[(*i)++];
+        value |= (size_t)(byte & 0x7f) << shift;
+        if (value > max)
+            return "run past the end of the page";
+        if (!(byte & 0x80))
+            break;
+    }
+    *v = value;
+    return NULL;
+}
+
+/* Applies src to page (len bytes, holding the old page); NULL or what is wrong.
+ * Like QEMU, only the first zero run may be empty and no data run may be. */
+static const char *xbzrle_decode_buf(const uint8_t *src, Py_ssize_t slen, uint8_t *page, Py_ssize_t len)
+{
+    Py_ssize_t i = 0, d = 0;
+    const char *err;
+    while (i < slen) {
+        size_t zrun, nzrun;
+        int first = i == 0;
+        if ((err = get_uleb128(src, slen, &i, (size_t)(len - d), &zrun)))
+            return err;
+        if (!zrun && !first)
+            return "empty zero run";
+        d += (Py_ssize_t)zrun;
+        if (i == slen)
+            return "zero run without a data run";
+        if ((err = get_uleb128(src, slen, &i, (size_t)(len - d), &nzrun)))
+            return err;
+        if (!nzrun)
+            return "empty data run";
+        if ((Py_ssize_t)nzrun > slen - i)
+            return "truncated data run";
+        memcpy(page + d, src + i, nzrun);
+        d += (Py_ssize_t)nzrun;
+        i += (Py_ssize_t)nzrun;
+    }
+    return NULL;
+}
+
+/* xbzrle_decode(encoded, old_page) -> bytes: old_page with encoded applied. */
+static PyObject *xbzrle_decode(PyObject *self, PyObject *args)
+{
+    Py_buffer enc, old;
+    if (!PyArg_ParseTuple(args, "y*y*", &enc, &old))
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, old.len);
+    if (out) {
+        const char *err;
+        uint8_t *page = (uint8_t *)PyBytes_AS_STRING(out);
+        const uint8_t *src = enc.buf, *po = old.buf;
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(page, po, old.len);
+        err = xbzrle_decode_buf(src, enc.len, page, old.len);
+        Py_END_ALLOW_THREADS
+        if (err) {
+            PyErr_Format(PyExc_ValueError, "malformed XBZRLE data: %s", err);
+            Py_CLEAR(out);
+        }
+    }
+    PyBuffer_Release(&enc);
+    PyBuffer_Release(&old);
+    return out;
+}
+
+/* ---- dirty bitmaps (KVM layout: bit i of the little-endian words = page i) - */
+
+/* Word w of the bitmap, zero-padded past its end. */
+static inline uint64_t bitmap_word(const uint8_t *bm, Py_ssize_t nbytes, Py_ssize_t w)
+{
+    Py_ssize_t off = w * 8;
+    if (off + 8 <= nbytes)
+        return load_le64(bm + off);
+    uint8_t tail[8] = {0};
+    memcpy(tail, bm + off, nbytes - off);
+    return load_le64(tail);
+}
+
+/* Visits the set bits from bit start on, in order, stopping after max of them;
+ * stores them in out unless it is NULL.  Returns how many it visited. */
+static Py_ssize_t bitmap_scan(const uint8_t *bm, Py_ssize_t nbytes, Py_ssize_t start,
+                              Py_ssize_t max, uint64_t *out)
+{
+    Py_ssize_t n = 0, nwords = (nbytes + 7) / 8;
+    for (Py_ssize_t w = start / 64; w < nwords && n < max; w++) {
+        uint64_t x = bitmap_word(bm, nbytes, w);
+        if (w == start / 64)
+            x &= ~0ULL << (start % 64);
+        if (!out) {
+            n += __builtin_popcountll(x);
+            continue;
+        }
+        for (; x && n < max; x &= x - 1)
+            out[n++] = (uint64_t)w * 64 + __builtin_ctzll(x);
+    }
+    return n < max ? n : max;
+}
+
+/* bitmap_count(bitmap) -> int: how many bits are set. */
+static PyObject *bitmap_count(PyObject *self, PyObject *args)
+{
+    Py_buffer bm;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*", &bm))
+        return NULL;
+    const uint8_t *p = bm.buf;
+    Py_BEGIN_ALLOW_THREADS
+    n = bitmap_scan(p, bm.len, 0, PY_SSIZE_T_MAX, NULL);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bm);
+    return PyLong_FromSsize_t(n);
+}
+
+/* bitmap_pages(bitmap, start_page=0, limit=None) -> array('Q'): the set bits
+ * from start_page on, ascending, at most limit of them. */
+static PyObject *bitmap_pages(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"bitmap", "start_page", "limit", NULL};
+    Py_buffer bm;
+    Py_ssize_t start = 0, max = PY_SSIZE_T_MAX;
+    PyObject *limit = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|nO", kwlist, &bm, &start, &limit))
+        return NULL;
+    /* A limit beyond Py_ssize_t is no limit. */
+    if (limit != Py_None && (max = PyNumber_AsSsize_t(limit, NULL)) == -1 && PyErr_Occurred()) {
+        PyBuffer_Release(&bm);
+        return NULL;
+    }
+    if (start < 0 || max < 0) {
+        PyErr_SetString(PyExc_ValueError, "start_page and limit must not be negative");
+        PyBuffer_Release(&bm);
+        return NULL;
+    }
+    const uint8_t *p = bm.buf;
+    Py_ssize_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = bitmap_scan(p, bm.len, start, max, NULL);
+    Py_END_ALLOW_THREADS
+    /* array('Q', 8 zero bytes) * n: an n-entry array, filled in place. */
+    PyObject *arr = NULL, *one = PyObject_CallFunction(array_type, "sy#", "Q", "\0\0\0\0\0\0\0\0", (Py_ssize_t)8);
+    if (one) {
+        arr = PySequence_Repeat(one, n);
+        Py_DECREF(one);
+    }
+    Py_buffer ab;
+    if (arr && PyObject_GetBuffer(arr, &ab, PyBUF_WRITABLE) < 0)
+        Py_CLEAR(arr);
+    if (arr) {
+        uint64_t *dst = ab.buf;
+        Py_BEGIN_ALLOW_THREADS
+        /* n bounds the fill even if the bitmap changed since the count. */
+        bitmap_scan(p, bm.len, start, n, dst);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&ab);
+    }
+    PyBuffer_Release(&bm);
+    return arr;
+}
+
+/* ---- gather and scatter ------------------------------------------------------ */
+
+/* Shared checks: page size, page numbers in range, other buffer large enough. */
+static int check_transfer(Py_buffer *ram, Py_ssize_t page_size, const page_list *pl,
+                          Py_buffer *other, const char *too_small)
+{
+    if (check_pages(ram, page_size) < 0)
+        return -1;
+    Py_ssize_t pages = ram->len / page_size, bad;
+    if (pl->n > other->len / page_size) {
+        PyErr_SetString(PyExc_ValueError, too_small);
+        return -1;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    bad = first_bad_page(pl, pages);
+    Py_END_ALLOW_THREADS
+    if (bad >= 0)
+        return raise_bad_page(pl, bad, pages);
+    return 0;
+}
+
+/* gather_pages(ram, page_numbers, page_size, out) -> int: copies the listed pages
+ * of ram back to back into out; returns the bytes written.  Nothing is written
+ * unless every page number is valid. */
+static PyObject *gather_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer ram, out;
+    PyObject *numbers;
+    Py_ssize_t page_size;
+    page_list pl;
+    if (!PyArg_ParseTuple(args, "y*Onw*", &ram, &numbers, &page_size, &out))
+        return NULL;
+    PyObject *result = NULL;
+    if (page_list_get(numbers, &pl) == 0) {
+        if (check_transfer(&ram, page_size, &pl, &out, "out is too small for the pages") == 0) {
+            const uint8_t *src = ram.buf;
+            uint8_t *dst = out.buf;
+            Py_BEGIN_ALLOW_THREADS
+            /* memmove: out may be a view of ram. */
+            for (Py_ssize_t k = 0; k < pl.n; k++)
+                memmove(dst + k * page_size, src + (Py_ssize_t)pl.v[k] * page_size, page_size);
+            Py_END_ALLOW_THREADS
+            result = PyLong_FromSsize_t(pl.n * page_size);
+        }
+        page_list_release(&pl);
+    }
+    PyBuffer_Release(&ram);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* scatter_pages(ram, page_numbers, page_size, data) -> int: copies consecutive
+ * pages of data into the listed pages of the writable ram; returns the bytes read.
+ * Nothing is written unless every page number is valid. */
+static PyObject *scatter_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer ram, data;
+    PyObject *numbers;
+    Py_ssize_t page_size;
+    page_list pl;
+    if (!PyArg_ParseTuple(args, "w*Ony*", &ram, &numbers, &page_size, &data))
+        return NULL;
+    PyObject *result = NULL;
+    if (page_list_get(numbers, &pl) == 0) {
+        if (check_transfer(&ram, page_size, &pl, &data, "data is too short for the pages") == 0) {
+            const uint8_t *src = data.buf;
+            uint8_t *dst = ram.buf;
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t k = 0; k < pl.n; k++)
+                memmove(dst + (Py_ssize_t)pl.v[k] * page_size, src + k * page_size, page_size);
+            Py_END_ALLOW_THREADS
+            result = PyLong_FromSsize_t(pl.n * page_size);
+        }
+        page_list_release(&pl);
+    }
+    PyBuffer_Release(&ram);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyMethodDef methods[] = {
-    {"zero_pages", zero_pages, METH_VARARGS, "One byte per page: 1 when the page is all zero."},
-    {"changed_pages", changed_pages, METH_VARARGS, "One byte per page: 1 when buf and shadow differ."},
+    {"zero_pages", (PyCFunction)(void (*)(void))zero_pages, METH_VARARGS | METH_KEYWORDS,
+     "One byte per page (or per listed page): 1 when the page is all zero."},
+    {"changed_pages", (PyCFunction)(void (*)(void))changed_pages, METH_VARARGS | METH_KEYWORDS,
+     "One byte per page (or per listed page): 1 when buf and shadow differ."},
+    {"xbzrle_encode", xbzrle_encode, METH_VARARGS,
+     "QEMU XBZRLE encoding of new against old; None when longer than limit."},
+    {"xbzrle_decode", xbzrle_decode, METH_VARARGS,
+     "old_page with an XBZRLE encoding applied; ValueError when malformed."},
+    {"bitmap_pages", (PyCFunction)(void (*)(void))bitmap_pages, METH_VARARGS | METH_KEYWORDS,
+     "array('Q') of the set bits of a KVM dirty bitmap from start_page, at most limit."},
+    {"bitmap_count", bitmap_count, METH_VARARGS, "Number of set bits in a bitmap."},
+    {"gather_pages", gather_pages, METH_VARARGS,
+     "Copy the listed pages of ram back to back into out; bytes written."},
+    {"scatter_pages", scatter_pages, METH_VARARGS,
+     "Copy consecutive pages of data into the listed pages of ram; bytes read."},
+    {"memcmp_bandwidth_probe", memcmp_bandwidth_probe, METH_VARARGS,
+     "Benchmark baseline: memcmp every page pair, return how many differ."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -98,5 +645,12 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__native(void)
 {
+    PyObject *array_mod = PyImport_ImportModule("array");
+    if (!array_mod)
+        return NULL;
+    array_type = PyObject_GetAttrString(array_mod, "array");
+    Py_DECREF(array_mod);
+    if (!array_type)
+        return NULL;
     return PyModule_Create(&module);
 }

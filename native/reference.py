@@ -1,5 +1,9 @@
 """Pure-Python twins of the C hot paths in ``_native.c``: same contracts, used as
 the reference in tests and wherever the extension is unavailable or disabled."""
+import itertools
+import operator
+import re
+from array import array
 
 
 def _check(length: int, page_size: int) -> int:
@@ -8,19 +12,150 @@ def _check(length: int, page_size: int) -> int:
     return length // page_size
 
 
-def zero_pages(buf, page_size: int) -> bytes:
-    """One byte per page: 1 when the page is all zero."""
+def _page_list(page_numbers, pages: int) -> list[int]:
+    """The page numbers as ints, each checked to be below ``pages``."""
+    numbers = [operator.index(p) for p in page_numbers]
+    for p in numbers:
+        if not 0 <= p < pages:
+            raise ValueError(f"page number {p} out of range ({pages} pages)")
+    return numbers
+
+
+def zero_pages(buf, page_size: int, page_numbers=None) -> bytes:
+    """One byte per page (per listed page when ``page_numbers`` is given): 1 when
+    the page is all zero."""
     view = memoryview(buf).cast("B")
     pages = _check(len(view), page_size)
+    numbers = range(pages) if page_numbers is None else _page_list(page_numbers, pages)
     zero = bytes(page_size)
-    return bytes(view[i * page_size:(i + 1) * page_size] == zero for i in range(pages))
+    return bytes(view[i * page_size:(i + 1) * page_size] == zero for i in numbers)
 
 
-def changed_pages(buf, shadow, page_size: int) -> bytes:
-    """One byte per page: 1 when ``buf`` and ``shadow`` differ."""
+def changed_pages(buf, shadow, page_size: int, page_numbers=None) -> bytes:
+    """One byte per page (per listed page when ``page_numbers`` is given): 1 when
+    ``buf`` and ``shadow`` differ."""
     a, b = memoryview(buf).cast("B"), memoryview(shadow).cast("B")
     if len(a) != len(b):
         raise ValueError("buffer and shadow differ in length")
     pages = _check(len(a), page_size)
+    numbers = range(pages) if page_numbers is None else _page_list(page_numbers, pages)
     return bytes(a[i * page_size:(i + 1) * page_size] != b[i * page_size:(i + 1) * page_size]
-                 for i in range(pages))
+                 for i in numbers)
+
+
+# XBZRLE, as QEMU's migration/xbzrle.c: encoded = (zrun nzrun)*, where zrun is the
+# ULEB128 count of equal bytes and nzrun the ULEB128 count n > 0 of differing bytes
+# followed by those n bytes of the new page.  A trailing equal run is not encoded.
+
+def _uleb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def xbzrle_encode(old, new, limit: int):
+    """XBZRLE encoding of ``new`` against ``old``: b"" when they are equal, None
+    when the encoding would be longer than ``limit`` bytes (QEMU's overflow)."""
+    old, new = bytes(old), bytes(new)
+    if len(old) != len(new):
+        raise ValueError("old and new pages differ in length")
+    if limit < 0:
+        raise ValueError("limit must not be negative")
+    diff = (int.from_bytes(old, "little") ^ int.from_bytes(new, "little")).to_bytes(len(old), "little")
+    out = bytearray()
+    end = 0
+    for run in re.finditer(rb"[^\x00]+", diff):  # each maximal run of differing bytes
+        out += _uleb128(run.start() - end) + _uleb128(run.end() - run.start()) + new[run.start():run.end()]
+        end = run.end()
+        if len(out) > limit:
+            return None
+    return bytes(out)
+
+
+def _read_uleb128(data: bytes, i: int, most: int) -> tuple[int, int]:
+    """The ULEB128 at ``data[i]``, no larger than ``most``, and the index after it."""
+    value = shift = 0
+    while True:
+        if i >= len(data):
+            raise ValueError("malformed XBZRLE data: truncated ULEB128 length")
+        if shift > 56:
+            raise ValueError("malformed XBZRLE data: ULEB128 length too long")
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if value > most:
+            raise ValueError("malformed XBZRLE data: run past the end of the page")
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+
+
+def xbzrle_decode(encoded, old_page) -> bytes:
+    """``old_page`` with the XBZRLE ``encoded`` applied; ValueError when malformed.
+    Like QEMU, only the first zero run may be empty and no data run may be."""
+    data, page = bytes(encoded), bytearray(old_page)
+    i = d = 0
+    while i < len(data):
+        first = i == 0
+        zrun, i = _read_uleb128(data, i, len(page) - d)
+        if not zrun and not first:
+            raise ValueError("malformed XBZRLE data: empty zero run")
+        d += zrun
+        if i == len(data):
+            raise ValueError("malformed XBZRLE data: zero run without a data run")
+        nzrun, i = _read_uleb128(data, i, len(page) - d)
+        if not nzrun:
+            raise ValueError("malformed XBZRLE data: empty data run")
+        if nzrun > len(data) - i:
+            raise ValueError("malformed XBZRLE data: truncated data run")
+        page[d:d + nzrun] = data[i:i + nzrun]
+        d += nzrun
+        i += nzrun
+    return bytes(page)
+
+
+# Dirty bitmaps in KVM's layout: bit i of the little-endian 64-bit words is page i,
+# which is bit i % 8 of byte i // 8.
+
+def bitmap_count(bitmap) -> int:
+    """How many bits are set."""
+    return int.from_bytes(memoryview(bitmap).cast("B"), "little").bit_count()
+
+
+def bitmap_pages(bitmap, start_page: int = 0, limit=None) -> array:
+    """array('Q') of the set bits from ``start_page`` on, ascending, at most ``limit``."""
+    start_page = operator.index(start_page)
+    if start_page < 0 or (limit is not None and operator.index(limit) < 0):
+        raise ValueError("start_page and limit must not be negative")
+    data = memoryview(bitmap).cast("B")
+    set_bits = (index * 8 + bit
+                for index in range(start_page // 8, len(data)) if data[index]
+                for bit in range(8) if data[index] >> bit & 1 and index * 8 + bit >= start_page)
+    return array("Q", itertools.islice(set_bits, limit))
+
+
+def gather_pages(ram, page_numbers, page_size: int, out) -> int:
+    """Copies the listed pages of ``ram`` back to back into ``out``; returns the
+    bytes written.  Nothing is written unless every page number is valid."""
+    src, dst = memoryview(ram).cast("B"), memoryview(out).cast("B")
+    numbers = _page_list(page_numbers, _check(len(src), page_size))
+    if len(numbers) > len(dst) // page_size:
+        raise ValueError("out is too small for the pages")
+    for k, p in enumerate(numbers):
+        dst[k * page_size:(k + 1) * page_size] = src[p * page_size:(p + 1) * page_size]
+    return len(numbers) * page_size
+
+
+def scatter_pages(ram, page_numbers, page_size: int, data) -> int:
+    """Copies consecutive pages of ``data`` into the listed pages of the writable
+    ``ram``; returns the bytes read.  Nothing is written unless every page number is valid."""
+    dst, src = memoryview(ram).cast("B"), memoryview(data).cast("B")
+    numbers = _page_list(page_numbers, _check(len(dst), page_size))
+    if len(numbers) > len(src) // page_size:
+        raise ValueError("data is too short for the pages")
+    for k, p in enumerate(numbers):
+        dst[p * page_size:(p + 1) * page_size] = src[k * page_size:(k + 1) * page_size]
+    return len(numbers) * page_size

@@ -1,14 +1,19 @@
 """Every native hot path agrees with its pure-Python reference on the same cases."""
+import mmap
 import os
 import subprocess
 import sys
+from array import array
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import native
 from native import reference
 
 PAGE = 4096
+IMPLS = pytest.mark.parametrize("impl", [native, reference], ids=["native", "reference"])
 
 
 def cases():
@@ -23,13 +28,31 @@ def test_native_is_in_use():
     assert native.IMPLEMENTATION == "native"
 
 
-@pytest.mark.parametrize("impl", [native, reference], ids=["native", "reference"])
+# ---- zero and changed pages ------------------------------------------------------
+
+@IMPLS
 def test_zero_pages(impl):
     expected = [b"\x01" * 4, b"\x01\x00\x01\x00\x01", b"\x00" * 3, b""]
     assert [impl.zero_pages(c, PAGE) for c in cases()] == expected
 
 
-@pytest.mark.parametrize("impl", [native, reference], ids=["native", "reference"])
+@IMPLS
+def test_zero_pages_odd_page_size_and_unaligned_view(impl):
+    # 100-byte pages exercise the byte tail; a view at offset 3 is misaligned.
+    buf = bytearray(3 + 100 * 3)
+    buf[3 + 100 + 99] = 1
+    assert impl.zero_pages(memoryview(buf)[3:], 100) == b"\x01\x00\x01"
+
+
+@IMPLS
+def test_zero_pages_listed(impl):
+    mixed = cases()[1]
+    assert impl.zero_pages(mixed, PAGE, [3, 1, 1, 0]) == b"\x00\x00\x00\x01"
+    assert impl.zero_pages(mixed, PAGE, array("Q", [4, 2])) == b"\x01\x01"
+    assert impl.zero_pages(mixed, PAGE, page_numbers=[]) == b""
+
+
+@IMPLS
 def test_changed_pages(impl):
     base = bytes(cases()[1])
     changed = bytearray(base)
@@ -37,14 +60,269 @@ def test_changed_pages(impl):
     changed[4 * PAGE + 100] = 9
     assert impl.changed_pages(changed, base, PAGE) == b"\x00\x00\x01\x00\x01"
     assert impl.changed_pages(base, base, PAGE) == b"\x00" * 5
+    assert impl.changed_pages(changed, base, PAGE, [4, 0, 2]) == b"\x01\x00\x01"
+    assert impl.changed_pages(changed, base, PAGE, page_numbers=range(1, 3)) == b"\x00\x01"
 
 
-@pytest.mark.parametrize("impl", [native, reference], ids=["native", "reference"])
+@IMPLS
 def test_bad_arguments(impl):
     with pytest.raises(ValueError):
         impl.zero_pages(bytes(100), PAGE)
     with pytest.raises(ValueError):
         impl.changed_pages(bytes(PAGE), bytes(2 * PAGE), PAGE)
+    with pytest.raises(ValueError):
+        impl.zero_pages(bytes(PAGE), 0)
+    for bad in ([1], [-1], [2**64]):
+        with pytest.raises(ValueError):
+            impl.zero_pages(bytes(PAGE), PAGE, bad)
+        with pytest.raises(ValueError):
+            impl.changed_pages(bytes(PAGE), bytes(PAGE), PAGE, bad)
+    with pytest.raises(TypeError):
+        impl.zero_pages(bytes(PAGE), PAGE, [0.0])
+
+
+# ---- XBZRLE -------------------------------------------------------------------------
+
+def qemu_encode(old: bytes, new: bytes) -> bytes:
+    """The byte-wise definition QEMU's word-at-a-time xbzrle_encode_buffer must equal."""
+    out, i = bytearray(), 0
+    while i < len(new):
+        zrun = 0
+        while i < len(new) and old[i] == new[i]:
+            zrun, i = zrun + 1, i + 1
+        if i == len(new):
+            break
+        start = i
+        while i < len(new) and old[i] != new[i]:
+            i += 1
+        out += reference._uleb128(zrun) + reference._uleb128(i - start) + new[start:i]
+    return bytes(out)
+
+
+def page_with(changes: dict[int, bytes], size: int = PAGE, base: bytes = None) -> bytes:
+    page = bytearray(base if base is not None else bytes(size))
+    for offset, data in changes.items():
+        page[offset:offset + len(data)] = data
+    return bytes(page)
+
+
+@IMPLS
+def test_xbzrle_known_encodings(impl):
+    old = bytes(PAGE)
+    assert impl.xbzrle_encode(old, old, PAGE) == b""
+    # A change at offset 0: the first zero run is empty.
+    assert impl.xbzrle_encode(old, page_with({0: b"\x07"}), PAGE) == b"\x00\x01\x07"
+    # Runs of 200 and 4095 need two-byte ULEB128s; the trailing equal run is dropped.
+    assert impl.xbzrle_encode(old, page_with({200: b"ab"}), PAGE) == b"\xc8\x01\x02ab"
+    assert impl.xbzrle_encode(old, page_with({PAGE - 1: b"z"}), PAGE) == b"\xff\x1f\x01z"
+    # Two runs: 3 equal, 2 changed, 5 equal, 1 changed.
+    assert impl.xbzrle_encode(old, page_with({3: b"xy", 10: b"q"}), PAGE) == b"\x03\x02xy\x05\x01q"
+    # A changed run spanning several words, ending exactly on a word boundary.
+    assert impl.xbzrle_encode(old, page_with({5: b"\xff" * 19}), PAGE) == b"\x05\x13" + b"\xff" * 19
+
+
+@IMPLS
+def test_xbzrle_limit(impl):
+    old, new = bytes(PAGE), page_with({3: b"xy", 10: b"q"})
+    size = len(impl.xbzrle_encode(old, new, PAGE))
+    assert impl.xbzrle_encode(old, new, size) == b"\x03\x02xy\x05\x01q"
+    assert impl.xbzrle_encode(old, new, size - 1) is None
+    assert impl.xbzrle_encode(old, new, 0) is None
+    assert impl.xbzrle_encode(old, old, 0) == b""
+    # Every other byte changed: the encoding is half again as long as the page.
+    noisy = bytes(b ^ (i % 2) for i, b in enumerate(old))
+    assert impl.xbzrle_encode(old, noisy, PAGE) is None
+    assert len(impl.xbzrle_encode(old, noisy, 2 * PAGE + 1)) == 3 * PAGE // 2
+
+
+@IMPLS
+def test_xbzrle_bad_arguments(impl):
+    with pytest.raises(ValueError):
+        impl.xbzrle_encode(bytes(PAGE), bytes(PAGE - 1), PAGE)
+    with pytest.raises(ValueError):
+        impl.xbzrle_encode(bytes(PAGE), bytes(PAGE), -1)
+
+
+@IMPLS
+def test_xbzrle_decode(impl):
+    old = os.urandom(PAGE)
+    assert impl.xbzrle_decode(b"", old) == old
+    assert impl.xbzrle_decode(b"\x03\x02xy\x05\x01q", bytes(16)) == page_with({3: b"xy", 10: b"q"}, 16)
+    assert impl.xbzrle_decode(b"\x00\x10" + b"A" * 16, bytes(16)) == b"A" * 16
+    # QEMU accepts a non-minimal two-byte ULEB128.
+    assert impl.xbzrle_decode(b"\x81\x00\x01q", bytes(4)) == b"\x00q\x00\x00"
+
+
+MALFORMED = {
+    "truncated zero-run length": b"\x80",
+    "truncated data-run length": b"\x01\x81",
+    "zero run without data run": b"\x01",
+    "trailing garbage": b"\x00\x01q\x02",
+    "truncated data run": b"\x00\x05abc",
+    "empty data run": b"\x00\x00",
+    "empty zero run after the first": b"\x00\x01q\x00\x01q",
+    "zero run past the end": b"\x11\x01q",
+    "zero run to the end": b"\x10\x01q",
+    "data run past the end": b"\x0f\x02qq",
+    "huge length": b"\xff" * 9 + b"\x01\x01q",
+    "endless length": b"\x80" * 64,
+}
+
+
+@IMPLS
+@pytest.mark.parametrize("encoded", MALFORMED.values(), ids=MALFORMED.keys())
+def test_xbzrle_decode_rejects_malformed(impl, encoded):
+    with pytest.raises(ValueError):
+        impl.xbzrle_decode(encoded, bytes(16))
+
+
+pages = st.integers(0, 300).flatmap(lambda n: st.tuples(st.binary(min_size=n, max_size=n),
+                                                        st.lists(st.tuples(st.integers(0, max(n - 1, 0)),
+                                                                           st.binary(max_size=20)),
+                                                                 max_size=8)))
+
+
+def mutate(old: bytes, edits) -> bytes:
+    new = bytearray(old)
+    for offset, data in edits:
+        new[offset:offset + len(data)] = data[:len(old) - offset]
+    return bytes(new)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pages, st.integers(0, 700))
+def test_xbzrle_properties(page, limit):
+    old, edits = page
+    new = mutate(old, edits)
+    expected = qemu_encode(old, new)
+    full = native.xbzrle_encode(old, new, 2 * len(old) + 1)
+    assert full == reference.xbzrle_encode(old, new, 2 * len(old) + 1) == expected
+    assert native.xbzrle_decode(full, old) == reference.xbzrle_decode(full, old) == new
+    limited = expected if len(expected) <= limit else None
+    assert native.xbzrle_encode(old, new, limit) == reference.xbzrle_encode(old, new, limit) == limited
+
+
+def outcome(fn, *args):
+    try:
+        return fn(*args)
+    except ValueError:
+        return ValueError
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=40), st.integers(0, 40))
+def test_xbzrle_decode_arbitrary_input(encoded, size):
+    old = bytes(range(size))
+    assert outcome(native.xbzrle_decode, encoded, old) == outcome(reference.xbzrle_decode, encoded, old)
+
+
+# ---- dirty bitmaps -------------------------------------------------------------------
+
+@IMPLS
+def test_bitmap_pages(impl):
+    words = array("Q", [1 | 1 << 63, 0, 1 << 5])
+    assert list(impl.bitmap_pages(words)) == [0, 63, 133]
+    assert impl.bitmap_count(words) == 3
+    result = impl.bitmap_pages(words, start_page=1)
+    assert isinstance(result, array) and result.typecode == "Q" and list(result) == [63, 133]
+    assert list(impl.bitmap_pages(words, 64)) == [133]
+    assert list(impl.bitmap_pages(words, 134)) == []
+    assert list(impl.bitmap_pages(words, 10**6)) == []
+    assert list(impl.bitmap_pages(words, 0, 2)) == [0, 63]
+    assert list(impl.bitmap_pages(words, limit=0)) == []
+    assert list(impl.bitmap_pages(b"")) == [] and impl.bitmap_count(b"") == 0
+    # A length that is not a whole number of words: bytes are little-endian bit order.
+    assert list(impl.bitmap_pages(b"\x81\x00\x00\x00\x00\x00\x00\x00\x02\x80\x01")) == [0, 7, 65, 79, 80]
+    assert list(impl.bitmap_pages(b"\xff" * 16, 3, 70)) == list(range(3, 73))
+
+
+@IMPLS
+def test_bitmap_bad_arguments(impl):
+    with pytest.raises(ValueError):
+        impl.bitmap_pages(b"\x01", -1)
+    with pytest.raises(ValueError):
+        impl.bitmap_pages(b"\x01", 0, -1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=100), st.integers(0, 900), st.one_of(st.none(), st.integers(0, 900)))
+def test_bitmap_properties(bitmap, start, limit):
+    bits = [i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1]
+    expected = [i for i in bits if i >= start][:limit]
+    assert list(native.bitmap_pages(bitmap, start, limit)) == list(reference.bitmap_pages(bitmap, start, limit)) \
+        == expected
+    assert native.bitmap_count(bitmap) == reference.bitmap_count(bitmap) == len(bits)
+
+
+# ---- gather and scatter ------------------------------------------------------------
+
+def numbered_ram(pages: int, page_size: int = PAGE) -> bytearray:
+    return bytearray(b"".join(bytes([p + 1]) * page_size for p in range(pages)))
+
+
+@IMPLS
+@pytest.mark.parametrize("numbers", [[5, 0, 3, 3], array("Q", [5, 0, 3, 3]), range(5, -1, -2)],
+                         ids=["list", "array", "range"])
+def test_gather_and_scatter_round_trip(impl, numbers):
+    ram = bytes(numbered_ram(8))
+    out = bytearray(5 * PAGE)
+    assert impl.gather_pages(ram, numbers, PAGE, out) == len(numbers) * PAGE
+    assert out[:len(numbers) * PAGE] == b"".join(ram[p * PAGE:(p + 1) * PAGE] for p in numbers)
+    assert out[len(numbers) * PAGE:] == bytes((5 - len(numbers)) * PAGE)
+    dest = bytearray(len(ram))
+    assert impl.scatter_pages(dest, numbers, PAGE, out) == len(numbers) * PAGE
+    for p in range(8):
+        assert dest[p * PAGE:(p + 1) * PAGE] == (ram[p * PAGE:(p + 1) * PAGE] if p in numbers else bytes(PAGE))
+
+
+@IMPLS
+def test_gather_and_scatter_on_mmap(impl):
+    with mmap.mmap(-1, 4 * PAGE) as ram:
+        ram[:] = numbered_ram(4)
+        out = bytearray(2 * PAGE)
+        impl.gather_pages(ram, [3, 1], PAGE, out)
+        assert out == bytes([4]) * PAGE + bytes([2]) * PAGE
+        impl.scatter_pages(ram, [0], PAGE, bytes([9]) * PAGE)
+        assert ram[:PAGE] == bytes([9]) * PAGE and ram[PAGE:2 * PAGE] == bytes([2]) * PAGE
+
+
+@IMPLS
+def test_gather_and_scatter_reject_bad_input_and_write_nothing(impl):
+    ram = numbered_ram(4)
+    out = bytearray(2 * PAGE)
+    for numbers in ([0, 4], [-1], [2**64], [0, 1, 2]):
+        with pytest.raises(ValueError):
+            impl.gather_pages(ram, numbers, PAGE, out)
+        with pytest.raises(ValueError):
+            impl.scatter_pages(ram, numbers, PAGE, out)
+    assert out == bytes(2 * PAGE) and ram == numbered_ram(4)
+    with pytest.raises(ValueError):
+        impl.gather_pages(bytes(PAGE + 1), [0], PAGE, out)
+    with pytest.raises(ValueError):
+        impl.gather_pages(ram, [0], 0, out)
+    with pytest.raises(TypeError):
+        impl.gather_pages(ram, [0], PAGE, bytes(PAGE))  # out must be writable
+    with pytest.raises(TypeError):
+        impl.scatter_pages(bytes(ram), [0], PAGE, out)  # so must ram
+    with pytest.raises(TypeError):
+        impl.gather_pages(ram, 7, PAGE, out)
+    assert impl.gather_pages(ram, [], PAGE, bytearray()) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64), st.data())
+def test_gather_scatter_properties(page_size, data):
+    pages = data.draw(st.integers(1, 12))
+    ram = data.draw(st.binary(min_size=pages * page_size, max_size=pages * page_size))
+    numbers = data.draw(st.lists(st.integers(0, pages - 1), max_size=16))
+    outs = [bytearray(len(numbers) * page_size) for _ in range(2)]
+    assert native.gather_pages(ram, numbers, page_size, outs[0]) \
+        == reference.gather_pages(ram, numbers, page_size, outs[1]) == len(outs[0])
+    assert outs[0] == outs[1]
+    dests = [bytearray(len(ram)) for _ in range(2)]
+    native.scatter_pages(dests[0], array("Q", numbers), page_size, outs[0])
+    reference.scatter_pages(dests[1], numbers, page_size, outs[1])
+    assert dests[0] == dests[1]
 
 
 def test_environment_forces_the_reference():
