@@ -1,0 +1,182 @@
+"""Benchmark of the native hot paths against memcmp and the pure-Python references.
+
+    python bench/native_bench.py                 # table on stdout
+    python bench/native_bench.py --markdown      # the "## Native hot paths" section
+    python bench/native_bench.py --write docs/benchmarks.md   # replace that section in place
+
+Scans are reported in GB/s of guest RAM covered (one buffer's bytes per second,
+also for the two-buffer compares), XBZRLE in pages per second.  Every figure is
+the best of several runs, so it shows the code rather than the machine's noise.
+"""
+import argparse
+import os
+import platform
+import re
+import sys
+import time
+from array import array
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from native import _native, reference  # noqa: E402
+
+PAGE = 4096
+HEADING = "## Native hot paths"
+
+
+def best_time(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gbps(nbytes: int, fn, repeat: int) -> float:
+    return nbytes / best_time(fn, repeat) / 1e9
+
+
+def per_second(fn, calls: int, repeat: int) -> float:
+    def loop():
+        for _ in range(calls):
+            fn()
+    return calls / best_time(loop, repeat)
+
+
+def resident(size: int) -> bytearray:
+    """A zero buffer whose pages are really allocated: calloc'ed memory would read
+    from the kernel's single shared zero page and flatter every scan."""
+    buf = bytearray(size)
+    buf[::PAGE] = b"\x01" * (size // PAGE)
+    buf[::PAGE] = bytes(size // PAGE)
+    return buf
+
+
+def typical_pages() -> tuple[bytes, bytes]:
+    """A page of random data and its successor with three small writes."""
+    old = os.urandom(PAGE)
+    new = bytearray(old)
+    for offset, length in ((64, 1), (1500, 4), (3000, 8)):
+        new[offset:offset + length] = bytes(b ^ 0xFF for b in new[offset:offset + length])
+    return old, bytes(new)
+
+
+def measure(size_mib: int, ref_size_mib: int) -> list[tuple]:
+    """Rows of (operation, unit, native, reference or None, memcmp baseline or None)."""
+    size, ref_size = size_mib << 20, ref_size_mib << 20
+    zeros = resident(size)
+    ram = bytearray(os.urandom(size))
+    shadow = bytearray(ram)  # equal: every page is compared to its end
+    memcmp = gbps(size, lambda: _native.memcmp_bandwidth_probe(ram, shadow, PAGE), 5)
+    small_zeros, small_ram, small_shadow = zeros[:ref_size], ram[:ref_size], shadow[:ref_size]
+    rows = [
+        ("memcmp every page (baseline)", "GB/s", memcmp, None, memcmp),
+        ("zero_pages, all-zero RAM", "GB/s", gbps(size, lambda: _native.zero_pages(zeros, PAGE), 5),
+         gbps(ref_size, lambda: reference.zero_pages(small_zeros, PAGE), 3), memcmp),
+        ("changed_pages, unchanged RAM", "GB/s", gbps(size, lambda: _native.changed_pages(ram, shadow, PAGE), 5),
+         gbps(ref_size, lambda: reference.changed_pages(small_ram, small_shadow, PAGE), 3), memcmp),
+    ]
+    # Gather every 4th page into a send buffer; bitmap of the same pages.
+    numbers = array("Q", range(0, size // PAGE, 4))
+    small_numbers = array("Q", range(0, ref_size // PAGE, 4))
+    out = bytearray(len(numbers) * PAGE)
+    rows.append(("gather_pages, every 4th page", "GB/s",
+                 gbps(len(out), lambda: _native.gather_pages(ram, numbers, PAGE, out), 5),
+                 gbps(len(small_numbers) * PAGE,
+                      lambda: reference.gather_pages(small_ram, small_numbers, PAGE, out), 3), None))
+    bitmap = bytes([0x11]) * (size // PAGE // 8)
+    rows.append(("bitmap_pages, 1/4 of pages dirty", "Mpages/s",
+                 len(numbers) / best_time(lambda: _native.bitmap_pages(bitmap), 5) / 1e6,
+                 len(numbers) / best_time(lambda: reference.bitmap_pages(bitmap), 1) / 1e6, None))
+    old, new = typical_pages()
+    encoded = _native.xbzrle_encode(old, new, PAGE)
+    assert encoded == reference.xbzrle_encode(old, new, PAGE)
+    rows.append(("xbzrle_encode, 3 small writes", "pages/s",
+                 per_second(lambda: _native.xbzrle_encode(old, new, PAGE), 200_000, 5),
+                 per_second(lambda: reference.xbzrle_encode(old, new, PAGE), 20_000, 3), None))
+    rows.append(("xbzrle_decode, 3 small writes", "pages/s",
+                 per_second(lambda: _native.xbzrle_decode(encoded, old), 200_000, 5),
+                 per_second(lambda: reference.xbzrle_decode(encoded, old), 20_000, 3), None))
+    return rows
+
+
+def figure(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e4:
+        return f"{value / 1e3:.0f} k"
+    return f"{value:.2f}"
+
+
+def ratio(value: float) -> str:
+    return f"{value:.1f}x" if value < 10 else f"{value:.0f}x"
+
+
+def table(rows) -> list[list[str]]:
+    lines = [["operation", "unit", "native", "reference", "native / memcmp", "native / reference"]]
+    for name, unit, nat, ref, base in rows:
+        lines.append([name, unit, figure(nat), figure(ref) if ref else "",
+                      f"{nat / base:.2f}" if base and ref is not None else "",
+                      ratio(nat / ref) if ref else ""])
+    return lines
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def markdown(rows, size_mib: int, ref_size_mib: int) -> str:
+    lines = table(rows)
+    out = [HEADING, "",
+           f"`bench/native_bench.py` on {machine()}, {time.strftime('%Y-%m-%d', time.gmtime())}.",
+           f"Native scans run over {size_mib} MiB, the pure-Python references over {ref_size_mib} MiB;",
+           "GB/s counts guest RAM covered per second (one buffer, also for the two-buffer compares);",
+           "`memcmp` is `_native.memcmp_bandwidth_probe`, one `memcmp` per 4 KiB page pair, as the",
+           "baseline. Best of several runs.", "",
+           "| " + " | ".join(lines[0]) + " |",
+           "|" + "|".join(["---"] * 2 + ["---:"] * 4) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+    return "\n".join(out) + "\n"
+
+
+def write_section(path: str, section: str) -> None:
+    """Replace our section of path (up to the next level-2 heading), or append it."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print the Markdown section")
+    parser.add_argument("--write", metavar="PATH", help="replace the section in this Markdown file")
+    parser.add_argument("--size-mib", type=int, default=256, help="buffer for the native scans")
+    parser.add_argument("--ref-size-mib", type=int, default=16, help="buffer for the references")
+    args = parser.parse_args()
+    rows = measure(args.size_mib, args.ref_size_mib)
+    section = markdown(rows, args.size_mib, args.ref_size_mib)
+    if args.write:
+        write_section(args.write, section)
+    if args.markdown:
+        print(section, end="")
+    else:
+        lines = table(rows)
+        widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+        for line in lines:
+            print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+
+
+if __name__ == "__main__":
+    main()
