@@ -137,6 +137,7 @@ def cmd_qmp(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import create_vm, serve, setup_logging
+    from .qapi import QMPError
     from .vmm import VMError
     try:
         config = load_config(args.config)
@@ -168,6 +169,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(serve(config, vm))
     except VMError as e:
         print(f"colo-appliance: guest: {e}", file=sys.stderr)
+        return 1
+    except QMPError as e:
+        print(f"colo-appliance: {e.desc}", file=sys.stderr)
         return 1
     finally:
         if vm is not None:

@@ -79,7 +79,7 @@ async def serve(config: NodeConfig, vm=None) -> int:
     config.validate()
     _raise_fd_limit()
     loop = asyncio.get_running_loop()
-    node = Node(config.name, loop, incoming=config.incoming, vm=vm)
+    node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
     runner = None
     try:
@@ -100,7 +100,9 @@ async def serve(config: NodeConfig, vm=None) -> int:
             log.info("HTTP API listening on http://%s:%d", bound[0], bound[1])
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_quit, "host-signal")
-        if vm is not None:
+        if config.incoming and config.incoming != "defer":
+            node.start_incoming(config.incoming)
+        elif vm is not None:
             vm.start()
         log.info("node %s ready (run state %s)", node.name, node.run_state)
         await node.quit_requested.wait()

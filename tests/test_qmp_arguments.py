@@ -1,5 +1,6 @@
 """Argument checking, table-driven, with QEMU's messages (checked against a real QEMU)."""
 import asyncio
+import types
 
 import pytest
 
@@ -189,7 +190,7 @@ async def test_capabilities_set_and_cleared(node):
 
 
 async def test_capabilities_refused_while_migrating(node):
-    node.migration_status = "active"
+    node.migration = types.SimpleNamespace(running=True, status="active")
     assert await error_of(node, "migrate-set-capabilities", {"capabilities": []}) == \
         ("GenericError", "There's a migration process in progress")
 

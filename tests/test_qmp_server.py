@@ -38,7 +38,7 @@ EVERY_COMMAND = {
     "migrate_set_speed": ("return", {}),
     "migrate-set-cache-size": ("return", {}),
     "query-migrate-cache-size": ("return", 67108864),
-    "migrate": ("error", "GenericError", "live migration is not available..."),
+    "migrate": ("error", "GenericError", "this node has no guest to migrate"),
     "migrate-incoming": ("error", "GenericError", "'-incoming' was not specified on the command line"),
     "xen-save-devices-state": ("error", "GenericError", "xen-save-devices-state is a Xen command..."),
     "xen-set-global-dirty-log": ("error", "GenericError", "xen-set-global-dirty-log is a Xen command..."),
@@ -49,7 +49,7 @@ EVERY_COMMAND = {
     "query-colo-status": ("return", {"mode": "none", "last-mode": "none", "reason": "none"}),
     "migrate-recover": ("error", "GenericError", "Migrate recover can only be run when postcopy is paused."),
     "migrate-pause": ("error", "GenericError", "migrate-pause is currently only supported during postcopy-active state"),
-    "calc-dirty-rate": ("error", "GenericError", "dirty rate measurement is not available..."),
+    "calc-dirty-rate": ("error", "GenericError", "this node has no guest to measure"),
     "query-dirty-rate": ("return", {"status": "unstarted", "start-time": 0, "calc-time": 0}),
 }
 

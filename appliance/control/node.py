@@ -12,10 +12,15 @@ import base64
 import logging
 import os
 import re
+import time
 from typing import Any, Callable
 
 import appliance
 from appliance.qapi import QMPError, Schema, default_schema
+
+from replication.destination import MigrationDestination
+from replication.source import MigrationSource
+from replication.transport import Listener, TransportError
 
 from .dispatch import CallContext, Dispatcher
 from .events import EventBus
@@ -28,8 +33,6 @@ QEMU_VERSION = {"major": 6, "minor": 0, "micro": 0}
 PACKAGE = f"colo-appliance {appliance.__version__}"
 
 MIGRATION_URI = re.compile(r"^(tcp|unix|exec|fd|file|rdma):")
-RUNNING_MIGRATION_STATES = {"setup", "cancelling", "active", "postcopy-active", "postcopy-paused",
-                            "postcopy-recover", "colo", "pre-switchover", "device", "wait-unplug"}
 RESET_NEEDED_STATES = {"internal-error", "shutdown", "guest-panicked"}
 
 
@@ -37,7 +40,7 @@ class Node:
     """Control state of one appliance node; the QMP and HTTP front ends call into it."""
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, incoming: str | None = None,
-                 schema: Schema | None = None, vm=None):
+                 schema: Schema | None = None, vm=None, autostart: bool = True):
         self.name = name
         self.vm = vm
         self.schema = schema or default_schema()
@@ -46,14 +49,16 @@ class Node:
         self.dispatcher = Dispatcher(self.schema)
         self.settings = MigrationSettings(self.schema)
         self.incoming = incoming
+        self.autostart = autostart
+        self.migration: MigrationSource | MigrationDestination | None = None
         self._run_state = "inmigrate" if incoming else "running"
         if vm is not None:
             if incoming:
                 vm.set_state("prelaunch", "inmigrate")
             vm.add_listener(self._on_vm_event)
-        self.migration_status = "none"
         self.colo = {"mode": "none", "last-mode": "none", "reason": "none"}
         self.quit_requested = asyncio.Event()
+        self.dirty_rate: dict = {"status": "unstarted", "start-time": 0, "calc-time": 0}
         self._console_read = 0          # bytes of console output already read by ringbuf-read
         self._register_all()
         missing = self.dispatcher.missing()
@@ -85,8 +90,39 @@ class Node:
             data = {"action": data["action"]}
         self.events.emit(name, data or None)
 
+    @property
+    def migration_status(self) -> str:
+        return self.migration.status if self.migration is not None else "none"
+
     def migration_running(self) -> bool:
-        return self.migration_status in RUNNING_MIGRATION_STATES
+        return self.migration is not None and self.migration.running
+
+    def start_incoming(self, uri: str, named_fds: dict[str, int] | None = None) -> None:
+        """Listen for a migration into this node's guest (``--incoming URI`` or migrate-incoming)."""
+        if self.vm is None:
+            raise QMPError("this node has no guest to migrate into (start it with --guest)")
+        self.check_migration_uri(uri)
+        try:
+            listener = Listener(uri, named_fds)
+        except TransportError as e:
+            raise QMPError(str(e)) from e
+        self.incoming_address = listener.address
+        log.info("waiting for an incoming migration on %s", listener.address)
+        self.migration = MigrationDestination(self.vm, listener, self.settings.capabilities, self.autostart,
+                                              self._migration_event)
+        self.migration.start()
+
+    def _migration_event(self, name: str, data: dict) -> None:
+        """From a migration thread; re-arms a failed incoming socket migration for another try."""
+        self.events.emit(name, data)
+        if (name == "MIGRATION" and data["status"] == "failed" and isinstance(self.migration, MigrationDestination)
+                and self.incoming not in (None, "defer") and self.incoming.startswith(("tcp:", "unix:"))):
+            self.loop.call_soon_threadsafe(self._rearm_incoming)
+
+    def _rearm_incoming(self) -> None:
+        if self.migration_status == "failed" and self.vm.state == "inmigrate" and not self.quit_requested.is_set():
+            self.migration.join()
+            self.start_incoming(self.incoming)
 
     def status(self) -> dict:
         """The node at a glance, for the HTTP API."""
@@ -140,7 +176,7 @@ class Node:
             "query-colo-status": lambda a, c: dict(self.colo),
             "x-colo-lost-heartbeat": self.colo_lost_heartbeat,
             "calc-dirty-rate": self.calc_dirty_rate,
-            "query-dirty-rate": lambda a, c: {"status": "unstarted", "start-time": 0, "calc-time": 0},
+            "query-dirty-rate": lambda a, c: dict(self.dirty_rate),
         }
         for name in ("xen-save-devices-state", "xen-set-global-dirty-log", "xen-load-devices-state",
                      "xen-set-replication", "query-xen-replication-status", "xen-colo-do-checkpoint"):
@@ -187,7 +223,13 @@ class Node:
             self.quit_requested.set()
 
     async def close(self) -> None:
-        """Power the guest off and release it (the daemon is exiting)."""
+        """Stop any migration, power the guest off and release it (the daemon is exiting)."""
+        if isinstance(self.migration, MigrationSource):
+            self.migration.cancel()
+        elif isinstance(self.migration, MigrationDestination):
+            self.migration.abort()
+        if self.migration is not None:
+            await self.loop.run_in_executor(None, self.migration.join, 30)
         if self.vm is not None:
             await self.loop.run_in_executor(None, self.vm.close)
 
@@ -224,9 +266,7 @@ class Node:
     # -- migration -----------------------------------------------------------------
 
     def query_migrate(self, args: dict, ctx: CallContext) -> dict:
-        if self.migration_status == "none":
-            return {}
-        return {"status": self.migration_status}
+        return self.migration.info() if self.migration is not None else {}
 
     def migrate_set_downtime(self, args: dict, ctx: CallContext) -> None:
         value = args["value"]
@@ -250,23 +290,35 @@ class Node:
             raise QMPError("Cannot resume if there is no paused migration")
         if self.migration_running():
             raise QMPError("There's a migration process in progress")
-        self.check_migration_uri(args["uri"])
-        raise QMPError("live migration is not available: the migration engine is not part of this build yet")
+        scheme = self.check_migration_uri(args["uri"])
+        if self.vm is None:
+            raise QMPError("this node has no guest to migrate")
+        if self.run_state not in ("running", "paused", "postmigrate"):
+            raise QMPError(f"cannot migrate a guest in state {self.run_state}")
+        caps = self.settings.capabilities
+        if caps["multifd"] and scheme not in ("tcp", "unix"):
+            raise QMPError("multifd needs a tcp: or unix: migration URI")
+        if caps["multifd"] and caps["xbzrle"]:
+            raise QMPError("xbzrle is not supported together with multifd")
+        if caps["return-path"] and scheme in ("exec", "file"):
+            raise QMPError("return-path needs a two-way (socket) migration URI")
+        self.migration = MigrationSource(self.vm, args["uri"], caps, self.settings.query_parameters(),
+                                         ctx.fds, self._migration_event)
+        self.migration.start()
 
     def migrate_incoming(self, args: dict, ctx: CallContext) -> None:
         if not self.incoming:
             raise QMPError("'-incoming' was not specified on the command line")
-        if self.incoming != "defer":
+        if self.incoming != "defer" or self.migration is not None:
             raise QMPError("The incoming migration has already been started")
-        self.check_migration_uri(args["uri"])
-        raise QMPError("incoming migration is not available: the migration engine is not part of this build yet")
+        self.start_incoming(args["uri"], ctx.fds)
 
     def migrate_cancel(self, args: dict, ctx: CallContext) -> None:
-        if self.migration_running():
-            raise QMPError("cancelling a migration needs the migration engine, which is not part of this build yet")
+        if isinstance(self.migration, MigrationSource):
+            self.migration.cancel()
 
     def migrate_continue(self, args: dict, ctx: CallContext) -> None:
-        if self.migration_status != args["state"]:
+        if not (isinstance(self.migration, MigrationSource) and self.migration.continue_from(args["state"])):
             raise QMPError(f"Migration not in expected state: {self.migration_status}")
 
     def _postcopy_not_enabled(self, args: dict, ctx: CallContext) -> None:
@@ -283,10 +335,31 @@ class Node:
             raise QMPError("Parameter 'protocol' expects 'spice'")
         raise QMPError("SPICE is not supported by this appliance")
 
-    def calc_dirty_rate(self, args: dict, ctx: CallContext) -> None:
-        if not 1 <= args["calc-time"] <= 60:
+    async def calc_dirty_rate(self, args: dict, ctx: CallContext) -> None:
+        """Measure the guest's dirty rate with the dirty log over calc-time seconds."""
+        seconds = args["calc-time"]
+        if not 1 <= seconds <= 60:
             raise QMPError("calc-time is out of range[1, 60].")
-        raise QMPError("dirty rate measurement is not available: the migration engine is not part of this build yet")
+        if self.vm is None:
+            raise QMPError("this node has no guest to measure")
+        if self.migration_running():
+            raise QMPError("cannot measure the dirty rate while a migration uses the dirty log")
+        if self.dirty_rate["status"] == "measuring":
+            raise QMPError("the dirty rate is already being measured")
+        self.dirty_rate = {"status": "measuring", "start-time": int(time.time()), "calc-time": seconds}
+        self.loop.run_in_executor(None, self._measure_dirty_rate, seconds)
+
+    def _measure_dirty_rate(self, seconds: int) -> None:
+        vm = self.vm
+        vm.start_dirty_tracking()
+        try:
+            vm.fetch_dirty_bitmap()
+            time.sleep(seconds)
+            dirty = sum(bin(b).count("1") for b in vm.fetch_dirty_bitmap())
+        finally:
+            vm.stop_dirty_tracking()
+        # QEMU reports MB/s of dirtied memory.
+        self.dirty_rate = dict(self.dirty_rate, status="measured", **{"dirty-rate": dirty * 4096 // seconds >> 20})
 
     # -- COLO ------------------------------------------------------------------------
 

@@ -1,0 +1,324 @@
+"""Precopy live migration, destination side.
+
+A thread accepts the main channel (and the multifd channels its header
+announces), applies records to guest RAM as they come, and at END checks
+the RAM digest before it loads the device sections and resumes the guest::
+
+    setup       waiting for / reading the header        MIGRATION setup
+    active      applying pages                          MIGRATION active
+    completed   digest matched, devices loaded, guest   MIGRATION completed, RESUME
+                resumed (if it ran on the source)
+    failed      anything wrong: the guest stays stopped, the source is told why
+
+A malformed stream is refused with a clear reason and never harms the
+daemon; the guest's RAM is cleared so that another migration can follow.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+import time
+import zlib
+from typing import Callable
+
+import zstandard
+
+import native
+
+from . import stream
+from .ram import RamDigest
+from .source import RUNSTATE_SECTION
+from .transport import Channel, Listener, TransportError
+
+log = logging.getLogger(__name__)
+
+
+class MigrationDestination:
+    def __init__(self, vm, listener: Listener, capabilities: dict[str, bool], autostart: bool,
+                 on_event: Callable[[str, dict], None]):
+        self.vm = vm
+        self.listener = listener
+        self.caps = dict(capabilities)
+        self.autostart = autostart
+        self.on_event = on_event
+        self.status = "none"
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        _, self.ram_size, self.memfd, ram = vm.ram_regions()[0]
+        self.ram_map = ram
+        self.ram = memoryview(ram)
+        self.start_time = 0.0
+        self.end_time: float | None = None
+        self.pages_received = 0
+        self.bytes_received = 0
+        self._channels: list[Channel] = []
+        self._thread: threading.Thread | None = None
+
+    def set_state(self, old, new: str) -> bool:
+        with self._lock:
+            if self.status not in ((old,) if isinstance(old, str) else old):
+                return False
+            self.status = new
+        log.info("incoming migration %s", new)
+        if self.caps["events"]:
+            self.on_event("MIGRATION", {"status": new})
+        return True
+
+    def start(self) -> None:
+        self.start_time = time.monotonic()
+        self.set_state("none", "setup")
+        self._thread = threading.Thread(target=self._run, name="migration-destination", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def abort(self) -> None:
+        """Stop listening and drop the channels (the daemon is exiting)."""
+        self.listener.close()
+        for channel in list(self._channels):
+            channel.abort()
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("setup", "active")
+
+    def info(self) -> dict:
+        info: dict = {"status": self.status}
+        if self.status == "failed" and self.error:
+            info["error-desc"] = self.error
+        if self.status != "setup":
+            now = self.end_time or time.monotonic()
+            info["total-time"] = int((now - self.start_time) * 1000)
+        return info
+
+    # -- the receiving thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        main = None
+        try:
+            main = self._accept()
+            header = self._read_header(main)
+            self._clear_ram()        # whatever the guest image put there, the source's RAM replaces it
+            self.set_state("setup", "active")
+            self._page_size = header.page_size
+            self._written = bytearray(self.ram_size // header.page_size)   # pages that may be non-zero
+            self.digest = RamDigest(self.ram, self.ram_size, [])
+            self._zstd = zstandard.ZstdDecompressor()
+            workers = self._start_multifd(header)
+            sections = self._read_main(main, header, workers)
+            self._finish(main, sections)
+        except Exception as e:
+            self.error = self.error or (str(e) if isinstance(e, (stream.StreamError, TransportError))
+                                        else f"{type(e).__name__}: {e}")
+            log.warning("incoming migration failed: %s", self.error)
+            if main is not None and main.two_way:
+                try:
+                    main.send(stream.pack_reply(False, self.error))
+                    main.linger(2.0)
+                except TransportError:
+                    pass
+            for channel in self._channels:
+                channel.abort()
+            self._clear_ram()
+            self.end_time = time.monotonic()
+            self.set_state(("setup", "active"), "failed")
+        finally:
+            for channel in self._channels:
+                channel.close()
+            self.listener.close()
+            self._release_views()
+
+    def _release_views(self) -> None:
+        """Drop our views of guest RAM, so that the VM can unmap it when it closes."""
+        digest = getattr(self, "digest", None)
+        if digest is not None:
+            digest.ram.release()
+        self.ram.release()
+
+    def _accept(self) -> Channel:
+        channel = self.listener.accept()
+        self._channels.append(channel)
+        return channel
+
+    def _read_header(self, channel: Channel) -> stream.Header:
+        header = stream.Header.unpack(channel.read_exact(stream.HEADER.size))
+        if header.ram_size != self.ram_size:
+            raise stream.StreamError(f"the source has {header.ram_size >> 20} MiB of RAM, "
+                                     f"this guest {self.ram_size >> 20} MiB")
+        if self.caps["validate-uuid"] and header.vm_uuid != self.vm.uuid:
+            raise stream.StreamError(f"UUID mismatch: the stream is for VM {header.vm_uuid}, "
+                                     f"this is VM {self.vm.uuid}")
+        return header
+
+    def _start_multifd(self, header: stream.Header) -> list[threading.Thread]:
+        if not header.flags & stream.FLAG_MULTIFD:
+            return []
+        self._barrier = threading.Barrier(header.channels)
+        workers = []
+        for _ in range(header.channels):
+            channel = self._accept()
+            sub = stream.Header.unpack(channel.read_exact(stream.HEADER.size))
+            if sub.vm_uuid != header.vm_uuid or sub.flags != header.flags:
+                raise stream.StreamError("a multifd channel belongs to another migration")
+            worker = threading.Thread(target=self._multifd_worker, args=(channel,), daemon=True,
+                                      name=f"multifd-recv-{sub.channels}")
+            worker.start()
+            workers.append(worker)
+        return workers
+
+    def _multifd_worker(self, channel: Channel) -> None:
+        try:
+            while True:
+                kind = channel.read_exact(1)[0]
+                if kind == stream.PASS_END:
+                    number = stream.U32.unpack(channel.read_exact(4))[0]
+                    # Nobody starts the next pass before everyone has finished this one.
+                    self._barrier.wait(timeout=600)
+                    if number == stream.FINAL_PASS:
+                        return
+                elif kind in (stream.PAGES, stream.ZERO_RUN, stream.COMPRESSED):
+                    self._apply(channel, kind)
+                else:
+                    raise stream.StreamError(f"record type {kind} on a multifd channel")
+        except Exception as e:
+            self.error = self.error or str(e)
+            self._barrier.abort()
+            for other in self._channels:
+                other.abort()
+
+    def _read_main(self, main: Channel, header: stream.Header, workers) -> list:
+        sections = []
+        while True:
+            kind = main.read_exact(1)[0]
+            if kind in (stream.PAGES, stream.ZERO_RUN, stream.COMPRESSED, stream.XBZRLE):
+                if workers and kind != stream.XBZRLE:
+                    raise stream.StreamError("page records on the main channel of a multifd stream")
+                self._apply(main, kind)
+            elif kind == stream.PASS_END:
+                main.read_exact(4)
+                self.digest.refresh()          # while the source still runs: off the downtime
+            elif kind == stream.DEVICE:
+                name = main.read_exact(stream.U16.unpack(main.read_exact(2))[0]).decode(errors="replace")
+                version, length = stream.DEVICE_TAIL.unpack(main.read_exact(stream.DEVICE_TAIL.size))
+                if length > stream.MAX_DEVICE_PAYLOAD:
+                    raise stream.StreamError(f"device section {name} claims {length} bytes")
+                sections.append((name, version, main.read_exact(length)))
+            elif kind == stream.END:
+                expected = main.read_exact(stream.DIGEST_SIZE)
+                for worker in workers:
+                    worker.join()
+                if self.error:
+                    raise stream.StreamError(self.error)
+                if self.digest.digest() != expected:
+                    raise stream.StreamError("RAM digest mismatch: the guest's memory did not arrive intact")
+                return sections
+            elif kind == stream.ABORT:
+                message = main.read_exact(stream.U16.unpack(main.read_exact(2))[0]).decode(errors="replace")
+                raise stream.StreamError(f"the source aborted the migration: {message}")
+            else:
+                raise stream.StreamError(f"unknown record type {kind}")
+
+    def _check_pages(self, first: int, count: int) -> None:
+        if count < 1 or first + count > len(self._written):
+            raise stream.StreamError(f"pages {first}..{first + count - 1} lie outside the guest's RAM")
+
+    def _apply(self, channel: Channel, kind: int) -> None:
+        size = self._page_size
+        if kind == stream.ZERO_RUN:
+            first, count = stream.ZERO_RUN_BODY.unpack(channel.read_exact(stream.ZERO_RUN_BODY.size))
+            self._check_pages(first, count)
+            # Fresh RAM is zero: only pages written before need clearing.
+            written = self._written
+            pos = written.find(1, first, first + count)
+            while pos >= 0:
+                end = written.find(0, pos, first + count)
+                end = first + count if end < 0 else end
+                self.ram[pos * size:end * size] = bytes((end - pos) * size)
+                written[pos:end] = bytes(end - pos)
+                self.digest.mark_range(pos * size, end * size)
+                pos = written.find(1, end, first + count)
+            return
+        if kind == stream.XBZRLE:
+            page, length = stream.XBZRLE_HEAD.unpack(channel.read_exact(stream.XBZRLE_HEAD.size))
+            self._check_pages(page, 1)
+            if length > size:
+                raise stream.StreamError(f"XBZRLE record of {length} bytes for a {size}-byte page")
+            delta = channel.read_exact(length)
+            old = bytes(self.ram[page * size:(page + 1) * size])
+            try:
+                self.ram[page * size:(page + 1) * size] = native.xbzrle_decode(delta, old)
+            except ValueError as e:
+                raise stream.StreamError(f"corrupt XBZRLE page {page}: {e}") from e
+            self._mark(page, 1)
+            return
+        codec = channel.read_exact(1)[0] if kind == stream.COMPRESSED else 0
+        count = stream.U32.unpack(channel.read_exact(4))[0]
+        if not 1 <= count <= stream.MAX_BATCH_PAGES:
+            raise stream.StreamError(f"a record of {count} pages")
+        pages = [p for (p,) in stream.U64.iter_unpack(channel.read_exact(8 * count))]
+        for p in pages:
+            self._check_pages(p, 1)
+        contiguous = pages[-1] - pages[0] == count - 1
+        if kind == stream.PAGES:
+            if contiguous:       # straight into guest RAM
+                channel.read_into(self.ram[pages[0] * size:(pages[-1] + 1) * size])
+            else:
+                data = bytearray(count * size)
+                channel.read_into(data)
+                self._scatter(pages, data)
+        else:
+            length = stream.U32.unpack(channel.read_exact(4))[0]
+            if length > 2 * count * size + 1024:
+                raise stream.StreamError(f"a compressed record of {length} bytes for {count} pages")
+            data = self._decompress(codec, channel.read_exact(length), count * size)
+            self._scatter(pages, data)
+        for p in pages:
+            self._mark(p, 1)
+        self.pages_received += count
+
+    def _decompress(self, codec: int, packed: bytes, expected: int) -> bytes:
+        try:
+            if codec == stream.CODEC_ZLIB:
+                data = zlib.decompress(packed)
+            elif codec == stream.CODEC_ZSTD:
+                data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=expected)
+            else:
+                raise stream.StreamError(f"unknown compression codec {codec}")
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise stream.StreamError(f"corrupt compressed pages: {e}") from e
+        if len(data) != expected:
+            raise stream.StreamError(f"compressed pages inflate to {len(data)} bytes, not {expected}")
+        return data
+
+    def _scatter(self, pages: list[int], data) -> None:
+        size = self._page_size
+        view = memoryview(data)
+        for i, p in enumerate(pages):
+            self.ram[p * size:(p + 1) * size] = view[i * size:(i + 1) * size]
+
+    def _mark(self, first: int, count: int) -> None:
+        self._written[first:first + count] = b"\x01" * count
+        self.digest.mark_range(first * self._page_size, (first + count) * self._page_size)
+
+    # -- completion --------------------------------------------------------------------------
+
+    def _finish(self, main: Channel, sections: list) -> None:
+        runstate = dict((name, payload) for name, _, payload in sections).get(RUNSTATE_SECTION, b"running")
+        self.vm.load_devices([s for s in sections if s[0] != RUNSTATE_SECTION])
+        if main.two_way:
+            main.send(stream.pack_reply(True))
+        self.end_time = time.monotonic()
+        if self.autostart and runstate == b"running":
+            self.vm.resume()
+        else:
+            self.vm.set_state("inmigrate", "paused")
+        self.set_state("active", "completed")
+
+    def _clear_ram(self) -> None:
+        """Punch the guest's RAM back to holes (zero), as fresh as a new memfd."""
+        self.ram_map.madvise(mmap.MADV_REMOVE)
+        if hasattr(self, "_written"):
+            self._written[:] = bytes(len(self._written))

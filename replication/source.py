@@ -1,0 +1,612 @@
+"""Precopy live migration, source side.
+
+One thread runs the whole migration, as QEMU's migration thread does::
+
+    setup      connect, header, start dirty logging       MIGRATION setup
+    bulk       every page once (holes as zero runs)       MIGRATION_PASS 1, MIGRATION active
+    passes     sync the dirty log, resend what changed,   MIGRATION_PASS n
+               until the expected downtime fits downtime-limit
+    stop       pause the guest                            STOP
+               [pre-switchover: wait for migrate-continue]
+    device     final sync and pages, device sections,     MIGRATION_PASS n+1
+               RAM digest; wait for the destination's verdict
+    completed  the guest stays paused here (postmigrate)  MIGRATION completed
+
+Any error or a cancel ends in ``failed`` / ``cancelled`` with the guest
+running again as it was; the first error is the one reported.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import zstandard
+
+import native
+
+from . import stream
+from .ram import RamDigest, data_extents
+from .transport import Channel, TransportError, connect
+from .xbzrle import XbzrleCache
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 4096
+RATE_WINDOW = 0.1                 # seconds; QEMU's XFER_LIMIT_RATIO is 10 windows a second
+RUNSTATE_SECTION = "migration.runstate"
+
+
+class MigrationCancelled(Exception):
+    pass
+
+
+class MigrationFailed(Exception):
+    pass
+
+
+def bitmap_runs(bitmap: bytes) -> list[tuple[int, int]]:
+    """Runs (first page, count) of set bits in a KVM dirty bitmap (bit i = page i)."""
+    x = int.from_bytes(bitmap, "little")
+    runs, pos = [], 0
+    while x:
+        zeros = (x & -x).bit_length() - 1
+        x >>= zeros
+        pos += zeros
+        ones = ((x ^ (x + 1)) >> 1).bit_length()
+        runs.append((pos, ones))
+        x >>= ones
+        pos += ones
+    return runs
+
+
+class MigrationSource:
+    def __init__(self, vm, uri: str, capabilities: dict[str, bool], parameters: dict,
+                 named_fds: dict[str, int], on_event: Callable[[str, dict], None]):
+        self.vm = vm
+        self.uri = uri
+        self.caps = dict(capabilities)
+        self.params = dict(parameters)
+        self.named_fds = named_fds
+        self.on_event = on_event
+        self.status = "none"
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._continue = threading.Event()
+        self._channels: list[Channel] = []
+        self._thread: threading.Thread | None = None
+        _, self.ram_size, self.memfd, ram = vm.ram_regions()[0]
+        self.ram = memoryview(ram)
+        self.total_pages = self.ram_size // PAGE_SIZE
+        # MigrationStats, all measured
+        self.start_time = 0.0
+        self.end_time: float | None = None
+        self.setup_time = 0
+        self.downtime: int | None = None
+        self.transferred = 0
+        self.remaining = self.ram_size
+        self.duplicate = 0
+        self.normal = 0
+        self.normal_bytes = 0
+        self.multifd_bytes = 0
+        self.dirty_sync_count = 0
+        self.dirty_pages_rate = 0
+        self.mbps = 0.0
+        self.pages_per_second = 0
+        self.expected_downtime = 0
+        self.throttle_pct = 0
+        self.xbzrle = XbzrleCache(self.params["xbzrle-cache-size"], PAGE_SIZE) if self.caps["xbzrle"] else None
+        self.compress_pages = 0
+        self.compress_busy = 0
+        self.compress_submitted = 0
+        self.compressed_size = 0
+        self._rate_window_start = 0.0
+        self._rate_window_bytes = 0
+        self._limit_rate = True
+        self._pass_pages = 0
+        self._compressor: ThreadPoolExecutor | None = None
+        self._pending: queue.Queue | None = None
+        self._multifd: list[threading.Thread] = []
+        self._multifd_queues: list[queue.Queue] = []
+        self._multifd_error: str | None = None
+        self._next_channel = 0
+
+    # -- control (called from the event loop) ----------------------------------------
+
+    def set_state(self, old: str | tuple, new: str) -> bool:
+        """Compare-and-set of the migration status; announces the change as QEMU does."""
+        with self._lock:
+            if self.status not in ((old,) if isinstance(old, str) else old):
+                return False
+            self.status = new
+        log.info("migration %s", new)
+        if self.caps["events"]:
+            self.on_event("MIGRATION", {"status": new})
+        return True
+
+    def start(self) -> None:
+        self.start_time = time.monotonic()
+        self.set_state("none", "setup")
+        self._thread = threading.Thread(target=self._run, name="migration-source", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        if self.set_state(("setup", "active", "pre-switchover", "device"), "cancelling"):
+            self._cancel.set()
+            for channel in list(self._channels):
+                channel.abort()
+
+    def continue_from(self, state: str) -> bool:
+        if self.status != state:
+            return False
+        self._continue.set()
+        return True
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("setup", "active", "pre-switchover", "device", "cancelling")
+
+    # -- the migration thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        was_running = self.vm.state == "running"
+        paused_here = False
+        try:
+            self._setup()
+            self._bulk_pass()
+            self.setup_time = int((time.monotonic() - self.start_time) * 1000)
+            self.set_state("setup", "active")
+            while not self._converged():
+                self._dirty_pass(final=False)
+            pause_start = time.monotonic()
+            if was_running:
+                self.vm.pause()
+                paused_here = True
+            if self.caps["pause-before-switchover"]:
+                self.set_state("active", "pre-switchover")
+                while not self._continue.wait(0.05):
+                    self._check_cancel()
+                self._expect_state("pre-switchover", "device")
+            else:
+                self._expect_state("active", "device")
+            self._limit_rate = False
+            self._dirty_pass(final=True)
+            self._finish_multifd()
+            self._send_devices(was_running)
+            self._send_end()
+            self._await_verdict()
+            self.downtime = int((time.monotonic() - pause_start) * 1000)
+            self.end_time = time.monotonic()
+            self._expect_state("device", "completed")
+            if paused_here:
+                self.vm.set_state("paused", "postmigrate")
+        except Exception as e:  # any failure: first error wins, the guest runs on
+            self.end_time = time.monotonic()
+            cancelled = self._cancel.is_set()
+            if not cancelled:
+                self.error = self.error or self._verdict_after(e) or self._describe(e)
+                log.warning("migration failed: %s", self.error)
+            self._abort_all(str(self.error or "migration cancelled"))
+            if paused_here and self.vm.state == "paused":
+                self.vm.resume()
+            if cancelled:
+                self.set_state("cancelling", "cancelled")
+            else:
+                self.set_state(("setup", "active", "pre-switchover", "device", "cancelling"), "failed")
+        finally:
+            if self.throttle_pct:
+                self.vm.throttle(0)
+            self.vm.stop_dirty_tracking()
+            if self._compressor is not None:
+                self._compressor.shutdown(wait=False, cancel_futures=True)
+            for channel in self._channels:
+                channel.close()
+            digest = getattr(self, "digest", None)
+            if digest is not None:
+                digest.ram.release()
+            self.ram.release()
+
+    def _verdict_after(self, e: Exception) -> str | None:
+        """When the destination hung up on us, it may have said why first."""
+        if not isinstance(e, TransportError) or not self._channels or not self._channels[0].two_way:
+            return None
+        main = self._channels[0]
+        head = main.read_with_timeout(stream.REPLY_HEAD.size, 2.0)
+        if head is None:
+            return None
+        status, length = stream.REPLY_HEAD.unpack(head)
+        message = main.read_with_timeout(length, 2.0)
+        if status == 0 or message is None:
+            return None
+        return f"the destination refused the migration: {message.decode(errors='replace')}"
+
+    @staticmethod
+    def _describe(e: Exception) -> str:
+        if isinstance(e, (TransportError, MigrationFailed)):
+            return str(e)
+        return f"{type(e).__name__}: {e}"
+
+    def _expect_state(self, old: str, new: str) -> None:
+        if not self.set_state(old, new):
+            self._check_cancel()
+            raise MigrationFailed(f"migration left state {old} unexpectedly ({self.status})")
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled()
+        if self._multifd_error:
+            raise MigrationFailed(self._multifd_error)
+
+    def _setup(self) -> None:
+        channels = self.params["multifd-channels"] if self.caps["multifd"] else 0
+        flags = ((stream.FLAG_XBZRLE if self.xbzrle else 0) | (stream.FLAG_COMPRESS if self.caps["compress"] else 0)
+                 | (stream.FLAG_MULTIFD if channels else 0))
+        main = self._open_channel()
+        main.send(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, channels).pack())
+        for number in range(channels):
+            channel = self._open_channel()
+            channel.send(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, number).pack())
+            self._start_multifd_channel(channel)
+        if self.caps["compress"]:
+            self._compressor = ThreadPoolExecutor(self.params["compress-threads"], "compress")
+            self._pending = queue.Queue()
+        self.vm.start_dirty_tracking()
+
+    def _open_channel(self) -> Channel:
+        channel = connect(self.uri, self.named_fds)
+        self._channels.append(channel)
+        self._check_cancel()
+        return channel
+
+    # -- passes ---------------------------------------------------------------------------
+
+    def _bulk_pass(self) -> None:
+        """Every page once: holes in the memfd are zero without being read."""
+        self._sync_event()
+        extents = data_extents(self.memfd, self.ram_size)
+        self.digest = RamDigest(self.ram, self.ram_size, extents)
+        started, self._pass_pages, sent_before = time.monotonic(), 0, self.transferred
+        pos = 0
+        for start, end in extents + [(self.ram_size, self.ram_size)]:
+            first, last = start // PAGE_SIZE, -(-end // PAGE_SIZE)
+            if first > pos:
+                self._send_zero_run(pos, first - pos)
+            self._send_pages(first, last - first, use_xbzrle=False)
+            pos = max(pos, last)
+        self._end_pass(1)
+        self._pass_measure(started, sent_before)
+        self.remaining = 0
+        self._hash_rate = self._refresh_digest()
+
+    def _sync_event(self) -> None:
+        self.dirty_sync_count += 1
+        if self.caps["events"]:
+            self.on_event("MIGRATION_PASS", {"pass": self.dirty_sync_count})
+
+    def _converged(self) -> bool:
+        """Sync the dirty log and decide whether the rest fits in downtime-limit."""
+        self._check_cancel()
+        now = time.monotonic()
+        self._dirty_bitmap = self.vm.fetch_dirty_bitmap()
+        self._dirty_runs = bitmap_runs(self._dirty_bitmap)
+        self._sync_event()
+        dirty = sum(count for _, count in self._dirty_runs)
+        elapsed = max(now - getattr(self, "_last_sync", self.start_time), 1e-6)
+        self._last_sync = now
+        self.dirty_pages_rate = int(dirty / elapsed)
+        self.remaining = dirty * PAGE_SIZE
+        bandwidth = max(self._bandwidth, 1.0)                       # bytes/s
+        self.expected_downtime = int(1000 * (self.remaining / bandwidth + 2 * self.remaining / self._hash_rate))
+        self._auto_converge(dirty)
+        return self.expected_downtime <= self.params["downtime-limit"]
+
+    def _dirty_pass(self, final: bool) -> None:
+        if final:
+            # What the last live sync found (not sent: that sync decided to stop) and what
+            # was dirtied since, together.
+            pending = int.from_bytes(self._dirty_bitmap, "little")
+            final_bitmap = self.vm.fetch_dirty_bitmap()
+            merged = pending | int.from_bytes(final_bitmap, "little")
+            self._dirty_runs = bitmap_runs(merged.to_bytes(len(final_bitmap), "little"))
+            self._sync_event()
+            self.remaining = sum(count for _, count in self._dirty_runs) * PAGE_SIZE
+        started, self._pass_pages, sent_before = time.monotonic(), 0, self.transferred
+        for first, count in self._dirty_runs:
+            self.digest.mark_range(first * PAGE_SIZE, (first + count) * PAGE_SIZE)
+            self._send_pages(first, count, use_xbzrle=self.xbzrle is not None)
+            self.remaining = max(self.remaining - count * PAGE_SIZE, 0)
+        self._end_pass(stream.FINAL_PASS if final else self.dirty_sync_count)
+        self._pass_measure(started, sent_before)
+        if not final:
+            self._hash_rate = self._refresh_digest()
+
+    def _refresh_digest(self) -> float:
+        """Rehash what changed (off the downtime); returns the measured hash rate in bytes/s."""
+        started = time.monotonic()
+        hashed = self.digest.refresh()
+        elapsed = time.monotonic() - started
+        return hashed / elapsed if hashed and elapsed > 0 else getattr(self, "_hash_rate", 2e9)
+
+    def _pass_measure(self, started: float, sent_before: int) -> None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        sent = self.transferred - sent_before
+        self._bandwidth = sent / elapsed if sent > 65536 else getattr(self, "_bandwidth", 1e9)
+        self.mbps = round(sent * 8 / 1e6 / elapsed, 3)
+        self.pages_per_second = int(self._pass_pages / elapsed)
+
+    def _auto_converge(self, dirty_pages: int) -> None:
+        """QEMU's migration_trigger_throttle: throttle when the guest dirties more than
+        throttle-trigger-threshold percent of what a pass could send, twice in a row."""
+        if not self.caps["auto-converge"] or self.dirty_sync_count < 3:
+            return
+        dirty_bytes = dirty_pages * PAGE_SIZE
+        sendable = self._bandwidth * (time.monotonic() - self.start_time) / max(self.dirty_sync_count, 1)
+        if dirty_bytes * 100 <= sendable * self.params["throttle-trigger-threshold"]:
+            self._high_dirty = 0
+            return
+        self._high_dirty = getattr(self, "_high_dirty", 0) + 1
+        if self._high_dirty < 2:
+            return
+        self._high_dirty = 0
+        if self.throttle_pct == 0:
+            pct = self.params["cpu-throttle-initial"]
+        elif self.params["cpu-throttle-tailslow"]:
+            needed = 100 - 100 * sendable / max(dirty_bytes, 1)
+            pct = self.throttle_pct + max(min(int(needed), self.params["cpu-throttle-increment"]), 1)
+        else:
+            pct = self.throttle_pct + self.params["cpu-throttle-increment"]
+        self.throttle_pct = min(pct, self.params["max-cpu-throttle"])
+        log.info("auto-converge: throttling the guest to %d%%", self.throttle_pct)
+        self.vm.throttle(self.throttle_pct)
+
+    # -- sending pages -------------------------------------------------------------------
+
+    def _account(self, nbytes: int) -> None:
+        """Count bytes and keep to max-bandwidth during the live passes."""
+        self.transferred += nbytes
+        limit = self.params["max-bandwidth"]
+        if not self._limit_rate or not limit:
+            return
+        now = time.monotonic()
+        if now - self._rate_window_start >= RATE_WINDOW:
+            self._rate_window_start, self._rate_window_bytes = now, 0
+        self._rate_window_bytes += nbytes
+        if self._rate_window_bytes >= limit * RATE_WINDOW:
+            time.sleep(max(self._rate_window_start + RATE_WINDOW - now, 0))
+            self._rate_window_start, self._rate_window_bytes = time.monotonic(), 0
+
+    def _send_pages(self, first: int, count: int, use_xbzrle: bool) -> None:
+        """Pages [first, first+count) in batches: zero runs, then normal or delta pages."""
+        for batch in range(first, first + count, stream.MAX_BATCH_PAGES):
+            self._check_cancel()
+            n = min(stream.MAX_BATCH_PAGES, first + count - batch)
+            zero = native.zero_pages(self.ram[batch * PAGE_SIZE:(batch + n) * PAGE_SIZE], PAGE_SIZE)
+            i = 0
+            while i < n:
+                j = zero.find(b"\x00" if zero[i] else b"\x01", i)
+                j = n if j < 0 else j
+                if zero[i]:
+                    self._send_zero_run(batch + i, j - i)
+                else:
+                    self._send_normal(batch + i, j - i, use_xbzrle)
+                i = j
+
+    def _send_zero_run(self, first: int, count: int) -> None:
+        self.duplicate += count
+        self._pass_pages += count
+        record = bytes([stream.ZERO_RUN]) + stream.ZERO_RUN_BODY.pack(first, count)
+        if self._multifd:
+            self._to_multifd(record, None)
+        else:
+            self._channels[0].send(record)
+            self._account(len(record))
+
+    def _send_normal(self, first: int, count: int, use_xbzrle: bool) -> None:
+        pages = list(range(first, first + count))
+        if use_xbzrle:
+            whole = []
+            for page in pages:
+                data = bytes(self.ram[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
+                delta = self.xbzrle.encode(page, data)
+                if delta is None:
+                    whole.append(page)
+                elif delta:
+                    record = bytes([stream.XBZRLE]) + stream.XBZRLE_HEAD.pack(page, len(delta)) + delta
+                    self._channels[0].send(record)
+                    self._account(len(record))
+                    self._pass_pages += 1
+            pages = whole
+            if not pages:
+                return
+            data = b"".join(self.ram[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] for p in pages)
+        else:
+            data = self.ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+        self.normal += len(pages)
+        self.normal_bytes += len(pages) * PAGE_SIZE
+        self._pass_pages += len(pages)
+        index = stream.U32.pack(len(pages)) + b"".join(stream.U64.pack(p) for p in pages)
+        if self._multifd:
+            self._to_multifd(index, data)
+        elif self._compressor is not None:
+            self._compress(index, data)
+        else:
+            self._channels[0].send(bytes([stream.PAGES]) + index)
+            self._channels[0].send(data)
+            self._account(1 + len(index) + len(data))
+
+    # -- compress: a pool of zlib threads, results written in order ------------------------
+
+    def _compress(self, index: bytes, data) -> None:
+        threads = self.params["compress-threads"]
+        if self._pending.qsize() >= threads:
+            self.compress_busy += 1
+            self._write_compressed(self._pending.get())
+        level = self.params["compress-level"]
+        self.compress_submitted += 1
+        self._pending.put((index, len(data), self._compressor.submit(zlib.compress, bytes(data), level)))
+
+    def _write_compressed(self, item) -> None:
+        index, raw_size, future = item
+        packed = future.result()
+        self.compress_pages += raw_size // PAGE_SIZE
+        self.compressed_size += len(packed)
+        record = bytes([stream.COMPRESSED, stream.CODEC_ZLIB]) + index + stream.U32.pack(len(packed))
+        self._channels[0].send(record)
+        self._channels[0].send(packed)
+        self._account(len(record) + len(packed))
+
+    def _drain_compressed(self) -> None:
+        while self._pending is not None and not self._pending.empty():
+            self._write_compressed(self._pending.get())
+
+    # -- multifd: pages spread over several connections ------------------------------------
+
+    def _start_multifd_channel(self, channel: Channel) -> None:
+        q: queue.Queue = queue.Queue(maxsize=8)
+        thread = threading.Thread(target=self._multifd_sender, args=(channel, q), daemon=True,
+                                  name=f"multifd-send-{len(self._multifd)}")
+        self._multifd_queues.append(q)
+        self._multifd.append(thread)
+        thread.start()
+
+    def _multifd_sender(self, channel: Channel, q: queue.Queue) -> None:
+        method = self.params["multifd-compression"]
+        zstd = zstandard.ZstdCompressor(level=self.params["multifd-zstd-level"]) if method == "zstd" else None
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                head, data = item
+                if data is None:
+                    channel.send(head)
+                    continue
+                if method == "none":
+                    channel.send(bytes([stream.PAGES]) + head)
+                    channel.send(data)
+                    self.multifd_bytes += 1 + len(head) + len(data)
+                    continue
+                if zstd is not None:
+                    packed, codec = zstd.compress(bytes(data)), stream.CODEC_ZSTD
+                else:
+                    packed, codec = zlib.compress(bytes(data), self.params["multifd-zlib-level"]), stream.CODEC_ZLIB
+                channel.send(bytes([stream.COMPRESSED, codec]) + head + stream.U32.pack(len(packed)))
+                channel.send(packed)
+                self.multifd_bytes += 6 + len(head) + len(packed)
+        except TransportError as e:
+            self._multifd_error = self._multifd_error or str(e)
+            while q.get() is not None:    # keep the producer from blocking on a dead channel
+                pass
+
+    def _to_multifd(self, head: bytes, data) -> None:
+        q = self._multifd_queues[self._next_channel]
+        self._next_channel = (self._next_channel + 1) % len(self._multifd_queues)
+        if data is not None:
+            data = bytes(data)     # the queue outlives this pass: copy the page data now
+        while True:
+            self._check_cancel()
+            try:
+                q.put((head, data), timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._account(len(head) + (len(data) if data is not None else 0))
+
+    def _end_pass(self, number: int) -> None:
+        self._drain_compressed()
+        record = bytes([stream.PASS_END]) + stream.U32.pack(number)
+        for q in self._multifd_queues:
+            q.put((record, None))
+        self._channels[0].send(record)
+
+    def _finish_multifd(self) -> None:
+        for q in self._multifd_queues:
+            q.put(None)
+        for thread in self._multifd:
+            thread.join()
+        self._check_cancel()
+
+    # -- completion ------------------------------------------------------------------------
+
+    def _send_devices(self, was_running: bool) -> None:
+        main = self._channels[0]
+        for name, version, payload in self.vm.save_devices():
+            main.send(stream.pack_device(name, version, payload))
+        main.send(stream.pack_device(RUNSTATE_SECTION, 1, b"running" if was_running else b"paused"))
+
+    def _send_end(self) -> None:
+        digest = self.digest.digest()
+        self._channels[0].send(bytes([stream.END]) + digest)
+        self._account(1 + len(digest))
+
+    def _await_verdict(self) -> None:
+        main = self._channels[0]
+        if not main.two_way:
+            main.finish()
+            return
+        status, length = stream.REPLY_HEAD.unpack(main.read_exact(stream.REPLY_HEAD.size))
+        message = main.read_exact(length).decode(errors="replace")
+        if status != 0:
+            raise MigrationFailed(f"the destination refused the migration: {message}")
+
+    def _abort_all(self, message: str) -> None:
+        for q in self._multifd_queues:
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
+        if self._channels:
+            try:
+                if self._channels[0].two_way and not self._cancel.is_set():
+                    self._channels[0].send(stream.pack_abort(message))
+            except TransportError:
+                pass
+        for channel in self._channels:
+            channel.abort()
+        for thread in self._multifd:
+            thread.join(5)
+
+    # -- query-migrate -------------------------------------------------------------------
+
+    def info(self) -> dict:
+        now = self.end_time or time.monotonic()
+        info: dict = {"status": self.status}
+        if self.status in ("setup",):
+            return info
+        info["ram"] = {
+            "transferred": self.transferred, "remaining": self.remaining, "total": self.ram_size,
+            "duplicate": self.duplicate, "skipped": 0, "normal": self.normal, "normal-bytes": self.normal_bytes,
+            "dirty-pages-rate": self.dirty_pages_rate, "mbps": self.mbps, "dirty-sync-count": self.dirty_sync_count,
+            "postcopy-requests": 0, "page-size": PAGE_SIZE, "multifd-bytes": self.multifd_bytes,
+            "pages-per-second": self.pages_per_second,
+        }
+        info["total-time"] = int((now - self.start_time) * 1000)
+        info["setup-time"] = self.setup_time
+        if self.status == "completed":
+            info["downtime"] = self.downtime
+        else:
+            info["expected-downtime"] = self.expected_downtime
+        if self.caps["auto-converge"]:
+            info["cpu-throttle-percentage"] = self.throttle_pct
+        if self.xbzrle is not None:
+            info["xbzrle-cache"] = self.xbzrle.stats()
+        if self.caps["compress"]:
+            info["compression"] = {
+                "pages": self.compress_pages, "busy": self.compress_busy,
+                "busy-rate": self.compress_busy / self.compress_submitted if self.compress_submitted else 0.0,
+                "compressed-size": self.compressed_size,
+                "compression-rate": (self.compress_pages * PAGE_SIZE / self.compressed_size
+                                     if self.compressed_size else 0.0),
+            }
+        if self.status == "failed" and self.error:
+            info["error-desc"] = self.error
+        return info

@@ -1,0 +1,106 @@
+"""The migration stream format (version 1), also drawn in docs/stream-format.md.
+
+All integers are little-endian.  A stream is a header, records, and an end
+record carrying the digest of the guest's RAM::
+
+    header   "COLOMIG\\0" (8)  version u32  flags u32  uuid (16)  page_size u32
+             ram_size u64  channels u8                       (45 bytes)
+    record   type u8, then by type:
+      PAGES        count u32, count x page u64, count x page_size bytes     normal pages
+      ZERO_RUN     first u64, count u32                                     zero pages
+      XBZRLE       page u64, length u32, length bytes                       delta vs the last sent copy
+      COMPRESSED   codec u8, count u32, count x page u64, length u32, bytes  normal pages, compressed
+                   (codec 1 zlib, 2 zstd)
+      PASS_END     pass u32                                                 end of a dirty-sync pass
+      DEVICE       name_len u16, name, version u32, length u32, payload      one device state section
+      END          digest (32)                                              RAM digest, see below
+      ABORT        length u16, utf-8 message                                the source gave up
+    reply    (destination -> source, on the same connection when it is two-way)
+             status u8 (0 ok, 1 failed), length u16, utf-8 message
+
+A multifd channel starts with the same header (its ``channels`` byte holding
+its channel number) and carries PAGES/ZERO_RUN/COMPRESSED and PASS_END only;
+the main channel carries everything else.  The destination applies pass N+1
+on any channel only after every channel has finished pass N, so a newer copy
+of a page never loses to an older one.
+
+The RAM digest is blake3 over the concatenation of the blake3 digests of each
+2 MiB chunk of RAM (a two-level hash, so either side can keep chunk digests
+current as pages change and rehash only what changed; an all-zero chunk has a
+known digest and is never hashed).  The destination resumes the guest only
+when its own digest equals the source's.
+"""
+from __future__ import annotations
+
+import struct
+import uuid as uuidlib
+
+MAGIC = b"COLOMIG\0"
+VERSION = 1
+HEADER = struct.Struct("<8sII16sIQB")
+
+PAGES, ZERO_RUN, XBZRLE, COMPRESSED, PASS_END, DEVICE, END, ABORT = range(1, 9)
+RECORD_NAMES = {PAGES: "PAGES", ZERO_RUN: "ZERO_RUN", XBZRLE: "XBZRLE", COMPRESSED: "COMPRESSED",
+                PASS_END: "PASS_END", DEVICE: "DEVICE", END: "END", ABORT: "ABORT"}
+
+CODEC_ZLIB, CODEC_ZSTD = 1, 2
+
+FLAG_XBZRLE = 1 << 0
+FLAG_COMPRESS = 1 << 1
+FLAG_MULTIFD = 1 << 2
+
+U8 = struct.Struct("<B")
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+ZERO_RUN_BODY = struct.Struct("<QI")
+XBZRLE_HEAD = struct.Struct("<QI")
+DEVICE_TAIL = struct.Struct("<II")
+REPLY_HEAD = struct.Struct("<BH")
+DIGEST_SIZE = 32
+MAX_BATCH_PAGES = 1024          # pages in one PAGES/COMPRESSED record
+FINAL_PASS = 0xFFFFFFFF         # PASS_END of the stop-and-copy pass
+MAX_DEVICE_PAYLOAD = 64 << 20
+
+
+class StreamError(Exception):
+    """A stream the destination refuses; the message says what was wrong."""
+
+
+class Header:
+    def __init__(self, flags: int, vm_uuid: str, page_size: int, ram_size: int, channels: int):
+        self.flags = flags
+        self.vm_uuid = vm_uuid
+        self.page_size = page_size
+        self.ram_size = ram_size
+        self.channels = channels
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, VERSION, self.flags, uuidlib.UUID(self.vm_uuid).bytes, self.page_size,
+                           self.ram_size, self.channels)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Header":
+        magic, version, flags, raw_uuid, page_size, ram_size, channels = HEADER.unpack(data)
+        if magic != MAGIC:
+            raise StreamError("not a colo-appliance migration stream (bad magic)")
+        if version != VERSION:
+            raise StreamError(f"unsupported migration stream version {version} (this node reads {VERSION})")
+        if page_size not in (4096,):
+            raise StreamError(f"unsupported page size {page_size}")
+        return cls(flags, str(uuidlib.UUID(bytes=raw_uuid)), page_size, ram_size, channels)
+
+
+def pack_reply(ok: bool, message: str = "") -> bytes:
+    data = message.encode()[:65535]
+    return REPLY_HEAD.pack(0 if ok else 1, len(data)) + data
+
+
+def pack_device(name: str, version: int, payload: bytes) -> bytes:
+    raw = name.encode()
+    return U8.pack(DEVICE) + U16.pack(len(raw)) + raw + DEVICE_TAIL.pack(version, len(payload)) + payload
+
+
+def pack_abort(message: str) -> bytes:
+    data = message.encode()[:65535]
+    return U8.pack(ABORT) + U16.pack(len(data)) + data

@@ -1,0 +1,259 @@
+"""The migration engine between two VMs in one process: RAM equal byte for byte."""
+import os
+import socket
+import threading
+import time
+
+import blake3
+import pytest
+
+from replication import stream
+from replication.destination import MigrationDestination
+from replication.source import MigrationSource, bitmap_runs
+from replication.transport import Listener
+from appliance.control.migration_settings import DEFAULT_PARAMETERS
+from vmm_helpers import (assert_one_step, guest_images, last_pass, memdirty_layout,  # noqa: F401
+                         page_counters, vms, wait_for)
+
+pytestmark = pytest.mark.kvm
+
+CAPS = {"xbzrle": False, "compress": False, "multifd": False, "auto-converge": False, "events": True,
+        "pause-before-switchover": False, "validate-uuid": False, "return-path": False}
+
+
+def ram_digest(vm):
+    return blake3.blake3(vm.ram_regions()[0][3]).hexdigest()
+
+
+class Run:
+    """A source and a destination VM and the events each side announced."""
+
+    def __init__(self, vms, tmp_path, mib=8, memory=32, cmdline=None, caps=None, params=None, uri=None):
+        cmdline = cmdline or f"mib={mib} rate=0"
+        self.src = vms.new("memdirty", cmdline, memory_mib=memory)
+        self.dst = vms.new("memdirty", cmdline, memory_mib=memory, start_paused=True)
+        assert self.dst.set_state("prelaunch", "inmigrate")
+        self.caps = dict(CAPS, **(caps or {}))
+        self.params = {**DEFAULT_PARAMETERS, "max-bandwidth": 0, **(params or {})}
+        self.uri = uri or f"unix:{tmp_path}/mig.sock"
+        self.src_events, self.dst_events = [], []
+        self.src.start()
+        memdirty_layout(self.src)
+
+    def migrate(self, autostart=False, wait=True):
+        self.source = MigrationSource(self.src, self.uri, self.caps, self.params, {},
+                                      lambda n, d: self.src_events.append((n, d)))
+        one_way = self.uri.startswith("file:")
+        if one_way:                      # the file must be written before it can be read
+            self.source.start()
+            self.source.join(60)
+        self.destination = MigrationDestination(self.dst, Listener(self.uri), self.caps, autostart,
+                                                lambda n, d: self.dst_events.append((n, d)))
+        self.destination.start()
+        if not one_way:
+            self.source.start()
+        if wait:
+            self.wait()
+        return self
+
+    def wait(self, timeout=60):
+        self.source.join(timeout)
+        self.destination.join(timeout)
+        assert not self.source._thread.is_alive() and not self.destination._thread.is_alive()
+
+
+def statuses(events):
+    return [d["status"] for n, d in events if n == "MIGRATION"]
+
+
+def assert_memdirty_intact(run, vm):
+    """The one-step invariant, with the working set's layout from the source's console
+    (the destination's console log starts empty)."""
+    base, pages = memdirty_layout(run.src)
+    assert_one_step(page_counters(vm.ram_regions()[0][3], base, pages))
+
+
+def test_bitmap_runs():
+    assert bitmap_runs(bytes(8)) == []
+    assert bitmap_runs(bytes([0b1110_0110, 0xFF, 0x01])) == [(1, 2), (5, 12)]
+    assert bitmap_runs(b"\xff" * 16) == [(0, 128)]
+
+
+def test_memdirty_migrates_and_ram_matches(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path, mib=16, memory=64).migrate()
+    assert run.source.status == "completed", run.source.error
+    assert run.destination.status == "completed", run.destination.error
+    assert statuses(run.src_events) == ["setup", "active", "device", "completed"]
+    assert statuses(run.dst_events) == ["setup", "active", "completed"]
+    passes = [d["pass"] for n, d in run.src_events if n == "MIGRATION_PASS"]
+    assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 3
+    # Source postmigrate, destination paused (no autostart): RAM equal byte for byte.
+    assert run.src.state == "postmigrate" and run.dst.state == "paused"
+    assert ram_digest(run.src) == ram_digest(run.dst)
+    assert_memdirty_intact(run, run.dst)
+    info = run.source.info()
+    ram = info["ram"]
+    assert ram["total"] == 64 << 20 and ram["page-size"] == 4096
+    assert ram["normal"] >= 16 * 256 and ram["normal-bytes"] == ram["normal"] * 4096
+    assert ram["duplicate"] > 0 and ram["transferred"] >= ram["normal-bytes"]
+    assert ram["dirty-sync-count"] == len(passes) and ram["mbps"] > 0
+    assert 0 <= info["downtime"] <= info["total-time"] and info["setup-time"] <= info["total-time"]
+    # The guest carries on at the destination, its own invariant check included.
+    saved = last_pass(run.src.read_console())
+    run.dst.resume()
+    wait_for(lambda: last_pass(run.dst.read_console()) > saved + 2, timeout=10, what="passes at the destination")
+    run.dst.pause()
+    assert_memdirty_intact(run, run.dst)
+    assert "FAIL" not in run.dst.read_console()
+
+
+def test_autostart_resumes_the_destination(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path).migrate(autostart=True)
+    assert run.destination.status == "completed" and run.dst.state == "running"
+
+
+def test_paused_source_stays_paused_at_destination(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path)
+    run.src.pause()
+    run.migrate(autostart=True)
+    assert run.destination.status == "completed" and run.dst.state == "paused"
+    assert ram_digest(run.src) == ram_digest(run.dst)
+
+
+@pytest.mark.parametrize("caps, params", [
+    ({"compress": True}, {"compress-threads": 2}),
+    ({"multifd": True}, {"multifd-channels": 3}),
+    ({"multifd": True}, {"multifd-compression": "zlib"}),
+    ({"multifd": True}, {"multifd-compression": "zstd", "multifd-zstd-level": 3}),
+    ({"validate-uuid": False, "return-path": True}, {}),
+], ids=["compress", "multifd", "multifd-zlib", "multifd-zstd", "return-path"])
+def test_capabilities_migrate_correctly(vms, guest_images, tmp_path, caps, params):
+    run = Run(vms, tmp_path, caps=caps, params=params).migrate()
+    assert run.source.status == "completed", run.source.error
+    assert ram_digest(run.src) == ram_digest(run.dst)
+    assert_memdirty_intact(run, run.dst)
+    info = run.source.info()
+    if caps.get("compress"):
+        assert info["compression"]["pages"] > 0 and info["compression"]["compression-rate"] > 1
+    if caps.get("multifd"):
+        assert info["ram"]["multifd-bytes"] > 0
+
+
+def test_pause_before_switchover(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path, caps={"pause-before-switchover": True}).migrate(wait=False)
+    wait_for(lambda: run.source.status == "pre-switchover", timeout=30, what="pre-switchover")
+    assert run.src.state == "paused"
+    time.sleep(0.2)
+    assert run.source.status == "pre-switchover"
+    assert run.source.continue_from("pre-switchover")
+    run.wait()
+    assert statuses(run.src_events) == ["setup", "active", "pre-switchover", "device", "completed"]
+    assert ram_digest(run.src) == ram_digest(run.dst)
+
+
+def test_file_and_exec_uris(vms, guest_images, tmp_path):
+    path = tmp_path / "guest.mig"
+    run = Run(vms, tmp_path, uri=f"file:{path}")
+    run.src.pause()
+    run.migrate()
+    assert run.source.status == "completed" and run.destination.status == "completed"
+    assert ram_digest(run.src) == ram_digest(run.dst)
+    assert path.read_bytes()[:8] == stream.MAGIC
+
+
+def test_cancel_in_each_phase_leaves_the_source_running(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path, mib=16, memory=64, params={"max-bandwidth": 32 << 20}).migrate(wait=False)
+    wait_for(lambda: run.source.status == "active", timeout=30, what="active")
+    before = last_pass(run.src.read_console())
+    run.source.cancel()
+    run.wait()
+    assert run.source.status == "cancelled" and "error-desc" not in run.source.info()
+    assert statuses(run.src_events) == ["setup", "active", "cancelling", "cancelled"]
+    assert run.destination.status == "failed"
+    assert run.src.state == "running"
+    wait_for(lambda: last_pass(run.src.read_console()) > before, what="the source guest to go on")
+
+
+def test_cancel_in_pre_switchover_resumes_the_source(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path, caps={"pause-before-switchover": True}).migrate(wait=False)
+    wait_for(lambda: run.source.status == "pre-switchover", timeout=30, what="pre-switchover")
+    run.source.cancel()
+    run.wait()
+    assert run.source.status == "cancelled" and run.src.state == "running"
+
+
+def test_uuid_mismatch_is_refused(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path, caps={"validate-uuid": True}).migrate()
+    assert run.destination.status == "failed"
+    assert run.destination.error.startswith("UUID mismatch")
+    assert run.source.status == "failed"
+    assert "UUID mismatch" in run.source.info()["error-desc"]
+    assert run.src.state == "running" and run.dst.state == "inmigrate"
+
+
+def test_destination_refuses_a_different_ram_size(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path)
+    run.dst.close()
+    run.dst = vms.new("memdirty", "mib=8 rate=0", memory_mib=16, start_paused=True)
+    run.dst.set_state("prelaunch", "inmigrate")
+    run.migrate()
+    assert run.destination.status == "failed" and "MiB of RAM" in run.destination.error
+    assert run.source.status == "failed" and run.src.state == "running"
+
+
+def test_connection_refused(vms, guest_images, tmp_path):
+    src = vms.new("memdirty", "mib=4 rate=0", memory_mib=16)
+    src.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    source = MigrationSource(src, f"tcp:127.0.0.1:{port}", CAPS, DEFAULT_PARAMETERS, {}, lambda n, d: None)
+    source.start()
+    source.join(10)
+    assert source.status == "failed" and "Connection refused" in source.info()["error-desc"]
+    assert src.state == "running"
+
+
+
+
+@pytest.mark.parametrize("spoil", ["magic", "version", "truncated", "flipped-page", "bad-record", "page-range"])
+def test_malformed_streams_are_refused(vms, guest_images, tmp_path, spoil):
+    path = tmp_path / "good.mig"
+    run = Run(vms, tmp_path, uri=f"file:{path}")
+    run.src.pause()
+    run.migrate()
+    assert run.destination.status == "completed"
+    data = bytearray(path.read_bytes())
+    header = stream.HEADER.size
+    if spoil == "magic":
+        data[0] ^= 0xFF
+    elif spoil == "version":
+        data[8] = 99
+    elif spoil == "truncated":
+        data = data[:len(data) // 2]
+    elif spoil == "flipped-page":
+        pos = data.find(bytes([stream.PAGES]), header)
+        data[pos + 1 + 4 + 8 + 100] ^= 0x01     # a byte of the first normal page
+    elif spoil == "bad-record":
+        data[header] = 0x7F
+    elif spoil == "page-range":
+        data[header:header] = bytes([stream.ZERO_RUN]) + stream.ZERO_RUN_BODY.pack(1 << 40, 1)
+    bad = tmp_path / "bad.mig"
+    bad.write_bytes(bytes(data))
+    target = vms.new("memdirty", "mib=8 rate=0", memory_mib=32, start_paused=True)
+    target.set_state("prelaunch", "inmigrate")
+    destination = MigrationDestination(target, Listener(f"file:{bad}"), CAPS, True, lambda n, d: None)
+    destination.start()
+    destination.join(30)
+    assert destination.status == "failed"
+    expected = {"magic": "bad magic", "version": "unsupported migration stream version 99",
+                "truncated": "closed", "flipped-page": "RAM digest mismatch", "bad-record": "unknown record type 127",
+                "page-range": "outside the guest's RAM"}[spoil]
+    assert expected in destination.error
+    assert target.state == "inmigrate"
+    # The RAM was cleared: the next, good stream lands on clean memory.
+    destination = MigrationDestination(target, Listener(f"file:{path}"), CAPS, False, lambda n, d: None)
+    destination.start()
+    destination.join(30)
+    assert destination.status == "completed"
+    assert ram_digest(target) == ram_digest(run.src)
