@@ -274,7 +274,10 @@ static PyObject *memcmp_bandwidth_probe(PyObject *self, PyObject *args)
 /* ---- XBZRLE (QEMU migration/xbzrle.c) ---------------------------------------
  * encoded = (zrun nzrun)*, zrun = ULEB128 count of equal bytes, nzrun = ULEB128
  * count n > 0 of differing bytes followed by those n bytes of the new page.
- * A trailing run of equal bytes is not encoded; equal pages encode to nothing. */
+ * A trailing run of equal bytes is not encoded; equal pages encode to nothing.
+ * Beyond QEMU: any length and alignment, ULEB128s longer than 2 bytes (pages
+ * over 16 KiB), and an exact limit (QEMU wants 2 spare bytes before each run,
+ * so it may give up on an encoding that would end within 2 bytes of its limit). */
 
 /* End of the run of equal bytes starting at i. */
 static Py_ssize_t equal_run_end(const uint8_t *a, const uint8_t *b, Py_ssize_t i, Py_ssize_t len)

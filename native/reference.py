@@ -46,6 +46,7 @@ def changed_pages(buf, shadow, page_size: int, page_numbers=None) -> bytes:
 # XBZRLE, as QEMU's migration/xbzrle.c: encoded = (zrun nzrun)*, where zrun is the
 # ULEB128 count of equal bytes and nzrun the ULEB128 count n > 0 of differing bytes
 # followed by those n bytes of the new page.  A trailing equal run is not encoded.
+# Unlike QEMU: any page length, ULEB128s past 2 bytes, and an exact limit.
 
 def _uleb128(value: int) -> bytes:
     out = bytearray()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import native
-from native import reference
+from native import _native, reference
 
 PAGE = 4096
 IMPLS = pytest.mark.parametrize("impl", [native, reference], ids=["native", "reference"])
@@ -50,6 +50,9 @@ def test_zero_pages_listed(impl):
     assert impl.zero_pages(mixed, PAGE, [3, 1, 1, 0]) == b"\x00\x00\x00\x01"
     assert impl.zero_pages(mixed, PAGE, array("Q", [4, 2])) == b"\x01\x01"
     assert impl.zero_pages(mixed, PAGE, page_numbers=[]) == b""
+    # A strided view is no contiguous buffer: read as a sequence instead.
+    assert impl.zero_pages(mixed, PAGE, memoryview(array("Q", [1, 9, 2, 9]))[::2]) == b"\x00\x01"
+    assert impl.zero_pages(mixed, PAGE, array("i", [2, 3])) == b"\x01\x00"
 
 
 @IMPLS
@@ -129,6 +132,7 @@ def test_xbzrle_limit(impl):
     assert impl.xbzrle_encode(old, new, size - 1) is None
     assert impl.xbzrle_encode(old, new, 0) is None
     assert impl.xbzrle_encode(old, old, 0) == b""
+    assert impl.xbzrle_encode(old, new, sys.maxsize) == b"\x03\x02xy\x05\x01q"
     # Every other byte changed: the encoding is half again as long as the page.
     noisy = bytes(b ^ (i % 2) for i, b in enumerate(old))
     assert impl.xbzrle_encode(old, noisy, PAGE) is None
@@ -323,6 +327,17 @@ def test_gather_scatter_properties(page_size, data):
     native.scatter_pages(dests[0], array("Q", numbers), page_size, outs[0])
     reference.scatter_pages(dests[1], numbers, page_size, outs[1])
     assert dests[0] == dests[1]
+
+
+def test_memcmp_bandwidth_probe():
+    # The benchmark's baseline only, so it has no reference twin.
+    a = numbered_ram(3)
+    b = bytearray(a)
+    b[PAGE + 5] ^= 1
+    assert _native.memcmp_bandwidth_probe(a, b, PAGE) == 1
+    assert _native.memcmp_bandwidth_probe(a, a, PAGE) == 0
+    with pytest.raises(ValueError):
+        _native.memcmp_bandwidth_probe(a, b[:PAGE], PAGE)
 
 
 def test_environment_forces_the_reference():
