@@ -68,13 +68,14 @@ static int check_pages(Py_buffer *buf, Py_ssize_t page_size)
 
 /* ---- page number lists ---------------------------------------------------- */
 
-/* A list of page numbers: borrowed from a uint64 buffer (array('Q'), a
- * memoryview cast to 'Q', ...) or copied out of any other sequence of ints. */
+/* A private copy of a list of page numbers, taken with the GIL held, so that no
+ * other thread can change a number between its range check and its use.  A
+ * uint64 buffer (array('Q'), a memoryview cast to 'Q', ...) is copied in one go,
+ * any other sequence of ints item by item. */
 typedef struct {
-    const uint64_t *v;
+    int listed; /* 0 for an absent optional list: every page */
+    uint64_t *v; /* PyMem_Malloc'ed */
     Py_ssize_t n;
-    Py_buffer view; /* held when v points into it */
-    uint64_t *owned; /* PyMem_Malloc'ed when copied */
 } page_list;
 
 static int is_uint64_format(const Py_buffer *b)
@@ -85,38 +86,50 @@ static int is_uint64_format(const Py_buffer *b)
     return b->itemsize == 8 && (f[0] == 'Q' || f[0] == 'L') && f[1] == '\0';
 }
 
+static int page_list_alloc(page_list *pl, Py_ssize_t n)
+{
+    pl->listed = 1;
+    pl->n = n;
+    pl->v = PyMem_Malloc(n ? (size_t)n * 8 : 1);
+    if (!pl->v) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
 static int page_list_get(PyObject *obj, page_list *pl)
 {
     memset(pl, 0, sizeof(*pl));
     if (PyObject_CheckBuffer(obj)) {
-        if (PyObject_GetBuffer(obj, &pl->view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(obj, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
             /* Not contiguous: still a sequence, read item by item below. */
             if (!PyErr_ExceptionMatches(PyExc_BufferError))
                 return -1;
             PyErr_Clear();
-        } else if (is_uint64_format(&pl->view)) {
-            pl->v = pl->view.buf;
-            pl->n = pl->view.len / 8;
-            return 0;
         } else {
-            PyBuffer_Release(&pl->view);
+            int ok = is_uint64_format(&view);
+            if (ok && page_list_alloc(pl, view.len / 8) == 0)
+                memcpy(pl->v, view.buf, view.len);
+            PyBuffer_Release(&view);
+            if (ok)
+                return pl->v ? 0 : -1;
         }
     }
-    PyObject *seq = PySequence_Fast(obj, "page_numbers must be a sequence of ints");
+    /* A tuple, not the list itself: an __index__ method could resize a list. */
+    PyObject *seq = PySequence_Tuple(obj);
     if (!seq)
         return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    pl->owned = PyMem_Malloc(n ? (size_t)n * 8 : 1);
-    if (!pl->owned) {
+    if (page_list_alloc(pl, PyTuple_GET_SIZE(seq)) < 0) {
         Py_DECREF(seq);
-        PyErr_NoMemory();
         return -1;
     }
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *index = PyNumber_Index(PySequence_Fast_GET_ITEM(seq, k));
+    for (Py_ssize_t k = 0; k < pl->n; k++) {
+        PyObject *index = PyNumber_Index(PyTuple_GET_ITEM(seq, k));
         if (!index)
             goto fail;
-        pl->owned[k] = PyLong_AsUnsignedLongLong(index);
+        pl->v[k] = PyLong_AsUnsignedLongLong(index);
         Py_DECREF(index);
         if (PyErr_Occurred()) {
             /* Negative or beyond 64 bits: out of range of any buffer. */
@@ -128,21 +141,17 @@ static int page_list_get(PyObject *obj, page_list *pl)
         }
     }
     Py_DECREF(seq);
-    pl->v = pl->owned;
-    pl->n = n;
     return 0;
 fail:
     Py_DECREF(seq);
-    PyMem_Free(pl->owned);
-    pl->owned = NULL;
+    PyMem_Free(pl->v);
+    pl->v = NULL;
     return -1;
 }
 
 static void page_list_release(page_list *pl)
 {
-    if (pl->view.obj)
-        PyBuffer_Release(&pl->view);
-    PyMem_Free(pl->owned);
+    PyMem_Free(pl->v);
 }
 
 /* Index of the first page number >= pages, or -1 when all are in range. */
@@ -161,7 +170,7 @@ static int raise_bad_page(const page_list *pl, Py_ssize_t bad, Py_ssize_t pages)
     return -1;
 }
 
-/* Optional page_numbers argument: NULL or None means every page (pl->v NULL). */
+/* Optional page_numbers argument: NULL or None means every page. */
 static int page_list_opt(PyObject *obj, page_list *pl)
 {
     if (!obj || obj == Py_None) {
@@ -190,17 +199,17 @@ static PyObject *zero_pages(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     Py_ssize_t pages = buf.len / page_size, bad = -1;
     PyObject *out = NULL;
-    if (pl.v)
+    if (pl.listed)
         bad = first_bad_page(&pl, pages);
     if (bad >= 0) {
         raise_bad_page(&pl, bad, pages);
-    } else if ((out = PyBytes_FromStringAndSize(NULL, pl.v ? pl.n : pages))) {
+    } else if ((out = PyBytes_FromStringAndSize(NULL, pl.listed ? pl.n : pages))) {
         uint8_t *flags = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *base = buf.buf;
         Py_ssize_t n = PyBytes_GET_SIZE(out);
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t k = 0; k < n; k++) {
-            Py_ssize_t page = pl.v ? (Py_ssize_t)pl.v[k] : k;
+            Py_ssize_t page = pl.listed ? (Py_ssize_t)pl.v[k] : k;
             flags[k] = (uint8_t)page_is_zero(base + page * page_size, page_size);
         }
         Py_END_ALLOW_THREADS
@@ -226,16 +235,16 @@ static PyObject *changed_pages(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "buffer and shadow differ in length");
     } else if (check_pages(&buf, page_size) == 0 && page_list_opt(numbers, &pl) == 0) {
         Py_ssize_t pages = buf.len / page_size;
-        Py_ssize_t bad = pl.v ? first_bad_page(&pl, pages) : -1;
+        Py_ssize_t bad = pl.listed ? first_bad_page(&pl, pages) : -1;
         if (bad >= 0) {
             raise_bad_page(&pl, bad, pages);
-        } else if ((out = PyBytes_FromStringAndSize(NULL, pl.v ? pl.n : pages))) {
+        } else if ((out = PyBytes_FromStringAndSize(NULL, pl.listed ? pl.n : pages))) {
             uint8_t *flags = (uint8_t *)PyBytes_AS_STRING(out);
             const uint8_t *a = buf.buf, *b = shadow.buf;
             Py_ssize_t n = PyBytes_GET_SIZE(out);
             Py_BEGIN_ALLOW_THREADS
             for (Py_ssize_t k = 0; k < n; k++) {
-                Py_ssize_t off = (pl.v ? (Py_ssize_t)pl.v[k] : k) * page_size;
+                Py_ssize_t off = (pl.listed ? (Py_ssize_t)pl.v[k] : k) * page_size;
                 flags[k] = memcmp(a + off, b + off, page_size) != 0;
             }
             Py_END_ALLOW_THREADS

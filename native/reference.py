@@ -14,7 +14,7 @@ def _check(length: int, page_size: int) -> int:
 
 def _page_list(page_numbers, pages: int) -> list[int]:
     """The page numbers as ints, each checked to be below ``pages``."""
-    numbers = [operator.index(p) for p in page_numbers]
+    numbers = [operator.index(p) for p in tuple(page_numbers)]  # a snapshot, as the C code takes
     for p in numbers:
         if not 0 <= p < pages:
             raise ValueError(f"page number {p} out of range ({pages} pages)")

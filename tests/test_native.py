@@ -50,6 +50,7 @@ def test_zero_pages_listed(impl):
     assert impl.zero_pages(mixed, PAGE, [3, 1, 1, 0]) == b"\x00\x00\x00\x01"
     assert impl.zero_pages(mixed, PAGE, array("Q", [4, 2])) == b"\x01\x01"
     assert impl.zero_pages(mixed, PAGE, page_numbers=[]) == b""
+    assert impl.changed_pages(mixed, mixed, PAGE, array("Q")) == b""
     # A strided view is no contiguous buffer: read as a sequence instead.
     assert impl.zero_pages(mixed, PAGE, memoryview(array("Q", [1, 9, 2, 9]))[::2]) == b"\x00\x01"
     assert impl.zero_pages(mixed, PAGE, array("i", [2, 3])) == b"\x01\x00"
@@ -327,6 +328,18 @@ def test_gather_scatter_properties(page_size, data):
     native.scatter_pages(dests[0], array("Q", numbers), page_size, outs[0])
     reference.scatter_pages(dests[1], numbers, page_size, outs[1])
     assert dests[0] == dests[1]
+
+
+@IMPLS
+def test_page_list_resized_while_read(impl):
+    numbers = []
+
+    class Shrinking:
+        def __index__(self):
+            numbers.clear()
+            return 0
+    numbers += [Shrinking(), 1, 2, 3]
+    assert impl.zero_pages(bytes(4 * PAGE), PAGE, numbers) == b"\x01" * 4
 
 
 def test_memcmp_bandwidth_probe():
