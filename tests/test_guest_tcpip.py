@@ -622,8 +622,10 @@ def _netem_available(topo):
 
 
 def test_loss_and_reordering(fresh_topo, binary, tmp_path):
-    """Without sch_netem, the hosted runtime drops every 7th frame each way."""
-    env = None if _netem_available(fresh_topo) else {"HOSTED_DROP_EVERY": "7"}
+    """Without sch_netem, the hosted runtime drops every 7th frame each way
+    and swaps every 5th received frame with its successor."""
+    env = None if _netem_available(fresh_topo) else {"HOSTED_DROP_EVERY": "7",
+                                                      "HOSTED_REORDER_EVERY": "5"}
     g = Guest(fresh_topo, binary, tmp_path, env=env)
     try:
         big_roundtrip(fresh_topo, "lossy", 1 << 20, seed=2)

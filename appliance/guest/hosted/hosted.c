@@ -14,7 +14,9 @@
  * are "HREC0002", u64 start_ns, then records u64 ns, u32 len, len bytes, in
  * host byte order.  In input recordings len 0 marks a plat_poll() return.
  * HOSTED_DROP_EVERY=N drops every Nth received and every Nth transmitted
- * frame (separate counters) to exercise loss recovery without netem.
+ * frame (separate counters), and HOSTED_REORDER_EVERY=N delivers every Nth
+ * received frame after the one that follows it, to exercise loss recovery
+ * and reordering without netem.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,6 +40,10 @@ static int tap_fd = -1;
 static char cmdline[4096];
 static uint8_t mac[6] = { 0x52, 0x54, 0x00, 0x12, 0x34, 0x56 };
 static unsigned long drop_every, rx_count, tx_count;
+static unsigned long reorder_every, reorder_count;
+static uint8_t held[65536];     /* a received frame delivered after its successor */
+static size_t held_len;
+static bool held_due;           /* its successor went out: deliver it next */
 static int rec_in_fd = -1, rec_out_fd = -1;
 
 static uint64_t clock_now;     /* the guest's time, set at each plat_poll() return */
@@ -160,6 +166,10 @@ bool plat_poll(uint64_t deadline_ns)
             ts.tv_nsec = (long)(left % 1000000000ull);
             tsp = &ts;
         }
+        if (held_len) {
+            ts.tv_sec = ts.tv_nsec = 0; /* a held frame is ready now */
+            tsp = &ts;
+        }
         int r = ppoll(&pfd, 1, tsp, NULL);
         if (r > 0 && (pfd.revents & (POLLERR | POLLHUP | POLLNVAL))) {
             fprintf(stderr, "hosted: tap device gone\n");
@@ -169,13 +179,21 @@ bool plat_poll(uint64_t deadline_ns)
             clock_now = mono_ns();
             if (rec_in_fd >= 0)
                 record(rec_in_fd, "", 0);
-            return r > 0 && (pfd.revents & POLLIN);
+            return held_len || (r > 0 && (pfd.revents & POLLIN));
         }
         if (errno != EINTR) {
             perror("hosted: ppoll");
             exit(2);
         }
     }
+}
+
+/* Frames are recorded as the guest gets them, after drops and reordering. */
+static size_t delivered(const void *frame, size_t n)
+{
+    if (rec_in_fd >= 0)
+        record(rec_in_fd, frame, (uint32_t)n);
+    return n;
 }
 
 size_t plat_net_read(void *frame, size_t cap)
@@ -189,15 +207,30 @@ size_t plat_net_read(void *frame, size_t cap)
         return n;
     }
     for (;;) {
+        if (held_len && held_due)
+            break;
         ssize_t n = read(tap_fd, frame, cap);
         if (n <= 0)
-            return 0;
+            break;
         if (drop_every && ++rx_count % drop_every == 0)
             continue;
-        if (rec_in_fd >= 0)
-            record(rec_in_fd, frame, (uint32_t)n);
-        return (size_t)n;
+        if (!held_len && reorder_every && ++reorder_count % reorder_every == 0 &&
+            (size_t)n <= sizeof held) {
+            memcpy(held, frame, (size_t)n);
+            held_len = (size_t)n;
+            continue;
+        }
+        held_due = held_len != 0;
+        return delivered(frame, (size_t)n);
     }
+    if (!held_len)
+        return 0;
+    /* The held frame goes after its successor, or alone if none came. */
+    size_t n = held_len < cap ? held_len : cap;
+    memcpy(frame, held, n);
+    held_len = 0;
+    held_due = false;
+    return delivered(frame, n);
 }
 
 int plat_net_write(const void *frame, size_t len)
@@ -306,6 +339,9 @@ int main(int argc, char **argv)
     env = getenv("HOSTED_DROP_EVERY");
     if (env)
         drop_every = strtoul(env, NULL, 10);
+    env = getenv("HOSTED_REORDER_EVERY");
+    if (env)
+        reorder_every = strtoul(env, NULL, 10);
 
     uint64_t start;
     env = getenv("HOSTED_REPLAY");
