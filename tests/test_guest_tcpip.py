@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-pyroute2 = pytest.importorskip("pyroute2")
+pytest.importorskip("pyroute2")
 from pyroute2 import NetNS, netns  # noqa: E402
 
 pytestmark = pytest.mark.netns
