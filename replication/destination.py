@@ -39,7 +39,7 @@ class MigrationDestination:
                  on_event: Callable[[str, dict], None]):
         self.vm = vm
         self.listener = listener
-        self.caps = dict(capabilities)
+        self.caps = capabilities        # live: set before the stream arrives, as with QEMU's -incoming
         self.autostart = autostart
         self.on_event = on_event
         self.status = "none"
@@ -61,8 +61,7 @@ class MigrationDestination:
                 return False
             self.status = new
         log.info("incoming migration %s", new)
-        if self.caps["events"]:
-            self.on_event("MIGRATION", {"status": new})
+        self.on_event("MIGRATION", {"status": new})
         return True
 
     def start(self) -> None:
@@ -294,10 +293,7 @@ class MigrationDestination:
         return data
 
     def _scatter(self, pages: list[int], data) -> None:
-        size = self._page_size
-        view = memoryview(data)
-        for i, p in enumerate(pages):
-            self.ram[p * size:(p + 1) * size] = view[i * size:(i + 1) * size]
+        native.scatter_pages(self.ram, pages, self._page_size, data)
 
     def _mark(self, first: int, count: int) -> None:
         self._written[first:first + count] = b"\x01" * count

@@ -2,8 +2,8 @@
 
 One thread runs the whole migration, as QEMU's migration thread does::
 
-    setup      connect, header, start dirty logging       MIGRATION setup
-    bulk       every page once (holes as zero runs)       MIGRATION_PASS 1, MIGRATION active
+    setup      connect, header, start dirty logging       MIGRATION setup, MIGRATION_PASS 1
+    bulk       every page once (holes as zero runs)       MIGRATION active
     passes     sync the dirty log, resend what changed,   MIGRATION_PASS n
                until the expected downtime fits downtime-limit
     stop       pause the guest                            STOP
@@ -37,8 +37,9 @@ from .xbzrle import XbzrleCache
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
-RATE_WINDOW = 0.1                 # seconds; QEMU's XFER_LIMIT_RATIO is 10 windows a second
+RATE_WINDOW = 0.1                 # seconds of unused bandwidth that may be caught up in a burst
 RUNSTATE_SECTION = "migration.runstate"
+VERDICT_TIMEOUT = 60.0            # seconds for the destination to check the digest and load devices
 
 
 class MigrationCancelled(Exception):
@@ -70,7 +71,7 @@ class MigrationSource:
         self.vm = vm
         self.uri = uri
         self.caps = dict(capabilities)
-        self.params = dict(parameters)
+        self.params = parameters      # live: downtime-limit and max-bandwidth may change mid-way, as in QEMU
         self.named_fds = named_fds
         self.on_event = on_event
         self.status = "none"
@@ -125,8 +126,7 @@ class MigrationSource:
                 return False
             self.status = new
         log.info("migration %s", new)
-        if self.caps["events"]:
-            self.on_event("MIGRATION", {"status": new})
+        self.on_event("MIGRATION", {"status": new})
         return True
 
     def start(self) -> None:
@@ -162,9 +162,10 @@ class MigrationSource:
         paused_here = False
         try:
             self._setup()
-            self._bulk_pass()
+            self._sync_event()                 # QEMU's first dirty sync, in setup: pass 1
             self.setup_time = int((time.monotonic() - self.start_time) * 1000)
             self.set_state("setup", "active")
+            self._bulk_pass()
             while not self._converged():
                 self._dirty_pass(final=False)
             pause_start = time.monotonic()
@@ -271,7 +272,6 @@ class MigrationSource:
 
     def _bulk_pass(self) -> None:
         """Every page once: holes in the memfd are zero without being read."""
-        self._sync_event()
         extents = data_extents(self.memfd, self.ram_size)
         self.digest = RamDigest(self.ram, self.ram_size, extents)
         started, self._pass_pages, sent_before = time.monotonic(), 0, self.transferred
@@ -289,8 +289,7 @@ class MigrationSource:
 
     def _sync_event(self) -> None:
         self.dirty_sync_count += 1
-        if self.caps["events"]:
-            self.on_event("MIGRATION_PASS", {"pass": self.dirty_sync_count})
+        self.on_event("MIGRATION_PASS", {"pass": self.dirty_sync_count})
 
     def _converged(self) -> bool:
         """Sync the dirty log and decide whether the rest fits in downtime-limit."""
@@ -305,7 +304,7 @@ class MigrationSource:
         self.dirty_pages_rate = int(dirty / elapsed)
         self.remaining = dirty * PAGE_SIZE
         bandwidth = max(self._bandwidth, 1.0)                       # bytes/s
-        self.expected_downtime = int(1000 * (self.remaining / bandwidth + 2 * self.remaining / self._hash_rate))
+        self.expected_downtime = int(1000 * (self.remaining / bandwidth + self.remaining / self._hash_rate))
         self._auto_converge(dirty)
         return self.expected_downtime <= self.params["downtime-limit"]
 
@@ -371,18 +370,19 @@ class MigrationSource:
     # -- sending pages -------------------------------------------------------------------
 
     def _account(self, nbytes: int) -> None:
-        """Count bytes and keep to max-bandwidth during the live passes."""
+        """Count bytes and keep to max-bandwidth during the live passes: each byte sent
+        pushes the earliest time of the next send by 1/max-bandwidth seconds."""
         self.transferred += nbytes
         limit = self.params["max-bandwidth"]
         if not self._limit_rate or not limit:
             return
         now = time.monotonic()
-        if now - self._rate_window_start >= RATE_WINDOW:
-            self._rate_window_start, self._rate_window_bytes = now, 0
+        if now > self._rate_window_start + self._rate_window_bytes / limit + RATE_WINDOW:
+            self._rate_window_start, self._rate_window_bytes = now, 0      # idle: no saved-up credit
         self._rate_window_bytes += nbytes
-        if self._rate_window_bytes >= limit * RATE_WINDOW:
-            time.sleep(max(self._rate_window_start + RATE_WINDOW - now, 0))
-            self._rate_window_start, self._rate_window_bytes = time.monotonic(), 0
+        due = self._rate_window_start + self._rate_window_bytes / limit
+        if due > now:
+            time.sleep(due - now)
 
     def _send_pages(self, first: int, count: int, use_xbzrle: bool) -> None:
         """Pages [first, first+count) in batches: zero runs, then normal or delta pages."""
@@ -553,8 +553,11 @@ class MigrationSource:
         if not main.two_way:
             main.finish()
             return
-        status, length = stream.REPLY_HEAD.unpack(main.read_exact(stream.REPLY_HEAD.size))
-        message = main.read_exact(length).decode(errors="replace")
+        head = main.read_with_timeout(stream.REPLY_HEAD.size, VERDICT_TIMEOUT)
+        if head is None:
+            raise MigrationFailed(f"the destination did not confirm the migration within {VERDICT_TIMEOUT:g} s")
+        status, length = stream.REPLY_HEAD.unpack(head)
+        message = (main.read_with_timeout(length, VERDICT_TIMEOUT) or b"").decode(errors="replace")
         if status != 0:
             raise MigrationFailed(f"the destination refused the migration: {message}")
 

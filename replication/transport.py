@@ -14,6 +14,9 @@ import stat
 import subprocess
 
 
+STALL_TIMEOUT = 10.0     # seconds without progress before the source gives a channel up
+
+
 class TransportError(Exception):
     """A URI that cannot be used, or a channel that failed; the message says why."""
 
@@ -72,6 +75,8 @@ class Channel:
     def _failure(self, e: OSError) -> str:
         if self._aborted:
             return f"{self.description}: channel closed (migration cancelled)"
+        if isinstance(e, TimeoutError):
+            return f"{self.description}: no progress for {self.sock.gettimeout():g} s (is the network down?)"
         return f"{self.description}: {e.strerror or e}"
 
     def read_exact(self, n: int) -> bytes:
@@ -158,12 +163,12 @@ def connect(uri: str, named_fds: dict[str, int]) -> Channel:
     try:
         if scheme == "tcp":
             host, port = _host_port(rest)
-            sock = socket.create_connection((host, port), timeout=10)
-            sock.settimeout(None)
+            sock = socket.create_connection((host, port), timeout=STALL_TIMEOUT)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return Channel(sock=sock, description=uri)
         if scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(STALL_TIMEOUT)
             sock.connect(rest)
             return Channel(sock=sock, description=uri)
         if scheme == "exec":

@@ -35,15 +35,18 @@ class Daemon:
         return self.proc.poll() is None
 
 
-def start_daemon(tmp_path, *extra: str, name: str = "test-node", wait: bool = True) -> Daemon:
+def start_daemon(tmp_path, *extra: str, name: str = "test-node", wait: bool = True,
+                 namespace: str | None = None) -> Daemon:
+    """A node daemon; in ``namespace`` if given (``ip netns exec`` execs it, so the PID is the daemon's)."""
     qmp = str(tmp_path / f"{name}.qmp")
     http = f"127.0.0.1:{free_port()}"
     log_path = str(tmp_path / f"{name}.log")
+    argv = [sys.executable, "-m", "appliance.cli", "serve", "--name", name, "--qmp", qmp, "--http", http,
+            "--state-dir", str(tmp_path), *extra]
+    if namespace:
+        argv = ["ip", "netns", "exec", namespace, *argv]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", "--name", name, "--qmp", qmp,
-             "--http", http, *extra],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     daemon = Daemon(proc, qmp, http, log_path)
     if wait:
         deadline = time.monotonic() + 20

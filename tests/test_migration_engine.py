@@ -139,6 +139,36 @@ def test_capabilities_migrate_correctly(vms, guest_images, tmp_path, caps, param
         assert info["ram"]["multifd-bytes"] > 0
 
 
+def test_xbzrle_sends_deltas(vms, guest_images, tmp_path):
+    # Pages that change by a byte between passes: the case XBZRLE is for.  With
+    # downtime-limit 0 the live passes go on until the test lets them converge.
+    run = Run(vms, tmp_path, cmdline="mib=1 rate=0", caps={"xbzrle": True},
+              params={"xbzrle-cache-size": 16 << 20, "downtime-limit": 0, "max-bandwidth": 64 << 20})
+    run.migrate(wait=False)
+    wait_for(lambda: run.source.info().get("xbzrle-cache", {}).get("pages", 0) > 100, timeout=30,
+             what="xbzrle pages")
+    run.params["downtime-limit"] = 300           # now let it converge
+    run.wait()
+    assert run.source.status == "completed", run.source.error
+    assert ram_digest(run.src) == ram_digest(run.dst)
+    cache = run.source.info()["xbzrle-cache"]
+    assert cache["cache-size"] == 16 << 20 and cache["pages"] > 100
+    assert cache["bytes"] < cache["pages"] * 4096 / 10 and cache["encoding-rate"] > 10
+    assert 0 <= cache["cache-miss-rate"] <= 1
+
+
+def test_auto_converge_throttles_a_fast_dirtier(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path, mib=16, memory=64, caps={"auto-converge": True},
+              params={"max-bandwidth": 32 << 20, "downtime-limit": 50, "cpu-throttle-initial": 30,
+                      "cpu-throttle-increment": 20})
+    run.migrate()
+    assert run.source.status == "completed", run.source.error
+    info = run.source.info()
+    assert info["cpu-throttle-percentage"] >= 30
+    assert ram_digest(run.src) == ram_digest(run.dst)
+    assert info["downtime"] < 1000
+
+
 def test_pause_before_switchover(vms, guest_images, tmp_path):
     run = Run(vms, tmp_path, caps={"pause-before-switchover": True}).migrate(wait=False)
     wait_for(lambda: run.source.status == "pre-switchover", timeout=30, what="pre-switchover")

@@ -24,8 +24,7 @@ async def wait_console(qmp, text, timeout=10.0):
 
 @pytest.fixture
 async def memdirty_node(tmp_path, guest_images):
-    d = start_daemon(tmp_path, "--guest", "memdirty", "-m", "32", "--append", "mib=8 rate=0",
-                     "--state-dir", str(tmp_path), name="guest-node")
+    d = start_daemon(tmp_path, "--guest", "memdirty", "-m", "32", "--append", "mib=8 rate=0", name="guest-node")
     qmp = QMPClient("test")
     await qmp.connect(d.qmp)
     yield d, qmp

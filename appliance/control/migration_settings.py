@@ -133,7 +133,7 @@ class MigrationSettings:
         for change in changes:
             new[change["capability"]] = change["state"]
         check_capabilities(new)
-        self.capabilities = new
+        self.capabilities.update(new)    # in place: a waiting incoming migration reads them live
 
     def query_parameters(self) -> dict:
         return copy.deepcopy(self.parameters)
@@ -144,4 +144,4 @@ class MigrationSettings:
             # StrOrNull: null means "unset", reported as "" as QEMU does.
             new[key] = "" if value is None else value
         check_parameters(new)
-        self.parameters = new
+        self.parameters.update(new)      # in place: a running migration reads them live

@@ -22,6 +22,8 @@ from replication.destination import MigrationDestination
 from replication.source import MigrationSource
 from replication.transport import Listener, TransportError
 
+from appliance.announce import announce_self
+
 from .dispatch import CallContext, Dispatcher
 from .events import EventBus
 from .migration_settings import MigrationSettings
@@ -97,6 +99,9 @@ class Node:
     def migration_running(self) -> bool:
         return self.migration is not None and self.migration.running
 
+    def outgoing_running(self) -> bool:
+        return isinstance(self.migration, MigrationSource) and self.migration.running
+
     def start_incoming(self, uri: str, named_fds: dict[str, int] | None = None) -> None:
         """Listen for a migration into this node's guest (``--incoming URI`` or migrate-incoming)."""
         if self.vm is None:
@@ -113,8 +118,15 @@ class Node:
         self.migration.start()
 
     def _migration_event(self, name: str, data: dict) -> None:
-        """From a migration thread; re-arms a failed incoming socket migration for another try."""
-        self.events.emit(name, data)
+        """From a migration thread: the event (QMP sees it with the 'events' capability), then
+        what follows a finished incoming migration (announce the guest's new place; re-arm a
+        failed socket for another try)."""
+        if self.migration.caps["events"]:
+            self.events.emit(name, data)
+        incoming = isinstance(self.migration, MigrationDestination)
+        if name == "MIGRATION" and data["status"] == "completed" and incoming and self.vm.nic is not None:
+            self.loop.call_soon_threadsafe(
+                lambda: self.loop.create_task(announce_self(self.vm.nic, self.settings.parameters)))
         if (name == "MIGRATION" and data["status"] == "failed" and isinstance(self.migration, MigrationDestination)
                 and self.incoming not in (None, "defer") and self.incoming.startswith(("tcp:", "unix:"))):
             self.loop.call_soon_threadsafe(self._rearm_incoming)
@@ -156,7 +168,7 @@ class Node:
             "closefd": self.closefd,
             "query-migrate": self.query_migrate,
             "migrate-set-capabilities": lambda a, c: self.settings.set_capabilities(
-                a["capabilities"], self.migration_running()),
+                a["capabilities"], self.outgoing_running()),
             "query-migrate-capabilities": lambda a, c: self.settings.query_capabilities(),
             "migrate-set-parameters": lambda a, c: self.settings.set_parameters(a),
             "query-migrate-parameters": lambda a, c: self.settings.query_parameters(),
@@ -302,7 +314,7 @@ class Node:
             raise QMPError("xbzrle is not supported together with multifd")
         if caps["return-path"] and scheme in ("exec", "file"):
             raise QMPError("return-path needs a two-way (socket) migration URI")
-        self.migration = MigrationSource(self.vm, args["uri"], caps, self.settings.query_parameters(),
+        self.migration = MigrationSource(self.vm, args["uri"], caps, self.settings.parameters,
                                          ctx.fds, self._migration_event)
         self.migration.start()
 
