@@ -8,7 +8,6 @@ with its verdict; exec:, file: and pipe fds are one-way.
 from __future__ import annotations
 
 import os
-import shlex
 import socket
 import stat
 import subprocess

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
+# The VMM tests' fixtures (guest_images, vms) are available to every test file.
+pytest_plugins = ("vmm_helpers",)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

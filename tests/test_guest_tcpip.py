@@ -49,8 +49,12 @@ def _missing_prereqs():
     return None
 
 
-if _missing_prereqs():
-    pytest.skip(_missing_prereqs(), allow_module_level=True)
+@pytest.fixture(autouse=True)
+def prerequisites():
+    """These are real tests: without what they need they fail, loudly, never skip."""
+    missing = _missing_prereqs()
+    if missing:
+        pytest.fail(f"test_guest_tcpip: {missing}", pytrace=False)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import aiohttp
-import pytest
 
 from conftest import REPO, free_port, start_daemon, stop_daemon
 

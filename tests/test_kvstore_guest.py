@@ -9,7 +9,6 @@ import pytest
 
 from appliance.netns import Topology
 from conftest import REPO
-from vmm_helpers import guest_images  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.netns]
 

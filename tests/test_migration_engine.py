@@ -1,7 +1,5 @@
 """The migration engine between two VMs in one process: RAM equal byte for byte."""
-import os
 import socket
-import threading
 import time
 
 import blake3
@@ -12,8 +10,7 @@ from replication.destination import MigrationDestination
 from replication.source import MigrationSource, bitmap_runs
 from replication.transport import Listener
 from appliance.control.migration_settings import DEFAULT_PARAMETERS
-from vmm_helpers import (assert_one_step, guest_images, last_pass, memdirty_layout,  # noqa: F401
-                         page_counters, vms, wait_for)
+from vmm_helpers import assert_one_step, last_pass, memdirty_layout, page_counters, wait_for
 
 pytestmark = pytest.mark.kvm
 

@@ -11,11 +11,10 @@ import threading
 import time
 
 import pytest
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from appliance.netns import Topology
 from conftest import start_daemon, stop_daemon
-from vmm_helpers import guest_images  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.netns]
 PORT = 4444
@@ -189,6 +188,13 @@ async def test_destination_killed_midway_then_a_second_migration_succeeds(topo, 
         with a.listener("MIGRATION") as events:
             await a.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
             await events_until(events, "MIGRATION", "active")
+            with pytest.raises(ExecuteError) as info:
+                await a.execute("migrate-set-capabilities",
+                                {"capabilities": [{"capability": "xbzrle", "state": True}]})
+            assert str(info.value) == "There's a migration process in progress"
+            with pytest.raises(ExecuteError) as info:
+                await a.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+            assert str(info.value) == "There's a migration process in progress"
             dst.proc.kill()
             dst.proc.wait()
             await events_until(events, "MIGRATION", "failed")

@@ -7,7 +7,6 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from conftest import start_daemon, stop_daemon
-from vmm_helpers import guest_images  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.kvm
 

@@ -1,6 +1,5 @@
 """Argument checking, table-driven, with QEMU's messages (checked against a real QEMU)."""
 import asyncio
-import types
 
 import pytest
 
@@ -187,12 +186,6 @@ async def test_capabilities_set_and_cleared(node):
     assert {c for c, s in state.items() if s} == set(wanted)
     await run(node, "migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": False}]})
     await run(node, "migrate-set-capabilities", {"capabilities": [{"capability": "compress", "state": True}]})
-
-
-async def test_capabilities_refused_while_migrating(node):
-    node.migration = types.SimpleNamespace(running=True, status="active")
-    assert await error_of(node, "migrate-set-capabilities", {"capabilities": []}) == \
-        ("GenericError", "There's a migration process in progress")
 
 
 async def test_deprecated_aliases(node):

@@ -6,8 +6,7 @@ import time
 import pytest
 
 from appliance.vmm import PAUSED, RUNNING, SHUTDOWN
-from vmm_helpers import (assert_one_step, guest_images, last_pass, memdirty_layout, page_counters,  # noqa: F401
-                         vms, wait_for)
+from vmm_helpers import assert_one_step, last_pass, memdirty_layout, page_counters, wait_for
 
 pytestmark = pytest.mark.kvm
 

@@ -8,7 +8,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from appliance.vmm import BlockState, ConsoleState, NicState, SHUTDOWN, StateFileError
-from vmm_helpers import guest_images, vms, wait_for  # noqa: F401
+from vmm_helpers import wait_for
 
 
 @pytest.mark.parametrize("state", [
@@ -82,26 +82,6 @@ def test_nic_passes_frames_both_ways_through_the_hook(guest_images, vms):
         assert b"hold me" in echoed()
     vm.close()
     assert not os.path.exists(f"/sys/class/net/{tap}"), "the VM should delete the tap it created"
-
-
-@pytest.mark.kvm
-@pytest.mark.netns
-def test_kvstore_guest_serves_redis_over_the_tap(guest_images, vms):
-    """The other guest on this runtime: the TCP/IP stack and kvstore, end to end."""
-    tap, subnet = f"vmmk{os.getpid() % 100000}", f"10.213.{os.getpid() % 250}"
-    vm = vms.new("kvstore", f"ip={subnet}.2/24", memory_mib=64, tap=tap)
-    with IPRoute() as ipr:
-        ipr.addr("add", index=ipr.link_lookup(ifname=tap)[0], address=f"{subnet}.1", prefixlen=24)
-    vm.start()
-    wait_for(lambda: "listening" in vm.read_console(), what="kvstore to listen")
-    with socket.create_connection((f"{subnet}.2", 6379), timeout=5) as conn:
-        conn.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nabc\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
-        reply = b""
-        while not reply.endswith(b"abc\r\n"):
-            chunk = conn.recv(100)
-            assert chunk, f"connection closed after {reply!r}"
-            reply += chunk
-    assert reply == b"+OK\r\n$3\r\nabc\r\n"
 
 
 @pytest.mark.kvm

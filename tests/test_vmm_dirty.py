@@ -8,7 +8,7 @@ import blake3
 import pytest
 
 from appliance.vmm import dirty_pages
-from vmm_helpers import PAGE, guest_images, memdirty_layout, vms, wait_for  # noqa: F401
+from vmm_helpers import PAGE, memdirty_layout, wait_for
 
 pytestmark = pytest.mark.kvm
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from appliance.vmm import GUEST_PANICKED, SHUTDOWN, GuestImageError, VirtualMachine, VMConfig, VMError
-from vmm_helpers import guest_images, image, vms, wait_for  # noqa: F401
+from vmm_helpers import image, wait_for
 
 pytestmark = pytest.mark.kvm
 

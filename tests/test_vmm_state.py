@@ -9,8 +9,7 @@ import time
 import pytest
 
 from appliance.vmm import PAUSED, StateFileError, VMError
-from vmm_helpers import (REPO, assert_one_step, guest_images, image, last_pass, memdirty_layout,  # noqa: F401
-                         page_counters, vms, wait_for)
+from vmm_helpers import REPO, assert_one_step, image, last_pass, memdirty_layout, page_counters, wait_for
 
 pytestmark = pytest.mark.kvm
 
