@@ -2,6 +2,7 @@
 
     colo-appliance serve [--config FILE] [--name NAME] [--qmp PATH] [--http HOST:PORT] ...
     colo-appliance qmp SOCKET [COMMAND [key=value ...]]   (no COMMAND: interactive, with history)
+    colo-appliance migrate SOCKET URI [--cap CAP] [--set key=value]   (with a live progress bar)
     colo-appliance version
 """
 from __future__ import annotations
@@ -135,6 +136,82 @@ def cmd_qmp(args: argparse.Namespace) -> int:
         return 1
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def progress_line(info: dict, width: int = 30) -> str:
+    """One line of migration progress from a query-migrate reply."""
+    ram = info.get("ram")
+    if not ram:
+        return f"{info.get('status', 'none'):<10}"
+    # Pass 1 moves every page once; after it, what is left is the dirty remainder.
+    seen = (ram["normal"] + ram["duplicate"]) * ram["page-size"]
+    fraction = min(seen / ram["total"], 1.0) if ram["total"] else 1.0
+    if ram["dirty-sync-count"] > 1 and ram["total"]:
+        fraction = max(fraction, 1.0 - ram["remaining"] / ram["total"])
+    bar = "#" * int(fraction * width)
+    line = (f"{info['status']:<10} [{bar:<{width}}] {fraction * 100:5.1f}%  sent {_size(ram['transferred'])}"
+            f"  left {_size(ram['remaining'])}  pass {ram['dirty-sync-count']}  {ram['mbps']:.0f} Mbps")
+    if "expected-downtime" in info:
+        line += f"  expected downtime {info['expected-downtime']} ms"
+    if "downtime" in info:
+        line += f"  downtime {info['downtime']} ms"
+    return line
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import time
+    try:
+        client = SyncQMPClient(args.socket)
+    except QMPClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        steps = []
+        if args.capabilities:
+            steps.append(("migrate-set-capabilities",
+                          {"capabilities": [{"capability": c, "state": True} for c in args.capabilities]}))
+        params = parse_arguments(args.parameter or [])
+        if params:
+            steps.append(("migrate-set-parameters", params))
+        steps.append(("migrate", {"uri": args.uri}))
+        for command, arguments in steps:
+            reply = client.execute(command, arguments)
+            if "error" in reply:
+                print(f"error: {reply['error']['desc']}", file=sys.stderr)
+                return 1
+        tty = sys.stdout.isatty()
+        info: dict = {}
+        try:
+            while True:
+                info = client.execute("query-migrate")["return"]
+                line = progress_line(info)
+                print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", flush=True)
+                if info.get("status") in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            client.execute("migrate_cancel")
+            print("\ncancelling...", file=sys.stderr)
+            while info.get("status") not in ("failed", "cancelled", "completed"):
+                time.sleep(0.1)
+                info = client.execute("query-migrate")["return"]
+        if tty:
+            print()
+        if info.get("status") != "completed":
+            print(f"migration {info.get('status')}: {info.get('error-desc', '')}".rstrip(": "), file=sys.stderr)
+            return 1
+        print(f"completed in {info['total-time']} ms, downtime {info['downtime']} ms")
+        return 0
+    finally:
+        client.close()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import create_vm, serve, setup_logging
     from .qapi import QMPError
@@ -207,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     qmp.add_argument("command", nargs="?", help="command name (none: interactive mode)")
     qmp.add_argument("arguments", nargs="*", metavar="key=value")
     qmp.set_defaults(func=cmd_qmp)
+
+    migrate = sub.add_parser("migrate", help="live-migrate a node's guest, with a progress bar")
+    migrate.add_argument("socket", help="the source node's QMP socket path or HOST:PORT")
+    migrate.add_argument("uri", help="destination, as QEMU's migrate: tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH")
+    migrate.add_argument("--cap", dest="capabilities", action="append", metavar="CAPABILITY",
+                         help="enable a migration capability (repeatable), e.g. --cap multifd")
+    migrate.add_argument("--set", dest="parameter", action="append", metavar="key=value",
+                         help="a migration parameter (repeatable), e.g. --set downtime-limit=100")
+    migrate.add_argument("--interval", type=float, default=0.2, help="seconds between progress updates")
+    migrate.set_defaults(func=cmd_migrate)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda a: print(f"colo-appliance {appliance.__version__}") or 0)

@@ -72,3 +72,33 @@ def test_bad_config_is_a_clear_error(tmp_path):
     config.write_text("[node\n")
     result = run("serve", "--config", str(config))
     assert result.returncode == 2 and "cannot read config" in result.stderr
+
+
+def test_migrate_with_progress(tmp_path):
+    """Source and destination daemons on this host; the CLI drives the migration and reports."""
+    port = free_port()
+    guest = ["--guest", "memdirty", "-m", "32", "--append", "mib=8 rate=0"]
+    src = start_daemon(tmp_path, *guest, name="cli-src")
+    dst = start_daemon(tmp_path, *guest, "--incoming", f"tcp:127.0.0.1:{port}", name="cli-dst")
+    try:
+        result = run("migrate", src.qmp, f"tcp:127.0.0.1:{port}", "--cap", "events", "--set", "max-bandwidth=0",
+                     "--set", "downtime-limit=200")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[-1].startswith("completed in ") and "downtime" in lines[-1]
+        assert any("pass " in line and "Mbps" in line and "%" in line for line in lines)
+        assert json.loads(run("qmp", dst.qmp, "query-status").stdout)["status"] == "running"
+        result = run("migrate", src.qmp, "tcp:127.0.0.1:1")
+        assert result.returncode == 1 and "migration failed" in result.stderr
+    finally:
+        stop_daemon(src)
+        stop_daemon(dst)
+
+
+def test_progress_line():
+    from appliance.cli import progress_line
+    info = {"status": "active", "expected-downtime": 12, "ram": {
+        "transferred": 3 << 20, "remaining": 0, "total": 16 << 20, "normal": 512, "duplicate": 1536,
+        "dirty-sync-count": 1, "mbps": 800.0, "page-size": 4096}}
+    line = progress_line(info, width=10)
+    assert line.startswith("active     [#####     ]  50.0%") and "expected downtime 12 ms" in line
