@@ -1,0 +1,156 @@
+"""``make demo``: kvstore on a node, loaded with redis-benchmark, live-migrated to another node.
+
+    1. network namespaces: a client and two nodes (appliance.netns)
+    2. node A boots the kvstore guest; node B waits for an incoming migration
+    3. redis-benchmark from the client namespace measures kvstore
+    4. the same benchmark runs again while the guest migrates from A to B
+    5. a report: ops/s before and during, the migration's figures, client errors (none)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from .cli import SyncQMPClient, progress_line
+from .netns import Topology
+
+PORT = 4444
+
+
+def say(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+class Node:
+    def __init__(self, topo: Topology, name: str, workdir: str, *extra: str):
+        self.name = name
+        self.qmp_path = os.path.join(workdir, f"{name}.qmp")
+        self.log = open(os.path.join(workdir, f"{name}.log"), "w")
+        argv = [sys.executable, "-m", "appliance.cli", "serve", "--name", name, "--qmp", self.qmp_path,
+                "--no-http", "--state-dir", workdir, "--guest", "kvstore", "-m", "64",
+                "--append", f"ip={topo.guest_address}/24 gw={topo.client_address}",
+                "--nic", "tap=tap0,bridge=br0", *extra]
+        self.proc = subprocess.Popen(topo.in_namespace(topo.nodes[name].namespace, argv),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.qmp_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node {name} did not start; see {self.log.name}")
+            time.sleep(0.05)
+        self.qmp = SyncQMPClient(self.qmp_path)
+
+    def execute(self, command: str, arguments: dict | None = None):
+        reply = self.qmp.execute(command, arguments)
+        if "error" in reply:
+            raise RuntimeError(f"{self.name}: {command}: {reply['error']['desc']}")
+        return reply["return"]
+
+    def wait_console(self, text: str, timeout: float = 30) -> None:
+        seen, deadline = "", time.monotonic() + timeout
+        while text not in seen:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {self.name}: no {text!r} on the guest console")
+            seen += self.execute("ringbuf-read", {"device": "console", "size": 65536})
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.qmp.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def redis_benchmark(topo: Topology, requests: int) -> tuple[dict[str, float], str]:
+    """ops/s per test, and everything redis-benchmark printed."""
+    result = topo.run_client(["redis-benchmark", "-h", topo.guest_address, "-q", "-n", str(requests),
+                              "-c", "20", "-t", "set,get"], capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    rates = {m.group(1): float(m.group(2))
+             for m in re.finditer(r"^(SET|GET): ([\d.]+) requests per second", output.replace("\r", "\n"), re.M)}
+    if result.returncode != 0 or len(rates) != 2:
+        raise RuntimeError(f"redis-benchmark failed:\n{output}")
+    return rates, output
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("make demo needs root (network namespaces, taps)", file=sys.stderr)
+        return 1
+    workdir = tempfile.mkdtemp(prefix="colo-demo-")
+    say(f"creating network namespaces (logs in {workdir})")
+    topo = Topology(f"demo{os.getpid() % 10000}", ["a", "b"])
+    nodes: list[Node] = []
+    try:
+        say("node a: booting the kvstore guest")
+        a = Node(topo, "a", workdir)
+        nodes.append(a)
+        a.wait_console("listening")
+        say("node b: waiting for an incoming migration")
+        b = Node(topo, "b", workdir, "--incoming", "defer")
+        nodes.append(b)
+        for node in (a, b):
+            node.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        b.execute("migrate-incoming", {"uri": f"tcp:0.0.0.0:{PORT}"})
+        a.execute("migrate-set-parameters", {"max-bandwidth": 0, "downtime-limit": 100})
+
+        say(f"redis-benchmark against kvstore at {topo.guest_address} (on node a)")
+        before, _ = redis_benchmark(topo, 20000)
+        print(f"    SET {before['SET']:.0f} ops/s, GET {before['GET']:.0f} ops/s")
+
+        say("redis-benchmark again, migrating the guest from node a to node b meanwhile")
+        outcome: dict = {}
+        bench = threading.Thread(target=lambda: outcome.update(zip(("rates", "output"),
+                                                                    redis_benchmark(topo, 40000))))
+        bench.start()
+        time.sleep(0.5)
+        a.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
+        while True:
+            info = a.execute("query-migrate")
+            print("    " + progress_line(info), flush=True)
+            if info["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.1)
+        bench.join()
+        if info["status"] != "completed":
+            raise RuntimeError(f"migration {info['status']}: {info.get('error-desc')}")
+        if "rates" not in outcome:
+            raise RuntimeError("redis-benchmark did not finish during the migration")
+        errors = [line for line in outcome["output"].splitlines() if "error" in line.lower()]
+        where_a = a.execute("query-status")["status"]
+        where_b = b.execute("query-status")["status"]
+
+        print()
+        print("Report")
+        print("------")
+        print(f"  before migration : SET {before['SET']:>9.0f} ops/s   GET {before['GET']:>9.0f} ops/s")
+        during = outcome["rates"]
+        print(f"  during migration : SET {during['SET']:>9.0f} ops/s   GET {during['GET']:>9.0f} ops/s")
+        print(f"  migration        : {info['status']} in {info['total-time']} ms, downtime {info['downtime']} ms, "
+              f"{info['ram']['dirty-sync-count']} passes, {info['ram']['transferred'] / 2**20:.1f} MiB sent")
+        print(f"  guest            : node a {where_a}, node b {where_b}")
+        print(f"  client errors    : {len(errors)}")
+        for line in errors:
+            print(f"    {line}")
+        print(json.dumps({"before": before, "during": during, "migration": info}), file=open(
+            os.path.join(workdir, "report.json"), "w"))
+        return 0 if not errors and where_b == "running" else 1
+    finally:
+        for node in nodes:
+            node.stop()
+        topo.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
