@@ -43,7 +43,9 @@ demo: venv guests
 	$(PY) -m appliance.demo
 
 bench: venv guests
-	$(PY) bench/run.py
+	$(PY) bench/native_bench.py --write docs/benchmarks.md
+	$(PY) bench/vmm_bench.py --write docs/benchmarks.md
+	$(PY) bench/migration_bench.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info

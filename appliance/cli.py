@@ -224,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             value = getattr(args, flag)
             if value is not None:
                 setattr(config, attr, value)
-        for flag in ("image", "memory", "append", "nic", "disk"):
+        for flag in ("image", "memory", "append", "nic", "disk", "uuid"):
             value = getattr(args, flag)
             if value is not None:
                 setattr(config.guest, flag, value)
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("--append", metavar="'key=value ...'", help="the guest's command line")
     guest.add_argument("--nic", metavar="tap=IFNAME[,bridge=BR][,mac=MAC]", help="a NIC backed by a tap")
     guest.add_argument("--disk", metavar="PATH", help="raw disk image")
+    guest.add_argument("--uuid", help="the guest's UUID (as QEMU's -uuid; compared by validate-uuid)")
     guest.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest (prelaunch)")
     serve.set_defaults(func=cmd_serve)
 

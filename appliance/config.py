@@ -18,6 +18,7 @@ Example (every key optional; a node starts with no file at all)::
     nic = "tap=tap0,bridge=br0,mac=52:54:00:12:34:56"
     disk = "/var/lib/colo-appliance/disk.img"
     start_paused = false
+    uuid = "5f1c0b8e-2d7a-4c1e-9a53-0c6f1d2e3b4a"  # as QEMU's -uuid; the same on both nodes
 
     [peers]
     secondary = "10.0.0.3"
@@ -28,6 +29,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import uuid as uuidlib
 from dataclasses import dataclass, field
 
 # Where `make guests` puts the built-in guest images.
@@ -49,6 +51,7 @@ class GuestConfig:
     nic: str | None = None
     disk: str | None = None
     start_paused: bool = False
+    uuid: str | None = None
 
 
     def image_path(self) -> str:
@@ -104,6 +107,11 @@ class NodeConfig:
         if self.guest.image is not None:
             self.guest.image_path()
             self.guest.nic_options()
+            if self.guest.uuid is not None:
+                try:
+                    self.guest.uuid = str(uuidlib.UUID(self.guest.uuid))
+                except ValueError:
+                    raise ConfigError(f"--uuid: {self.guest.uuid!r} is not a UUID") from None
             if self.guest.disk and not os.path.isfile(self.guest.disk):
                 raise ConfigError(f"disk image {self.guest.disk} does not exist")
 
@@ -125,7 +133,7 @@ def split_host_port(value: str, what: str) -> tuple[str, int]:
 
 
 _NODE_KEYS = {"name", "qmp", "qmp_tcp", "http", "http_token", "log_format", "incoming", "state_dir"}
-_GUEST_KEYS = {"image", "memory", "append", "nic", "disk", "start_paused"}
+_GUEST_KEYS = {"image", "memory", "append", "nic", "disk", "start_paused", "uuid"}
 
 
 def load_config(path: str | None) -> NodeConfig:

@@ -71,6 +71,8 @@ def create_vm(config: NodeConfig, log_dir: str | None):
         image=guest.image_path(), memory_mib=guest.memory, cmdline=guest.append, disk=guest.disk,
         console_log=console_log, start_paused=guest.start_paused or bool(config.incoming),
         **guest.nic_options()))
+    if guest.uuid:
+        vm.uuid = guest.uuid           # as QEMU's -uuid: what validate-uuid compares
     return vm
 
 

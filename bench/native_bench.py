@@ -10,8 +10,6 @@ the best of several runs, so it shows the code rather than the machine's noise.
 """
 import argparse
 import os
-import platform
-import re
 import sys
 import time
 from array import array
@@ -19,6 +17,7 @@ from array import array
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from native import _native, reference  # noqa: E402
+from report import machine, write_section  # noqa: E402
 
 PAGE = 4096
 HEADING = "## Native hot paths"
@@ -137,16 +136,6 @@ def table(rows) -> list[list[str]]:
     return lines
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-
-
 def markdown(rows, size_mib: int, ref_size_mib: int) -> str:
     lines = table(rows)
     out = [HEADING, "",
@@ -161,18 +150,6 @@ def markdown(rows, size_mib: int, ref_size_mib: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(path: str, section: str) -> None:
-    """Replace our section of path (up to the next level-2 heading), or append it."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the Markdown section")
@@ -183,7 +160,7 @@ def main() -> None:
     rows = measure(args.size_mib, args.ref_size_mib)
     section = markdown(rows, args.size_mib, args.ref_size_mib)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, HEADING, section)
     if args.markdown:
         print(section, end="")
     else:

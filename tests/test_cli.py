@@ -77,11 +77,15 @@ def test_bad_config_is_a_clear_error(tmp_path):
 def test_migrate_with_progress(tmp_path):
     """Source and destination daemons on this host; the CLI drives the migration and reports."""
     port = free_port()
-    guest = ["--guest", "memdirty", "-m", "32", "--append", "mib=8 rate=0"]
+    guest = ["--guest", "memdirty", "-m", "32", "--append", "mib=8 rate=0",
+             "--uuid", "5f1c0b8e-2d7a-4c1e-9a53-0c6f1d2e3b4a"]
     src = start_daemon(tmp_path, *guest, name="cli-src")
     dst = start_daemon(tmp_path, *guest, "--incoming", f"tcp:127.0.0.1:{port}", name="cli-dst")
     try:
-        result = run("migrate", src.qmp, f"tcp:127.0.0.1:{port}", "--cap", "events", "--set", "max-bandwidth=0",
+        assert run("qmp", dst.qmp, "migrate-set-capabilities",
+                   'capabilities=[{"capability": "validate-uuid", "state": true}]').returncode == 0
+        result = run("migrate", src.qmp, f"tcp:127.0.0.1:{port}", "--cap", "events", "--cap", "validate-uuid",
+                     "--set", "max-bandwidth=0",
                      "--set", "downtime-limit=200")
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
