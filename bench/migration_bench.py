@@ -30,7 +30,7 @@ from report import machine, write_section  # noqa: E402
 HEADING = "## Migration"
 IMAGE = os.path.join(REPO, "build", "guest", "memdirty.elf")
 CAPS = {"xbzrle": False, "compress": False, "multifd": False, "auto-converge": False, "events": False,
-        "pause-before-switchover": False, "validate-uuid": True, "return-path": False}
+        "pause-before-switchover": False, "validate-uuid": True, "return-path": False, "release-ram": False}
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ running again as it was; the first error is the one reported.
 from __future__ import annotations
 
 import logging
+import mmap
 import queue
 import threading
 import time
@@ -76,6 +77,7 @@ class MigrationSource:
         self.on_event = on_event
         self.status = "none"
         self.error: str | None = None
+        self.ram_released = False
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._continue = threading.Event()
@@ -187,9 +189,11 @@ class MigrationSource:
             self._await_verdict()
             self.downtime = int((time.monotonic() - pause_start) * 1000)
             self.end_time = time.monotonic()
-            self._expect_state("device", "completed")
             if paused_here:
                 self.vm.set_state("paused", "postmigrate")
+            if self.caps["release-ram"]:
+                self._release_ram()
+            self._expect_state("device", "completed")
         except Exception as e:  # any failure: first error wins, the guest runs on
             self.end_time = time.monotonic()
             cancelled = self._cancel.is_set()
@@ -215,6 +219,13 @@ class MigrationSource:
             if digest is not None:
                 digest.ram.release()
             self.ram.release()
+
+    def _release_ram(self) -> None:
+        """release-ram: the guest lives on at the destination, so give its memory back to the
+        host now (the memfd becomes holes), as QEMU releases pages once they are sent."""
+        mmap_object = self.vm.ram_regions()[0][3]
+        mmap_object.madvise(mmap.MADV_REMOVE)
+        self.ram_released = True
 
     def _verdict_after(self, e: Exception) -> str | None:
         """When the destination hung up on us, it may have said why first."""

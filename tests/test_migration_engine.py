@@ -1,4 +1,5 @@
 """The migration engine between two VMs in one process: RAM equal byte for byte."""
+import os
 import socket
 import time
 
@@ -15,7 +16,7 @@ from vmm_helpers import assert_one_step, last_pass, memdirty_layout, page_counte
 pytestmark = pytest.mark.kvm
 
 CAPS = {"xbzrle": False, "compress": False, "multifd": False, "auto-converge": False, "events": True,
-        "pause-before-switchover": False, "validate-uuid": False, "return-path": False}
+        "pause-before-switchover": False, "validate-uuid": False, "return-path": False, "release-ram": False}
 
 
 def ram_digest(vm):
@@ -123,7 +124,12 @@ def test_paused_source_stays_paused_at_destination(vms, guest_images, tmp_path):
     ({"multifd": True}, {"multifd-compression": "zlib"}),
     ({"multifd": True}, {"multifd-compression": "zstd", "multifd-zstd-level": 3}),
     ({"validate-uuid": False, "return-path": True}, {}),
-], ids=["compress", "multifd", "multifd-zlib", "multifd-zstd", "return-path"])
+    ({"xbzrle": True, "compress": True}, {}),
+    ({"xbzrle": True, "auto-converge": True, "events": False}, {}),
+    ({"multifd": True, "auto-converge": True, "pause-before-switchover": False}, {"multifd-compression": "zstd"}),
+    ({"compress": True, "auto-converge": True}, {"compress-level": 9, "decompress-threads": 1}),
+], ids=["compress", "multifd", "multifd-zlib", "multifd-zstd", "return-path", "xbzrle+compress",
+        "xbzrle+auto-converge", "multifd-zstd+auto-converge", "compress9+auto-converge"])
 def test_capabilities_migrate_correctly(vms, guest_images, tmp_path, caps, params):
     run = Run(vms, tmp_path, caps=caps, params=params).migrate()
     assert run.source.status == "completed", run.source.error
@@ -176,6 +182,16 @@ def test_pause_before_switchover(vms, guest_images, tmp_path):
     run.wait()
     assert statuses(run.src_events) == ["setup", "active", "pre-switchover", "device", "completed"]
     assert ram_digest(run.src) == ram_digest(run.dst)
+
+
+def test_release_ram_gives_the_source_memory_back(vms, guest_images, tmp_path):
+    run = Run(vms, tmp_path, caps={"release-ram": True}).migrate()
+    assert run.source.status == "completed" and run.source.ram_released
+    memfd = run.src.ram_regions()[0][2]
+    with pytest.raises(OSError):          # ENXIO: no data anywhere, the memfd is all holes
+        os.lseek(memfd, 0, os.SEEK_DATA)
+    assert run.destination.status == "completed"
+    assert_memdirty_intact(run, run.dst)
 
 
 def test_file_and_exec_uris(vms, guest_images, tmp_path):

@@ -221,6 +221,9 @@ class Node:
             raise QMPError("Resetting the Virtual Machine is required")
         if self.run_state in ("inmigrate", "running"):
             return
+        if isinstance(self.migration, MigrationSource) and self.migration.ram_released:
+            raise QMPError("the guest's RAM was released after its migration (release-ram); "
+                           "it runs on the destination now")
         if self.vm is not None:
             await self.loop.run_in_executor(None, self.vm.resume)
         elif self.set_run_state({"paused", "prelaunch", "postmigrate"}, "running"):
@@ -314,6 +317,8 @@ class Node:
             raise QMPError("xbzrle is not supported together with multifd")
         if caps["return-path"] and scheme in ("exec", "file"):
             raise QMPError("return-path needs a two-way (socket) migration URI")
+        if scheme == "fd" and args["uri"][3:] not in ctx.fds:
+            raise QMPError(f"File descriptor named '{args['uri'][3:]}' has not been found")
         self.migration = MigrationSource(self.vm, args["uri"], caps, self.settings.parameters,
                                          ctx.fds, self._migration_event)
         self.migration.start()

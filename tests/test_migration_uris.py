@@ -1,0 +1,138 @@
+"""Every migration URI between two node daemons on this host: unix:, exec:, fd: (getfd), file:."""
+import asyncio
+import socket
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from conftest import free_port, start_daemon, stop_daemon
+
+pytestmark = pytest.mark.kvm
+GUEST = ["--guest", "memdirty", "-m", "32", "--append", "mib=4 rate=0"]
+
+
+async def connect(daemon):
+    qmp = QMPClient(daemon.qmp)
+    await qmp.connect(daemon.qmp)
+    return qmp
+
+
+async def wait_status(qmp, wanted, timeout=60):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        info = await qmp.execute("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            assert info["status"] == wanted, info
+            return info
+        assert asyncio.get_running_loop().time() < deadline, info
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def pair(tmp_path, guest_images):
+    started = []
+
+    def start(*extra, name):
+        d = start_daemon(tmp_path, *GUEST, *extra, name=name)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        stop_daemon(d)
+
+
+async def migrate_and_check(src, dst, uri):
+    a, b = await connect(src), await connect(dst)
+    try:
+        await a.execute("migrate", {"uri": uri})
+        await wait_status(a, "completed")
+        await wait_status(b, "completed")
+        assert (await b.execute("query-status"))["status"] == "running"
+        assert (await a.execute("query-status"))["status"] == "postmigrate"
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+
+
+async def test_unix(pair, tmp_path):
+    path = tmp_path / "mig.sock"
+    src, dst = pair(name="src"), pair("--incoming", f"unix:{path}", name="dst")
+    await migrate_and_check(src, dst, f"unix:{path}")
+
+
+async def test_exec_both_ways(pair, tmp_path):
+    path = tmp_path / "guest.mig"
+    src = pair(name="src")
+    a = await connect(src)
+    try:
+        await a.execute("migrate", {"uri": f"exec:cat > {path}"})
+        await wait_status(a, "completed")
+    finally:
+        await a.disconnect()
+    dst = pair("--incoming", f"exec:cat {path}", name="dst")
+    b = await connect(dst)
+    try:
+        await wait_status(b, "completed")
+        assert (await b.execute("query-status"))["status"] == "running"
+    finally:
+        await b.disconnect()
+
+
+async def test_file(pair, tmp_path):
+    path = tmp_path / "guest.mig"
+    src = pair(name="src")
+    a = await connect(src)
+    try:
+        await a.execute("stop")
+        await a.execute("migrate", {"uri": f"file:{path}"})
+        await wait_status(a, "completed")
+    finally:
+        await a.disconnect()
+    dst = pair("--incoming", "defer", name="dst")
+    b = await connect(dst)
+    try:
+        await b.execute("migrate-incoming", {"uri": f"file:{path}"})
+        await wait_status(b, "completed")
+        assert (await b.execute("query-status"))["status"] == "paused"   # it was stopped at the source
+    finally:
+        await b.disconnect()
+
+
+async def test_fd_passed_with_getfd(pair):
+    port = free_port()
+    src, dst = pair(name="src"), pair("--incoming", f"tcp:127.0.0.1:{port}", name="dst")
+    a = await connect(src)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            a.send_fd_scm(sock.fileno())
+            await a.execute("getfd", {"fdname": "migfd"})
+        with pytest.raises(ExecuteError) as info:
+            await a.execute("migrate", {"uri": "fd:other"})
+        assert str(info.value) == "File descriptor named 'other' has not been found"
+        await a.execute("migrate", {"uri": "fd:migfd"})
+        await wait_status(a, "completed")
+    finally:
+        await a.disconnect()
+    b = await connect(dst)
+    try:
+        await wait_status(b, "completed")
+    finally:
+        await b.disconnect()
+
+
+async def test_uri_errors(pair):
+    src = pair(name="src")
+    a = await connect(src)
+    try:
+        for uri, message in [("rdma:1.2.3.4:5", "RDMA migration is not supported by this appliance"),
+                             ("foo:bar", "Parameter 'uri' expects a valid migration protocol")]:
+            with pytest.raises(ExecuteError) as info:
+                await a.execute("migrate", {"uri": uri})
+            assert str(info.value) == message
+        await a.execute("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
+        with pytest.raises(ExecuteError) as info:
+            await a.execute("migrate", {"uri": "exec:cat > /dev/null"})
+        assert str(info.value) == "multifd needs a tcp: or unix: migration URI"
+    finally:
+        await a.disconnect()
