@@ -155,6 +155,7 @@ async def test_kvstore_under_load_migrates_and_its_client_survives(topo, guest_i
         await nodes.close()
 
 
+@pytest.mark.slow
 async def test_memdirty_256mib_flat_out_with_auto_converge(topo, guest_images, tmp_path):
     nodes = Nodes(topo, tmp_path, ["--guest", "memdirty", "-m", "384", "--append", "mib=256 rate=0"])
     try:
@@ -212,6 +213,7 @@ async def test_destination_killed_midway_then_a_second_migration_succeeds(topo, 
         await nodes.close()
 
 
+@pytest.mark.slow
 async def test_network_cut_fails_the_migration_and_the_guest_runs_on(topo, guest_images, tmp_path):
     nodes = Nodes(topo, tmp_path, kvstore_args(topo))
     try:
@@ -248,5 +250,24 @@ async def test_network_cut_fails_the_migration_and_the_guest_runs_on(topo, guest
             await a.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
             await events_until(events, "MIGRATION", "completed")
         assert (await b.execute("query-status"))["status"] == "running"
+    finally:
+        await nodes.close()
+
+
+@pytest.mark.slow
+async def test_cancel_while_still_connecting(topo, guest_images, tmp_path):
+    """A destination that cannot be reached keeps the migration in setup; cancel ends it there."""
+    nodes = Nodes(topo, tmp_path, ["--guest", "memdirty", "-m", "32", "--append", "mib=4 rate=0"])
+    try:
+        src, a = await nodes.start("a")
+        subprocess.run(["ip", "-n", topo.nodes["b"].namespace, "link", "set", "eth0", "down"], check=True)
+        with a.listener("MIGRATION") as events:
+            await a.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
+            await events_until(events, "MIGRATION", "setup")
+            assert (await a.execute("query-migrate")) == {"status": "setup"}
+            await a.execute("migrate_cancel")
+            seen = await events_until(events, "MIGRATION", "cancelled", timeout=30)
+        assert seen[0] == ("MIGRATION", "cancelling")
+        assert (await a.execute("query-status"))["status"] == "running"
     finally:
         await nodes.close()
