@@ -29,50 +29,28 @@ import native
 from . import stream
 from .ram import RamDigest
 from .source import RUNSTATE_SECTION
+from .state import MigrationRun
 from .transport import Channel, Listener, TransportError
 
 log = logging.getLogger(__name__)
 
 
-class MigrationDestination:
+class MigrationDestination(MigrationRun):
+    role = "incoming migration"
+
     def __init__(self, vm, listener: Listener, capabilities: dict[str, bool], autostart: bool,
                  on_event: Callable[[str, dict], None]):
+        super().__init__(on_event)
         self.vm = vm
         self.listener = listener
         self.caps = capabilities        # live: set before the stream arrives, as with QEMU's -incoming
         self.autostart = autostart
-        self.on_event = on_event
-        self.status = "none"
-        self.error: str | None = None
-        self._lock = threading.Lock()
         _, self.ram_size, self.memfd, ram = vm.ram_regions()[0]
         self.ram_map = ram
         self.ram = memoryview(ram)
-        self.start_time = 0.0
-        self.end_time: float | None = None
         self.pages_received = 0
         self.bytes_received = 0
         self._channels: list[Channel] = []
-        self._thread: threading.Thread | None = None
-
-    def set_state(self, old, new: str) -> bool:
-        with self._lock:
-            if self.status not in ((old,) if isinstance(old, str) else old):
-                return False
-            self.status = new
-        log.info("incoming migration %s", new)
-        self.on_event("MIGRATION", {"status": new})
-        return True
-
-    def start(self) -> None:
-        self.start_time = time.monotonic()
-        self.set_state("none", "setup")
-        self._thread = threading.Thread(target=self._run, name="migration-destination", daemon=True)
-        self._thread.start()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def abort(self) -> None:
         """Stop listening and drop the channels (the daemon is exiting)."""
@@ -86,6 +64,8 @@ class MigrationDestination:
 
     def info(self) -> dict:
         info: dict = {"status": self.status}
+        if self.status == "setup" and self.listener.socket_addresses():
+            info["socket-address"] = self.listener.socket_addresses()
         if self.status == "failed" and self.error:
             info["error-desc"] = self.error
         if self.status != "setup":

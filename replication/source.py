@@ -32,6 +32,7 @@ import native
 
 from . import stream
 from .ram import RamDigest, data_extents
+from .state import MigrationRun
 from .transport import Channel, TransportError, connect
 from .xbzrle import XbzrleCache
 
@@ -66,29 +67,25 @@ def bitmap_runs(bitmap: bytes) -> list[tuple[int, int]]:
     return runs
 
 
-class MigrationSource:
+class MigrationSource(MigrationRun):
+    role = "migration"
+
     def __init__(self, vm, uri: str, capabilities: dict[str, bool], parameters: dict,
                  named_fds: dict[str, int], on_event: Callable[[str, dict], None]):
+        super().__init__(on_event)
         self.vm = vm
         self.uri = uri
         self.caps = dict(capabilities)
         self.params = parameters      # live: downtime-limit and max-bandwidth may change mid-way, as in QEMU
         self.named_fds = named_fds
-        self.on_event = on_event
-        self.status = "none"
-        self.error: str | None = None
         self.ram_released = False
-        self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._continue = threading.Event()
         self._channels: list[Channel] = []
-        self._thread: threading.Thread | None = None
         _, self.ram_size, self.memfd, ram = vm.ram_regions()[0]
         self.ram = memoryview(ram)
         self.total_pages = self.ram_size // PAGE_SIZE
         # MigrationStats, all measured
-        self.start_time = 0.0
-        self.end_time: float | None = None
         self.setup_time = 0
         self.downtime: int | None = None
         self.transferred = 0
@@ -121,22 +118,6 @@ class MigrationSource:
 
     # -- control (called from the event loop) ----------------------------------------
 
-    def set_state(self, old: str | tuple, new: str) -> bool:
-        """Compare-and-set of the migration status; announces the change as QEMU does."""
-        with self._lock:
-            if self.status not in ((old,) if isinstance(old, str) else old):
-                return False
-            self.status = new
-        log.info("migration %s", new)
-        self.on_event("MIGRATION", {"status": new})
-        return True
-
-    def start(self) -> None:
-        self.start_time = time.monotonic()
-        self.set_state("none", "setup")
-        self._thread = threading.Thread(target=self._run, name="migration-source", daemon=True)
-        self._thread.start()
-
     def cancel(self) -> None:
         if self.set_state(("setup", "active", "pre-switchover", "device"), "cancelling"):
             self._cancel.set()
@@ -148,10 +129,6 @@ class MigrationSource:
             return False
         self._continue.set()
         return True
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     @property
     def running(self) -> bool:

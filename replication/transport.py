@@ -230,6 +230,15 @@ class Listener:
             return f"tcp:{host}:{port}"
         return self.uri
 
+    def socket_addresses(self) -> list[dict]:
+        """Where this listens, as QMP SocketAddress values (query-migrate's socket-address)."""
+        if self.sock is None:
+            return []
+        if self.scheme == "unix":
+            return [{"type": "unix", "path": self.sock.getsockname()}]
+        host, port = self.sock.getsockname()[:2]
+        return [{"type": "inet", "host": host, "port": str(port)}]
+
     def accept(self) -> Channel:
         if self.sock is None:
             channel, self._channel = self._channel, None

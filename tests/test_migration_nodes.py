@@ -45,6 +45,12 @@ class Nodes:
         await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         return d, qmp
 
+    async def migrate(self, qmp, until="completed", timeout=60):
+        """migrate the guest to node b and wait for the MIGRATION event ``until``."""
+        with qmp.listener("MIGRATION") as events:
+            await qmp.execute("migrate", {"uri": f"tcp:{self.topo.nodes['b'].address}:{PORT}"})
+            return await events_until(events, "MIGRATION", until, timeout)
+
     async def close(self):
         for qmp in self.clients:
             try:
@@ -165,9 +171,7 @@ async def test_memdirty_256mib_flat_out_with_auto_converge(topo, guest_images, t
         await a.execute("migrate-set-capabilities",
                         {"capabilities": [{"capability": "auto-converge", "state": True}]})
         await a.execute("migrate-set-parameters", {"max-bandwidth": 0})
-        with a.listener("MIGRATION") as events:
-            await a.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
-            await events_until(events, "MIGRATION", "completed", timeout=120)
+        await nodes.migrate(a, timeout=120)
         info = await a.execute("query-migrate")
         assert info["ram"]["normal"] >= 256 * 256
         assert info["downtime"] < 2000
@@ -205,9 +209,7 @@ async def test_destination_killed_midway_then_a_second_migration_succeeds(topo, 
 
         dst2, b2 = await nodes.start("b", "--incoming", f"tcp:0.0.0.0:{PORT}")
         await a.execute("migrate-set-parameters", {"max-bandwidth": 0})
-        with a.listener("MIGRATION") as events:
-            await a.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
-            await events_until(events, "MIGRATION", "completed")
+        await nodes.migrate(a)
         assert (await b2.execute("query-status"))["status"] == "running"
     finally:
         await nodes.close()
@@ -246,9 +248,7 @@ async def test_network_cut_fails_the_migration_and_the_guest_runs_on(topo, guest
             assert time.monotonic() < deadline, await b.execute("query-migrate")
             await asyncio.sleep(0.2)
         await a.execute("migrate-set-parameters", {"max-bandwidth": 0})
-        with a.listener("MIGRATION") as events:
-            await a.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
-            await events_until(events, "MIGRATION", "completed")
+        await nodes.migrate(a)
         assert (await b.execute("query-status"))["status"] == "running"
     finally:
         await nodes.close()

@@ -58,7 +58,23 @@ async def migrate_and_check(src, dst, uri):
 async def test_unix(pair, tmp_path):
     path = tmp_path / "mig.sock"
     src, dst = pair(name="src"), pair("--incoming", f"unix:{path}", name="dst")
+    b = await connect(dst)
+    assert await b.execute("query-migrate") == {"status": "setup",
+                                                "socket-address": [{"type": "unix", "path": str(path)}]}
+    await b.disconnect()
     await migrate_and_check(src, dst, f"unix:{path}")
+
+
+async def test_tcp_port_zero_reports_the_port(pair):
+    dst = pair("--incoming", "tcp:127.0.0.1:0", name="dst")
+    b = await connect(dst)
+    try:
+        address = (await b.execute("query-migrate"))["socket-address"][0]
+        assert address["type"] == "inet" and address["host"] == "127.0.0.1" and int(address["port"]) > 0
+    finally:
+        await b.disconnect()
+    src = pair(name="src")
+    await migrate_and_check(src, dst, f"tcp:127.0.0.1:{address['port']}")
 
 
 async def test_exec_both_ways(pair, tmp_path):
