@@ -14,6 +14,7 @@ import subprocess
 
 
 STALL_TIMEOUT = 10.0     # seconds without progress before the source gives a channel up
+READ_AHEAD = 1 << 20
 
 
 class TransportError(Exception):
@@ -49,6 +50,7 @@ class Channel:
         self.description = description
         self.two_way = sock is not None
         self._buffer = bytearray()
+        self._pos = 0                # bytes of _buffer already consumed
         self._aborted = False
 
     def send(self, data) -> None:
@@ -80,20 +82,23 @@ class Channel:
 
     def read_exact(self, n: int) -> bytes:
         """Exactly ``n`` bytes (reads ahead up to 1 MiB to spare syscalls on small records)."""
-        while len(self._buffer) < n:
-            chunk = bytearray(max(n - len(self._buffer), 1 << 20))
+        while len(self._buffer) - self._pos < n:
+            if self._pos:
+                del self._buffer[:self._pos]      # once per refill, not once per record
+                self._pos = 0
+            chunk = bytearray(max(n - len(self._buffer), READ_AHEAD))
             got = self._recv_into(memoryview(chunk))
             self._buffer += memoryview(chunk)[:got]
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        data = bytes(self._buffer[self._pos:self._pos + n])
+        self._pos += n
         return data
 
     def read_into(self, view) -> None:
         """Fill ``view`` exactly: buffered bytes first, then straight from the channel."""
         view = memoryview(view).cast("B")
-        take = min(len(self._buffer), len(view))
-        view[:take] = self._buffer[:take]
-        del self._buffer[:take]
+        take = min(len(self._buffer) - self._pos, len(view))
+        view[:take] = self._buffer[self._pos:self._pos + take]
+        self._pos += take
         view = view[take:]
         while view:
             view = view[self._recv_into(view):]
