@@ -186,13 +186,17 @@ class MigrationDestination(MigrationRun):
                     raise stream.StreamError(f"device section {name} claims {length} bytes")
                 sections.append((name, version, main.read_exact(length)))
             elif kind == stream.END:
-                expected = main.read_exact(stream.DIGEST_SIZE)
+                ram_digest = main.read_exact(stream.DIGEST_SIZE)
+                devices_digest = main.read_exact(stream.DIGEST_SIZE)
                 for worker in workers:
                     worker.join()
                 if self.error:
                     raise stream.StreamError(self.error)
-                if self.digest.digest() != expected:
+                if self.digest.digest() != ram_digest:
                     raise stream.StreamError("RAM digest mismatch: the guest's memory did not arrive intact")
+                if stream.devices_digest(sections) != devices_digest:
+                    raise stream.StreamError("device state digest mismatch: the device sections did not "
+                                             "arrive intact")
                 return sections
             elif kind == stream.ABORT:
                 message = main.read_exact(stream.U16.unpack(main.read_exact(2))[0]).decode(errors="replace")

@@ -526,15 +526,15 @@ class MigrationSource(MigrationRun):
     # -- completion ------------------------------------------------------------------------
 
     def _send_devices(self, was_running: bool) -> None:
-        main = self._channels[0]
-        for name, version, payload in self.vm.save_devices():
-            main.send(stream.pack_device(name, version, payload))
-        main.send(stream.pack_device(RUNSTATE_SECTION, 1, b"running" if was_running else b"paused"))
+        self._sections = self.vm.save_devices() + [
+            (RUNSTATE_SECTION, 1, b"running" if was_running else b"paused")]
+        for name, version, payload in self._sections:
+            self._channels[0].send(stream.pack_device(name, version, payload))
 
     def _send_end(self) -> None:
-        digest = self.digest.digest()
-        self._channels[0].send(bytes([stream.END]) + digest)
-        self._account(1 + len(digest))
+        record = bytes([stream.END]) + self.digest.digest() + stream.devices_digest(self._sections)
+        self._channels[0].send(record)
+        self._account(len(record))
 
     def _await_verdict(self) -> None:
         main = self._channels[0]

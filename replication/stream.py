@@ -13,7 +13,7 @@ record carrying the digest of the guest's RAM::
                    (codec 1 zlib, 2 zstd)
       PASS_END     pass u32                                                 end of a dirty-sync pass
       DEVICE       name_len u16, name, version u32, length u32, payload      one device state section
-      END          digest (32)                                              RAM digest, see below
+      END          ram digest (32), devices digest (32)                     see below
       ABORT        length u16, utf-8 message                                the source gave up
     reply    (destination -> source, on the same connection when it is two-way)
              status u8 (0 ok, 1 failed), length u16, utf-8 message
@@ -27,13 +27,16 @@ of a page never loses to an older one.
 The RAM digest is blake3 over the concatenation of the blake3 digests of each
 2 MiB chunk of RAM (a two-level hash, so either side can keep chunk digests
 current as pages change and rehash only what changed; an all-zero chunk has a
-known digest and is never hashed).  The destination resumes the guest only
-when its own digest equals the source's.
+known digest and is never hashed).  The devices digest is blake3 over the DEVICE
+records as sent.  The destination loads the devices and resumes the guest
+only when both digests equal its own.
 """
 from __future__ import annotations
 
 import struct
 import uuid as uuidlib
+
+import blake3
 
 MAGIC = b"COLOMIG\0"
 VERSION = 1
@@ -99,6 +102,14 @@ def pack_reply(ok: bool, message: str = "") -> bytes:
 def pack_device(name: str, version: int, payload: bytes) -> bytes:
     raw = name.encode()
     return U8.pack(DEVICE) + U16.pack(len(raw)) + raw + DEVICE_TAIL.pack(version, len(payload)) + payload
+
+
+def devices_digest(sections: list[tuple[str, int, bytes]]) -> bytes:
+    """blake3 over the DEVICE records of ``sections``, exactly as they are sent."""
+    hasher = blake3.blake3()
+    for name, version, payload in sections:
+        hasher.update(pack_device(name, version, payload))
+    return hasher.digest()
 
 
 def pack_abort(message: str) -> bytes:

@@ -5,6 +5,8 @@ import time
 
 import blake3
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from replication import stream
 from replication.destination import MigrationDestination
@@ -259,7 +261,8 @@ def test_connection_refused(vms, guest_images, tmp_path):
 
 
 
-@pytest.mark.parametrize("spoil", ["magic", "version", "truncated", "flipped-page", "bad-record", "page-range"])
+@pytest.mark.parametrize("spoil", ["magic", "version", "truncated", "flipped-page", "bad-record", "page-range",
+                                   "flipped-device"])
 def test_malformed_streams_are_refused(vms, guest_images, tmp_path, spoil):
     path = tmp_path / "good.mig"
     run = Run(vms, tmp_path, uri=f"file:{path}")
@@ -281,6 +284,9 @@ def test_malformed_streams_are_refused(vms, guest_images, tmp_path, spoil):
         data[header] = 0x7F
     elif spoil == "page-range":
         data[header:header] = bytes([stream.ZERO_RUN]) + stream.ZERO_RUN_BODY.pack(1 << 40, 1)
+    elif spoil == "flipped-device":
+        pos = data.find(b"cpu.regs")
+        data[pos + 8 + 8 + 16] ^= 0x01          # a register value inside the section
     bad = tmp_path / "bad.mig"
     bad.write_bytes(bytes(data))
     target = vms.new("memdirty", "mib=8 rate=0", memory_mib=32, start_paused=True)
@@ -291,7 +297,7 @@ def test_malformed_streams_are_refused(vms, guest_images, tmp_path, spoil):
     assert destination.status == "failed"
     expected = {"magic": "bad magic", "version": "unsupported migration stream version 99",
                 "truncated": "closed", "flipped-page": "RAM digest mismatch", "bad-record": "unknown record type 127",
-                "page-range": "outside the guest's RAM"}[spoil]
+                "page-range": "outside the guest's RAM", "flipped-device": "device state digest mismatch"}[spoil]
     assert expected in destination.error
     assert target.state == "inmigrate"
     # The RAM was cleared: the next, good stream lands on clean memory.
@@ -300,3 +306,56 @@ def test_malformed_streams_are_refused(vms, guest_images, tmp_path, spoil):
     destination.join(30)
     assert destination.status == "completed"
     assert ram_digest(target) == ram_digest(run.src)
+
+
+@pytest.fixture(scope="module")
+def recorded_stream(tmp_path_factory, kvm_device):
+    """One good stream of a small paused guest, and the digest of that guest's RAM."""
+    from appliance.vmm import VirtualMachine, VMConfig
+    from vmm_helpers import image
+    path = tmp_path_factory.mktemp("stream") / "good.mig"
+    with VirtualMachine(VMConfig(image=image("memdirty"), cmdline="mib=1 rate=0", memory_mib=8)) as src:
+        src.start()
+        wait_for(lambda: "pass " in src.read_console(), what="memdirty")
+        src.pause()
+        source = MigrationSource(src, f"file:{path}", CAPS, DEFAULT_PARAMETERS, {}, lambda n, d: None)
+        source.start()
+        source.join(30)
+        assert source.status == "completed"
+        return path.read_bytes(), ram_digest(src)
+
+
+mutations = st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "set"]),
+                               st.integers(min_value=0), st.binary(min_size=1, max_size=16)),
+                     min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations)
+def test_fuzzed_streams_never_yield_a_wrong_guest(recorded_stream, vms, guest_images, tmp_path, changes):
+    """Whatever is done to a stream, the destination fails cleanly or ends with the source's exact RAM."""
+    data, expected_ram = recorded_stream
+    data = bytearray(data)
+    for kind, where, blob in changes:
+        pos = where % max(len(data), 1)
+        if kind == "flip":
+            data[pos] ^= blob[0] or 1
+        elif kind == "cut":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = blob
+        else:
+            data[pos:pos + len(blob)] = blob
+    path = tmp_path / "fuzzed.mig"
+    path.write_bytes(bytes(data))
+    target = vms.new("memdirty", "mib=1 rate=0", memory_mib=8, start_paused=True)
+    target.set_state("prelaunch", "inmigrate")
+    destination = MigrationDestination(target, Listener(f"file:{path}"), CAPS, False, lambda n, d: None)
+    destination.start()
+    destination.join(30)
+    assert destination.status in ("failed", "completed")
+    if destination.status == "completed":
+        assert ram_digest(target) == expected_ram
+    else:
+        assert destination.error and target.state == "inmigrate"
+    target.close()
