@@ -33,6 +33,7 @@ from .state import MigrationRun
 from .transport import Channel, Listener, TransportError
 
 log = logging.getLogger(__name__)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 class MigrationDestination(MigrationRun):
@@ -51,6 +52,7 @@ class MigrationDestination(MigrationRun):
         self.pages_received = 0
         self.bytes_received = 0
         self._channels: list[Channel] = []
+        self._can_populate = True
 
     def abort(self) -> None:
         """Stop listening and drop the channels (the daemon is exiting)."""
@@ -247,6 +249,7 @@ class MigrationDestination(MigrationRun):
         contiguous = pages[-1] - pages[0] == count - 1
         if kind == stream.PAGES:
             if contiguous:       # straight into guest RAM
+                self._populate(pages[0] * size, count * size)
                 channel.read_into(self.ram[pages[0] * size:(pages[-1] + 1) * size])
             else:
                 data = bytearray(count * size)
@@ -261,6 +264,15 @@ class MigrationDestination(MigrationRun):
         for p in pages:
             self._mark(p, 1)
         self.pages_received += count
+
+    def _populate(self, offset: int, length: int) -> None:
+        """Allocate guest pages in one call before a receive fills them: a page fault per 4 KiB
+        page halves the receive rate (MADV_POPULATE_WRITE, Linux 5.14; without it, the faults)."""
+        if self._can_populate:
+            try:
+                self.ram_map.madvise(MADV_POPULATE_WRITE, offset, length)
+            except OSError:
+                self._can_populate = False
 
     def _decompress(self, codec: int, packed: bytes, expected: int) -> bytes:
         try:
