@@ -14,7 +14,7 @@ import subprocess
 
 
 STALL_TIMEOUT = 10.0     # seconds without progress before the source gives a channel up
-READ_AHEAD = 1 << 20
+READ_AHEAD = 64 << 10     # small records come in batches; page data goes straight to RAM
 
 
 class TransportError(Exception):
@@ -81,7 +81,7 @@ class Channel:
         return f"{self.description}: {e.strerror or e}"
 
     def read_exact(self, n: int) -> bytes:
-        """Exactly ``n`` bytes (reads ahead up to 1 MiB to spare syscalls on small records)."""
+        """Exactly ``n`` bytes (reads ahead a little to spare syscalls on small records)."""
         while len(self._buffer) - self._pos < n:
             if self._pos:
                 del self._buffer[:self._pos]      # once per refill, not once per record
