@@ -42,6 +42,17 @@ def _metrics_text(node: Node) -> str:
            int(node.run_state == "running"), f'{{node="{node.name}",status="{node.run_state}"}}')
     metric("colo_appliance_migration_active", "gauge", "1 while a migration is in progress.",
            int(node.migration_running()), f'{{node="{node.name}",status="{node.migration_status}"}}')
+    info = node.migration.info() if node.migration is not None else {}
+    ram = info.get("ram", {})
+    labels = f'{{node="{node.name}"}}'
+    metric("colo_appliance_migration_transferred_bytes", "gauge",
+           "Bytes sent by the current or last outgoing migration.", ram.get("transferred", 0), labels)
+    metric("colo_appliance_migration_remaining_bytes", "gauge",
+           "Dirty bytes still to send by the current migration.", ram.get("remaining", 0), labels)
+    metric("colo_appliance_migration_dirty_sync_count", "gauge",
+           "Dirty-log syncs (passes) of the current or last migration.", ram.get("dirty-sync-count", 0), labels)
+    metric("colo_appliance_migration_downtime_milliseconds", "gauge",
+           "Measured downtime of the last completed migration.", info.get("downtime", 0), labels)
     metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", mem.rss)
     metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", mem.vms)
     metric("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",

@@ -2,6 +2,8 @@
 import asyncio
 import socket
 
+import aiohttp
+
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
@@ -46,10 +48,15 @@ async def migrate_and_check(src, dst, uri):
     a, b = await connect(src), await connect(dst)
     try:
         await a.execute("migrate", {"uri": uri})
-        await wait_status(a, "completed")
+        info = await wait_status(a, "completed")
         await wait_status(b, "completed")
         assert (await b.execute("query-status"))["status"] == "running"
         assert (await a.execute("query-status"))["status"] == "postmigrate"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{src.http}/metrics") as r:
+                text = await r.text()
+        assert f'colo_appliance_migration_transferred_bytes{{node="src"}} {info["ram"]["transferred"]}' in text
+        assert f'colo_appliance_migration_downtime_milliseconds{{node="src"}} {info["downtime"]}' in text
     finally:
         await a.disconnect()
         await b.disconnect()
