@@ -34,6 +34,7 @@ from .transport import Channel, Listener, TransportError
 
 log = logging.getLogger(__name__)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+MULTIFD_ACCEPT_TIMEOUT = 30.0    # seconds for the multifd channels to connect, and to finish at END
 
 
 class MigrationDestination(MigrationRun):
@@ -52,6 +53,7 @@ class MigrationDestination(MigrationRun):
         self.pages_received = 0
         self.bytes_received = 0
         self._channels: list[Channel] = []
+        self._workers: list[threading.Thread] = []
         self._can_populate = True
 
     def abort(self) -> None:
@@ -88,8 +90,8 @@ class MigrationDestination(MigrationRun):
             self._written = bytearray(self.ram_size // header.page_size)   # pages that may be non-zero
             self.digest = RamDigest(self.ram, self.ram_size, [])
             self._zstd = zstandard.ZstdDecompressor()
-            workers = self._start_multifd(header)
-            sections = self._read_main(main, header, workers)
+            self._start_multifd(header)
+            sections = self._read_main(main, header, self._workers)
             self._finish(main, sections)
         except Exception as e:
             self.error = self.error or (str(e) if isinstance(e, (stream.StreamError, TransportError))
@@ -103,6 +105,8 @@ class MigrationDestination(MigrationRun):
                     pass
             for channel in self._channels:
                 channel.abort()
+            for worker in self._workers:
+                worker.join(10)       # no receiver may write into RAM after it is cleared
             self._clear_ram()
             self.end_time = time.monotonic()
             self.set_state(("setup", "active"), "failed")
@@ -126,6 +130,8 @@ class MigrationDestination(MigrationRun):
 
     def _read_header(self, channel: Channel) -> stream.Header:
         header = stream.Header.unpack(channel.read_exact(stream.HEADER.size))
+        if header.flags & ~stream.KNOWN_FLAGS:
+            raise stream.StreamError(f"unknown stream flags {header.flags:#x}")
         if header.ram_size != self.ram_size:
             raise stream.StreamError(f"the source has {header.ram_size >> 20} MiB of RAM, "
                                      f"this guest {self.ram_size >> 20} MiB")
@@ -134,21 +140,26 @@ class MigrationDestination(MigrationRun):
                                      f"this is VM {self.vm.uuid}")
         return header
 
-    def _start_multifd(self, header: stream.Header) -> list[threading.Thread]:
+    def _start_multifd(self, header: stream.Header) -> None:
         if not header.flags & stream.FLAG_MULTIFD:
-            return []
+            return
+        if not 1 <= header.channels <= 255:
+            raise stream.StreamError(f"a multifd stream with {header.channels} channels")
         self._barrier = threading.Barrier(header.channels)
-        workers = []
+        seen: set[int] = set()
         for _ in range(header.channels):
-            channel = self._accept()
+            # The source opens them right after the main channel: wait a while, not forever.
+            channel = self.listener.accept(timeout=MULTIFD_ACCEPT_TIMEOUT)
+            self._channels.append(channel)
             sub = stream.Header.unpack(channel.read_exact(stream.HEADER.size))
-            if sub.vm_uuid != header.vm_uuid or sub.flags != header.flags:
+            if (sub.vm_uuid, sub.flags, sub.ram_size) != (header.vm_uuid, header.flags, header.ram_size) \
+                    or sub.channels in seen or sub.channels >= header.channels:
                 raise stream.StreamError("a multifd channel belongs to another migration")
+            seen.add(sub.channels)
             worker = threading.Thread(target=self._multifd_worker, args=(channel,), daemon=True,
                                       name=f"multifd-recv-{sub.channels}")
             worker.start()
-            workers.append(worker)
-        return workers
+            self._workers.append(worker)
 
     def _multifd_worker(self, channel: Channel) -> None:
         try:
@@ -175,8 +186,10 @@ class MigrationDestination(MigrationRun):
         while True:
             kind = main.read_exact(1)[0]
             if kind in (stream.PAGES, stream.ZERO_RUN, stream.COMPRESSED, stream.XBZRLE):
-                if workers and kind != stream.XBZRLE:
+                if workers:
                     raise stream.StreamError("page records on the main channel of a multifd stream")
+                if kind == stream.XBZRLE and not header.flags & stream.FLAG_XBZRLE:
+                    raise stream.StreamError("an XBZRLE record in a stream that did not announce XBZRLE")
                 self._apply(main, kind)
             elif kind == stream.PASS_END:
                 main.read_exact(4)
@@ -191,7 +204,9 @@ class MigrationDestination(MigrationRun):
                 ram_digest = main.read_exact(stream.DIGEST_SIZE)
                 devices_digest = main.read_exact(stream.DIGEST_SIZE)
                 for worker in workers:
-                    worker.join()
+                    worker.join(MULTIFD_ACCEPT_TIMEOUT)
+                    if worker.is_alive():
+                        raise stream.StreamError("a multifd channel did not finish its last pass")
                 if self.error:
                     raise stream.StreamError(self.error)
                 if self.digest.digest() != ram_digest:
@@ -215,13 +230,13 @@ class MigrationDestination(MigrationRun):
         if kind == stream.ZERO_RUN:
             first, count = stream.ZERO_RUN_BODY.unpack(channel.read_exact(stream.ZERO_RUN_BODY.size))
             self._check_pages(first, count)
-            # Fresh RAM is zero: only pages written before need clearing.
+            # Fresh RAM is zero: only pages written before need clearing (punched back to holes).
             written = self._written
             pos = written.find(1, first, first + count)
             while pos >= 0:
                 end = written.find(0, pos, first + count)
                 end = first + count if end < 0 else end
-                self.ram[pos * size:end * size] = bytes((end - pos) * size)
+                self.ram_map.madvise(mmap.MADV_REMOVE, pos * size, (end - pos) * size)
                 written[pos:end] = bytes(end - pos)
                 self.digest.mark_range(pos * size, end * size)
                 pos = written.find(1, end, first + count)
@@ -246,7 +261,7 @@ class MigrationDestination(MigrationRun):
         pages = [p for (p,) in stream.U64.iter_unpack(channel.read_exact(8 * count))]
         for p in pages:
             self._check_pages(p, 1)
-        contiguous = pages[-1] - pages[0] == count - 1
+        contiguous = pages == list(range(pages[0], pages[0] + count))
         if kind == stream.PAGES:
             if contiguous:       # straight into guest RAM
                 self._populate(pages[0] * size, count * size)
@@ -275,17 +290,25 @@ class MigrationDestination(MigrationRun):
                 self._can_populate = False
 
     def _decompress(self, codec: int, packed: bytes, expected: int) -> bytes:
+        """Inflate at most ``expected`` bytes: a record may not make the destination allocate more."""
         try:
             if codec == stream.CODEC_ZLIB:
-                data = zlib.decompress(packed)
+                inflater = zlib.decompressobj()
+                data = inflater.decompress(packed, expected)
+                complete = inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data
             elif codec == stream.CODEC_ZSTD:
-                data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=expected)
+                declared = zstandard.frame_content_size(packed)
+                if declared not in (expected, zstandard.CONTENTSIZE_UNKNOWN):
+                    raise stream.StreamError(f"compressed pages declare {declared} bytes, not {expected}")
+                with zstandard.ZstdDecompressor().stream_reader(packed) as reader:
+                    data = reader.read(expected)
+                    complete = reader.read(1) == b""
             else:
                 raise stream.StreamError(f"unknown compression codec {codec}")
         except (zlib.error, zstandard.ZstdError) as e:
             raise stream.StreamError(f"corrupt compressed pages: {e}") from e
-        if len(data) != expected:
-            raise stream.StreamError(f"compressed pages inflate to {len(data)} bytes, not {expected}")
+        if len(data) != expected or not complete:
+            raise stream.StreamError(f"compressed pages do not inflate to exactly {expected} bytes")
         return data
 
     def _scatter(self, pages: list[int], data) -> None:

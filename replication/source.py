@@ -52,6 +52,10 @@ class MigrationFailed(Exception):
     pass
 
 
+class VerdictLost(MigrationFailed):
+    """Everything was sent but the destination's answer never came: it may be running the guest."""
+
+
 def bitmap_runs(bitmap: bytes) -> list[tuple[int, int]]:
     """Runs (first page, count) of set bits in a KVM dirty bitmap (bit i = page i)."""
     x = int.from_bytes(bitmap, "little")
@@ -79,6 +83,7 @@ class MigrationSource(MigrationRun):
         self.params = parameters      # live: downtime-limit and max-bandwidth may change mid-way, as in QEMU
         self.named_fds = named_fds
         self.ram_released = False
+        self._committed = False       # END is on its way: only the destination's verdict decides now
         self._cancel = threading.Event()
         self._continue = threading.Event()
         self._channels: list[Channel] = []
@@ -114,15 +119,23 @@ class MigrationSource(MigrationRun):
         self._multifd: list[threading.Thread] = []
         self._multifd_queues: list[queue.Queue] = []
         self._multifd_error: str | None = None
+        self._stop_senders = threading.Event()
         self._next_channel = 0
 
     # -- control (called from the event loop) ----------------------------------------
 
-    def cancel(self) -> None:
-        if self.set_state(("setup", "active", "pre-switchover", "device"), "cancelling"):
+    def cancel(self) -> bool:
+        """Cancel, unless the whole state has been sent (then the destination decides)."""
+        with self._lock:
+            if self._committed:
+                return False
+            cancellable = self.status in ("setup", "active", "pre-switchover", "device")
+        if cancellable and self.set_state(("setup", "active", "pre-switchover", "device"), "cancelling"):
             self._cancel.set()
             for channel in list(self._channels):
                 channel.abort()
+            return True
+        return False
 
     def continue_from(self, state: str) -> bool:
         if self.status != state:
@@ -137,7 +150,6 @@ class MigrationSource(MigrationRun):
     # -- the migration thread ---------------------------------------------------------
 
     def _run(self) -> None:
-        was_running = self.vm.state == "running"
         paused_here = False
         try:
             self._setup()
@@ -148,9 +160,10 @@ class MigrationSource(MigrationRun):
             while not self._converged():
                 self._dirty_pass(final=False)
             pause_start = time.monotonic()
+            was_running = self.vm.state == "running"      # the user may have stopped it meanwhile
             if was_running:
                 self.vm.pause()
-                paused_here = True
+                paused_here = self.vm.state == "paused"
             if self.caps["pause-before-switchover"]:
                 self.set_state("active", "pre-switchover")
                 while not self._continue.wait(0.05):
@@ -178,7 +191,9 @@ class MigrationSource(MigrationRun):
                 self.error = self.error or self._verdict_after(e) or self._describe(e)
                 log.warning("migration failed: %s", self.error)
             self._abort_all(str(self.error or "migration cancelled"))
-            if paused_here and self.vm.state == "paused":
+            # After END, a lost verdict leaves the guest paused here: it may run on the destination,
+            # and two running copies are worse than a stopped one.
+            if paused_here and self.vm.state == "paused" and not isinstance(e, VerdictLost):
                 self.vm.resume()
             if cancelled:
                 self.set_state("cancelling", "cancelled")
@@ -206,7 +221,8 @@ class MigrationSource(MigrationRun):
 
     def _verdict_after(self, e: Exception) -> str | None:
         """When the destination hung up on us, it may have said why first."""
-        if not isinstance(e, TransportError) or not self._channels or not self._channels[0].two_way:
+        if (not isinstance(e, TransportError) or self._committed or not self._channels
+                or not self._channels[0].two_way):
             return None
         main = self._channels[0]
         head = main.read_with_timeout(stream.REPLY_HEAD.size, 2.0)
@@ -234,6 +250,9 @@ class MigrationSource(MigrationRun):
             raise MigrationCancelled()
         if self._multifd_error:
             raise MigrationFailed(self._multifd_error)
+        if self._channels and self._channels[0].peer_spoke():
+            # Mid-stream, a destination only speaks to refuse: stop now, not at the end.
+            raise TransportError(f"{self.uri}: the destination ended the migration")
 
     def _setup(self) -> None:
         channels = self.params["multifd-channels"] if self.caps["multifd"] else 0
@@ -389,6 +408,8 @@ class MigrationSource(MigrationRun):
                 i = j
 
     def _send_zero_run(self, first: int, count: int) -> None:
+        if self.xbzrle is not None:
+            self.xbzrle.forget(first, count)    # the destination's copy is zero now
         self.duplicate += count
         self._pass_pages += count
         record = bytes([stream.ZERO_RUN]) + stream.ZERO_RUN_BODY.pack(first, count)
@@ -401,12 +422,14 @@ class MigrationSource(MigrationRun):
     def _send_normal(self, first: int, count: int, use_xbzrle: bool) -> None:
         pages = list(range(first, first + count))
         if use_xbzrle:
-            whole = []
+            whole, contents = [], []
             for page in pages:
                 data = bytes(self.ram[page * PAGE_SIZE:(page + 1) * PAGE_SIZE])
                 delta = self.xbzrle.encode(page, data)
                 if delta is None:
+                    # Send exactly what the cache kept: the guest may write the page again meanwhile.
                     whole.append(page)
+                    contents.append(data)
                 elif delta:
                     record = bytes([stream.XBZRLE]) + stream.XBZRLE_HEAD.pack(page, len(delta)) + delta
                     self._channels[0].send(record)
@@ -415,7 +438,7 @@ class MigrationSource(MigrationRun):
             pages = whole
             if not pages:
                 return
-            data = b"".join(self.ram[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] for p in pages)
+            data = b"".join(contents)
         else:
             data = self.ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
         self.normal += len(pages)
@@ -470,8 +493,11 @@ class MigrationSource(MigrationRun):
         method = self.params["multifd-compression"]
         zstd = zstandard.ZstdCompressor(level=self.params["multifd-zstd-level"]) if method == "zstd" else None
         try:
-            while True:
-                item = q.get()
+            while not self._stop_senders.is_set():
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
                 if item is None:
                     return
                 head, data = item
@@ -481,46 +507,52 @@ class MigrationSource(MigrationRun):
                 if method == "none":
                     channel.send(bytes([stream.PAGES]) + head)
                     channel.send(data)
-                    self.multifd_bytes += 1 + len(head) + len(data)
-                    continue
-                if zstd is not None:
-                    packed, codec = zstd.compress(bytes(data)), stream.CODEC_ZSTD
+                    sent = 1 + len(head) + len(data)
                 else:
-                    packed, codec = zlib.compress(bytes(data), self.params["multifd-zlib-level"]), stream.CODEC_ZLIB
-                channel.send(bytes([stream.COMPRESSED, codec]) + head + stream.U32.pack(len(packed)))
-                channel.send(packed)
-                self.multifd_bytes += 6 + len(head) + len(packed)
-        except TransportError as e:
-            self._multifd_error = self._multifd_error or str(e)
-            while q.get() is not None:    # keep the producer from blocking on a dead channel
-                pass
+                    if zstd is not None:
+                        packed, codec = zstd.compress(data), stream.CODEC_ZSTD
+                    else:
+                        packed, codec = zlib.compress(data, self.params["multifd-zlib-level"]), stream.CODEC_ZLIB
+                    channel.send(bytes([stream.COMPRESSED, codec]) + head + stream.U32.pack(len(packed)))
+                    channel.send(packed)
+                    sent = 6 + len(head) + len(packed)
+                with self._lock:
+                    self.multifd_bytes += sent
+        except Exception as e:        # the producer sees it at its next check and fails the migration
+            self._multifd_error = self._multifd_error or self._describe(e)
+
+    def _put(self, q: queue.Queue, item) -> None:
+        """Queue for a multifd sender, giving up on cancel or a failed sender instead of blocking."""
+        while True:
+            self._check_cancel()
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _to_multifd(self, head: bytes, data) -> None:
         q = self._multifd_queues[self._next_channel]
         self._next_channel = (self._next_channel + 1) % len(self._multifd_queues)
         if data is not None:
             data = bytes(data)     # the queue outlives this pass: copy the page data now
-        while True:
-            self._check_cancel()
-            try:
-                q.put((head, data), timeout=0.1)
-                break
-            except queue.Full:
-                continue
+        self._put(q, (head, data))
         self._account(len(head) + (len(data) if data is not None else 0))
 
     def _end_pass(self, number: int) -> None:
         self._drain_compressed()
         record = bytes([stream.PASS_END]) + stream.U32.pack(number)
         for q in self._multifd_queues:
-            q.put((record, None))
+            self._put(q, (record, None))
         self._channels[0].send(record)
 
     def _finish_multifd(self) -> None:
         for q in self._multifd_queues:
-            q.put(None)
+            self._put(q, None)
         for thread in self._multifd:
-            thread.join()
+            while thread.is_alive():
+                self._check_cancel()
+                thread.join(0.1)
         self._check_cancel()
 
     # -- completion ------------------------------------------------------------------------
@@ -533,6 +565,10 @@ class MigrationSource(MigrationRun):
 
     def _send_end(self) -> None:
         record = bytes([stream.END]) + self.digest.digest() + stream.devices_digest(self._sections)
+        with self._lock:
+            if self._cancel.is_set():
+                raise MigrationCancelled()
+            self._committed = True
         self._channels[0].send(record)
         self._account(len(record))
 
@@ -543,22 +579,20 @@ class MigrationSource(MigrationRun):
             return
         head = main.read_with_timeout(stream.REPLY_HEAD.size, VERDICT_TIMEOUT)
         if head is None:
-            raise MigrationFailed(f"the destination did not confirm the migration within {VERDICT_TIMEOUT:g} s")
+            raise VerdictLost("the destination's answer was lost after the whole state was sent; the guest "
+                              "stays paused here because it may be running on the destination: check there, "
+                              "and 'cont' here only if it is not")
         status, length = stream.REPLY_HEAD.unpack(head)
         message = (main.read_with_timeout(length, VERDICT_TIMEOUT) or b"").decode(errors="replace")
         if status != 0:
             raise MigrationFailed(f"the destination refused the migration: {message}")
 
     def _abort_all(self, message: str) -> None:
-        for q in self._multifd_queues:
+        self._stop_senders.set()
+        if self._channels and not self._cancel.is_set() and not self._committed:
             try:
-                q.put_nowait(None)
-            except queue.Full:
-                pass
-        if self._channels:
-            try:
-                if self._channels[0].two_way and not self._cancel.is_set():
-                    self._channels[0].send(stream.pack_abort(message))
+                if self._channels[0].two_way:
+                    self._channels[0].send(stream.pack_abort(message), timeout=1.0)
             except TransportError:
                 pass
         for channel in self._channels:

@@ -8,9 +8,12 @@ with its verdict; exec:, file: and pipe fds are one-way.
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import stat
 import subprocess
+import time
 
 
 STALL_TIMEOUT = 10.0     # seconds without progress before the source gives a channel up
@@ -53,16 +56,30 @@ class Channel:
         self._pos = 0                # bytes of _buffer already consumed
         self._aborted = False
 
-    def send(self, data) -> None:
+    def send(self, data, timeout: float | None = None) -> None:
+        """All of ``data``.  Each partial send may wait the socket's timeout: a stall fails, a slow
+        link does not (sendall's timeout would cover the whole call).  ``timeout`` overrides it."""
+        view = memoryview(data).cast("B")
         try:
             if self.sock is not None:
-                self.sock.sendall(data)
+                if timeout is not None:
+                    self.sock.settimeout(timeout)
+                while view:
+                    view = view[self.sock.send(view):]
             else:
-                view = memoryview(data).cast("B")
                 while view:
                     view = view[os.write(self.fd, view):]
         except OSError as e:
             raise TransportError(self._failure(e)) from e
+
+    def peer_spoke(self) -> bool:
+        """Without blocking: has the peer sent something (or hung up)?  A destination speaks
+        up early only to refuse."""
+        if self.sock is None or self.sock.fileno() < 0:
+            return False
+        # select, not a non-blocking recv: a socket with a timeout waits before any recv.
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
 
     def _recv_into(self, view) -> int:
         try:
@@ -104,15 +121,17 @@ class Channel:
             view = view[self._recv_into(view):]
 
     def linger(self, seconds: float) -> None:
-        """After a last message: stop sending and read (discarding) until the peer
-        closes, so that closing does not reset the connection and lose that message."""
+        """After a last message: stop sending and read (discarding) until the peer closes or
+        ``seconds`` pass, so that closing does not reset the connection and lose that message."""
         if self.sock is None:
             return
+        deadline = time.monotonic() + seconds
         try:
             self.sock.shutdown(socket.SHUT_WR)
-            self.sock.settimeout(seconds)
-            while self.sock.recv(1 << 20):
-                pass
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(1 << 20):
+                    return
         except OSError:
             pass
 
@@ -135,7 +154,7 @@ class Channel:
             except OSError:
                 pass
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)      # the whole pipeline, not just the shell
 
     def close(self) -> None:
         if self.sock is not None:
@@ -176,7 +195,7 @@ def connect(uri: str, named_fds: dict[str, int]) -> Channel:
             sock.connect(rest)
             return Channel(sock=sock, description=uri)
         if scheme == "exec":
-            proc = subprocess.Popen(["/bin/sh", "-c", rest], stdin=subprocess.PIPE)
+            proc = subprocess.Popen(["/bin/sh", "-c", rest], stdin=subprocess.PIPE, start_new_session=True)
             fd = os.dup(proc.stdin.fileno())
             proc.stdin.close()
             return Channel(fd=fd, proc=proc, description=uri)
@@ -216,7 +235,7 @@ class Listener:
                 self.sock.bind(rest)
                 self.sock.listen(16)
             elif self.scheme == "exec":
-                proc = subprocess.Popen(["/bin/sh", "-c", rest], stdout=subprocess.PIPE)
+                proc = subprocess.Popen(["/bin/sh", "-c", rest], stdout=subprocess.PIPE, start_new_session=True)
                 fd = os.dup(proc.stdout.fileno())
                 proc.stdout.close()
                 self._channel = Channel(fd=fd, proc=proc, description=uri)
@@ -244,14 +263,18 @@ class Listener:
         host, port = self.sock.getsockname()[:2]
         return [{"type": "inet", "host": host, "port": str(port)}]
 
-    def accept(self) -> Channel:
+    def accept(self, timeout: float | None = None) -> Channel:
         if self.sock is None:
             channel, self._channel = self._channel, None
             if channel is None:
                 raise TransportError(f"{self.uri}: a one-way channel carries a single stream")
             return channel
         try:
+            self.sock.settimeout(timeout)
             sock, _ = self.sock.accept()
+            sock.settimeout(None)
+        except TimeoutError:
+            raise TransportError(f"{self.uri}: no connection within {timeout:g} s") from None
         except OSError as e:
             raise TransportError(f"{self.uri}: accept failed: {e.strerror or e}") from e
         if sock.family != socket.AF_UNIX:

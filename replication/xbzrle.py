@@ -53,6 +53,15 @@ class XbzrleCache:
             self.encoded_in += self.page_size
         return delta
 
+    def forget(self, first: int, count: int) -> None:
+        """Pages [first, first+count) were sent another way (zero runs): their cached copies are stale."""
+        if count <= len(self._pages):
+            for page in range(first, first + count):
+                self._pages.pop(page, None)
+        else:
+            for page in [p for p in self._pages if first <= p < first + count]:
+                del self._pages[page]
+
     def stats(self) -> dict:
         lookups = self.hits + self.misses
         return {

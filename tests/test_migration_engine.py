@@ -1,6 +1,7 @@
 """The migration engine between two VMs in one process: RAM equal byte for byte."""
 import os
 import socket
+import threading
 import time
 
 import blake3
@@ -359,3 +360,34 @@ def test_fuzzed_streams_never_yield_a_wrong_guest(recorded_stream, vms, guest_im
     else:
         assert destination.error and target.state == "inmigrate"
     target.close()
+
+
+def test_a_lost_verdict_keeps_the_source_paused(vms, guest_images, tmp_path, monkeypatch):
+    """Once everything is sent, the source cannot know whether the destination runs the guest:
+    it must not resume it (no split brain), and a late cancel is refused."""
+    import replication.source as source_module
+    monkeypatch.setattr(source_module, "VERDICT_TIMEOUT", 1.0)
+    path = str(tmp_path / "silent.sock")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(path)
+    silent.listen(1)
+    drained = []
+
+    def drain():               # a destination that takes everything and never answers
+        conn, _ = silent.accept()
+        while chunk := conn.recv(1 << 20):
+            drained.append(len(chunk))
+        conn.close()
+
+    threading.Thread(target=drain, daemon=True).start()
+    src = vms.new("memdirty", "mib=4 rate=0", memory_mib=16)
+    src.start()
+    source = MigrationSource(src, f"unix:{path}", CAPS, {**DEFAULT_PARAMETERS, "max-bandwidth": 0}, {},
+                             lambda n, d: None)
+    source.start()
+    wait_for(lambda: source._committed, timeout=30, what="END to be sent")
+    assert source.cancel() is False
+    source.join(30)
+    assert source.status == "failed" and "may be running on the destination" in source.error
+    assert src.state == "paused"
+    silent.close()

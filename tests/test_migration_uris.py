@@ -159,3 +159,24 @@ async def test_uri_errors(pair):
         assert str(info.value) == "multifd needs a tcp: or unix: migration URI"
     finally:
         await a.disconnect()
+
+
+async def test_cont_is_refused_while_migrating_and_cancel_resumes(pair):
+    port = free_port()
+    src, dst = pair(name="src"), pair("--incoming", f"tcp:127.0.0.1:{port}", name="dst")
+    a = await connect(src)
+    try:
+        await a.execute("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "pause-before-switchover", "state": True}]})
+        await a.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        while (await a.execute("query-migrate"))["status"] != "pre-switchover":
+            await asyncio.sleep(0.05)
+        assert (await a.execute("query-status"))["status"] == "paused"
+        with pytest.raises(ExecuteError) as info:
+            await a.execute("cont")
+        assert "cancel the migration" in str(info.value)
+        await a.execute("migrate_cancel")
+        await wait_status(a, "cancelled")
+        assert (await a.execute("query-status"))["status"] == "running"
+    finally:
+        await a.disconnect()

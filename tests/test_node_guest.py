@@ -53,6 +53,20 @@ async def test_guest_runs_and_is_controlled_over_qmp(memdirty_node, tmp_path):
     assert vm["status"] == "running" and vm["image"].endswith("memdirty.elf") and vm["memory_mib"] == 32
 
 
+async def test_calc_dirty_rate_measures_the_guest(memdirty_node):
+    _, qmp = memdirty_node
+    await qmp.execute("calc-dirty-rate", {"calc-time": 1})
+    assert (await qmp.execute("query-dirty-rate"))["status"] == "measuring"
+    with pytest.raises(ExecuteError) as info:
+        await qmp.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+    assert "dirty rate is being measured" in str(info.value)
+    await asyncio.sleep(1.2)
+    while (result := await qmp.execute("query-dirty-rate"))["status"] == "measuring":
+        await asyncio.sleep(0.1)
+    # memdirty rewrites its 8 MiB working set many times a second: all of it is dirty each second.
+    assert result["status"] == "measured" and result["calc-time"] == 1 and result["dirty-rate"] >= 8
+
+
 async def test_ringbuf_read_formats_and_devices(memdirty_node):
     _, qmp = memdirty_node
     import base64

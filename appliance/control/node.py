@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 import appliance
+import native
 from appliance.qapi import QMPError, Schema, default_schema
 
 from replication.destination import MigrationDestination
@@ -221,6 +222,8 @@ class Node:
             raise QMPError("Resetting the Virtual Machine is required")
         if self.run_state in ("inmigrate", "running"):
             return
+        if self.outgoing_running():
+            raise QMPError("the guest is being migrated; cancel the migration with migrate_cancel first")
         if isinstance(self.migration, MigrationSource) and self.migration.ram_released:
             raise QMPError("the guest's RAM was released after its migration (release-ram); "
                            "it runs on the destination now")
@@ -305,6 +308,8 @@ class Node:
             raise QMPError("Cannot resume if there is no paused migration")
         if self.migration_running():
             raise QMPError("There's a migration process in progress")
+        if self.dirty_rate["status"] == "measuring":
+            raise QMPError("the dirty rate is being measured (calc-dirty-rate); migrate when it is done")
         scheme = self.check_migration_uri(args["uri"])
         if self.vm is None:
             raise QMPError("this node has no guest to migrate")
@@ -368,13 +373,18 @@ class Node:
 
     def _measure_dirty_rate(self, seconds: int) -> None:
         vm = self.vm
-        vm.start_dirty_tracking()
         try:
-            vm.fetch_dirty_bitmap()
-            time.sleep(seconds)
-            dirty = sum(bin(b).count("1") for b in vm.fetch_dirty_bitmap())
-        finally:
-            vm.stop_dirty_tracking()
+            vm.start_dirty_tracking()
+            try:
+                vm.fetch_dirty_bitmap()
+                time.sleep(seconds)
+                dirty = native.bitmap_count(vm.fetch_dirty_bitmap())
+            finally:
+                vm.stop_dirty_tracking()
+        except Exception:
+            log.exception("dirty rate measurement failed")
+            self.dirty_rate = {"status": "unstarted", "start-time": 0, "calc-time": 0}
+            return
         # QEMU reports MB/s of dirtied memory.
         self.dirty_rate = dict(self.dirty_rate, status="measured", **{"dirty-rate": dirty * 4096 // seconds >> 20})
 
