@@ -163,7 +163,8 @@ async def test_uri_errors(pair):
 
 async def test_cont_is_refused_while_migrating_and_cancel_resumes(pair):
     port = free_port()
-    src, dst = pair(name="src"), pair("--incoming", f"tcp:127.0.0.1:{port}", name="dst")
+    src = pair(name="src")
+    pair("--incoming", f"tcp:127.0.0.1:{port}", name="dst")
     a = await connect(src)
     try:
         await a.execute("migrate-set-capabilities",
