@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import sys
 
@@ -41,6 +42,7 @@ class SyncQMPClient:
         self.file = self.sock.makefile("rwb")
         self.greeting = self._read()
         self.events: list[dict] = []
+        self._next_id = 0
         reply = self.execute("qmp_capabilities")
         if "error" in reply:
             raise QMPClientError(f"negotiation failed: {reply['error']['desc']}")
@@ -52,7 +54,8 @@ class SyncQMPClient:
         return json.loads(line)
 
     def execute(self, command: str, arguments: dict | None = None) -> dict:
-        request: dict = {"execute": command}
+        self._next_id += 1
+        request: dict = {"execute": command, "id": self._next_id}
         if arguments:
             request["arguments"] = arguments
         self.file.write(json.dumps(request).encode() + b"\n")
@@ -61,8 +64,8 @@ class SyncQMPClient:
             message = self._read()
             if "event" in message:
                 self.events.append(message)
-                continue
-            return message
+            elif message.get("id") == self._next_id:
+                return message
 
     def close(self) -> None:
         self.sock.close()
@@ -108,7 +111,11 @@ def _interactive(client: SyncQMPClient) -> int:
                 return 0
             if not line:
                 continue
-            words = line.split()
+            try:
+                words = shlex.split(line)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
             try:
                 _print_reply(client.execute(words[0], parse_arguments(words[1:])))
             except QMPClientError as e:
@@ -165,51 +172,58 @@ def progress_line(info: dict, width: int = 30) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    import time
     try:
         client = SyncQMPClient(args.socket)
     except QMPClientError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        steps = []
-        if args.capabilities:
-            steps.append(("migrate-set-capabilities",
-                          {"capabilities": [{"capability": c, "state": True} for c in args.capabilities]}))
-        params = parse_arguments(args.parameter or [])
-        if params:
-            steps.append(("migrate-set-parameters", params))
-        steps.append(("migrate", {"uri": args.uri}))
-        for command, arguments in steps:
-            reply = client.execute(command, arguments)
-            if "error" in reply:
-                print(f"error: {reply['error']['desc']}", file=sys.stderr)
-                return 1
-        tty = sys.stdout.isatty()
-        info: dict = {}
-        try:
-            while True:
-                info = client.execute("query-migrate")["return"]
-                line = progress_line(info)
-                print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", flush=True)
-                if info.get("status") in ("completed", "failed", "cancelled"):
-                    break
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            client.execute("migrate_cancel")
-            print("\ncancelling...", file=sys.stderr)
-            while info.get("status") not in ("failed", "cancelled", "completed"):
-                time.sleep(0.1)
-                info = client.execute("query-migrate")["return"]
-        if tty:
-            print()
-        if info.get("status") != "completed":
-            print(f"migration {info.get('status')}: {info.get('error-desc', '')}".rstrip(": "), file=sys.stderr)
-            return 1
-        print(f"completed in {info['total-time']} ms, downtime {info['downtime']} ms")
-        return 0
+        return _migrate_with_progress(client, args)
+    except (QMPClientError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         client.close()
+
+
+def _migrate_with_progress(client: SyncQMPClient, args: argparse.Namespace) -> int:
+    import time
+    steps = []
+    if args.capabilities:
+        steps.append(("migrate-set-capabilities",
+                      {"capabilities": [{"capability": c, "state": True} for c in args.capabilities]}))
+    params = parse_arguments(args.parameter or [])
+    if params:
+        steps.append(("migrate-set-parameters", params))
+    steps.append(("migrate", {"uri": args.uri}))
+    for command, arguments in steps:
+        reply = client.execute(command, arguments)
+        if "error" in reply:
+            print(f"error: {reply['error']['desc']}", file=sys.stderr)
+            return 1
+    tty = sys.stdout.isatty()
+    info: dict = {}
+    try:
+        while True:
+            info = client.execute("query-migrate")["return"]
+            line = progress_line(info)
+            print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", flush=True)
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        print("\ncancelling...", file=sys.stderr)
+        client.execute("migrate_cancel")
+        while info.get("status") not in ("failed", "cancelled", "completed"):
+            time.sleep(0.1)
+            info = client.execute("query-migrate")["return"]
+    if tty:
+        print()
+    if info.get("status") != "completed":
+        print(f"migration {info.get('status')}: {info.get('error-desc', '')}".rstrip(": "), file=sys.stderr)
+        return 1
+    print(f"completed in {info['total-time']} ms, downtime {info['downtime']} ms")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .config import NodeConfig, split_host_port
 from .control import Node, QMPServer
+from .control.jsonstream import MAX_NESTING
 from .control.node import PACKAGE, QEMU_VERSION
 from .http_api import make_app
 
@@ -80,6 +81,9 @@ async def serve(config: NodeConfig, vm=None) -> int:
     """Serve until quit; ``vm`` (from create_vm) is started here and closed on the way out."""
     config.validate()
     _raise_fd_limit()
+    # QMP accepts JSON nested MAX_NESTING deep, as QEMU does; parsing and echoing it back
+    # takes more Python frames than the default limit allows.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * MAX_NESTING))
     loop = asyncio.get_running_loop()
     node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)

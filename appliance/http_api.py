@@ -13,15 +13,19 @@ With a bearer token configured every request must carry
 from __future__ import annotations
 
 import hmac
-import json
+import logging
 import time
 
 import psutil
 from aiohttp import web
 
 from appliance.control.dispatch import CallContext
+from appliance.control.jsonstream import ParseError, parse
 from appliance.control.node import Node
+from appliance.control.qmp import check_envelope
 from appliance.qapi import QMPError
+
+log = logging.getLogger(__name__)
 
 _START = time.time()
 _PROCESS = psutil.Process()
@@ -76,23 +80,22 @@ def make_app(node: Node, token: str | None) -> web.Application:
         return web.json_response(node.status())
 
     async def qmp(request: web.Request) -> web.Response:
+        """One command, checked exactly as on the QMP socket (same parser, same envelope rules)."""
         try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError) as e:
-            return web.json_response({"error": QMPError(f"JSON parse error, {e}").to_reply()}, status=400)
-        try:
-            if not isinstance(body, dict) or not isinstance(body.get("execute"), str):
-                raise QMPError("QMP input lacks member 'execute'")
-            unexpected = set(body) - {"execute", "arguments", "id"}
-            if unexpected:
-                raise QMPError(f"QMP input member '{sorted(unexpected)[0]}' is unexpected")
-            args = body.get("arguments")
-            if args is not None and not isinstance(args, dict):
-                raise QMPError("QMP input member 'arguments' must be an object")
-            result = await node.dispatcher.execute(body["execute"], args, CallContext(origin="http"))
+            body = parse(await request.read())
+            name, _ = check_envelope(body, oob_enabled=False)
+            result = await node.dispatcher.execute(name, body.get("arguments"), CallContext(origin="http"))
+        except ParseError as e:
+            return web.json_response({"error": QMPError(str(e)).to_reply()}, status=400)
         except QMPError as e:
             return web.json_response({"error": e.to_reply()}, status=400)
-        return web.json_response({"return": result})
+        except Exception as e:       # a handler bug still answers in JSON
+            log.exception("HTTP qmp command failed")
+            return web.json_response({"error": QMPError(f"internal error: {e}").to_reply()}, status=500)
+        reply = {"return": result}
+        if "id" in body:
+            reply["id"] = body["id"]
+        return web.json_response(reply)
 
     async def console(request: web.Request) -> web.Response:
         if node.vm is None:

@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import stat
+import sys
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
@@ -255,6 +256,8 @@ def test_negotiation_rules(daemon):
     (b"}", err("JSON parse error, expecting value")),
     (b'{"a": 1, "a": 2}', err("JSON parse error, duplicate key")),
     (b'{"execute": NaN}', err("JSON parse error, invalid keyword 'NaN'")),
+    (b'{"execute": "query-status", "id": "\\ud800"}', err("JSON parse error, \\ud800 is not a valid Unicode character")),
+    (b'{"execute": "query-status", "id": "\xed\xa0\x80"}', err("JSON parse error, invalid UTF-8 sequence in string")),
 ])
 def test_envelope_errors_match_qemu(daemon, raw, reply):
     c = RawClient(daemon.qmp)
@@ -277,3 +280,41 @@ def test_tcp_listener(tmp_path):
             assert json.loads(f.readline())["id"] == 3
     finally:
         stop_daemon(d)
+
+
+def test_replies_keep_the_order_of_requests(daemon):
+    """Errors without an id are matched by position: they must not overtake earlier replies."""
+    c = RawClient(daemon.qmp)
+    c.sock.sendall(b'{"execute": "stop", "id": 1}{"foo": 1, "id": 2}{"execute": "cont", "id": 3}} '
+                   b'{"execute": "query-status", "id": 4}\n')
+    replies = [c.read() for _ in range(5)]
+    assert [r.get("id") for r in replies] == [1, 2, 3, None, 4]
+    assert replies[1]["error"]["desc"] == "QMP input member 'foo' is unexpected"
+    assert replies[3] == err("JSON parse error, expecting value")
+    c.close()
+
+
+def test_control_character_in_a_string_resynchronises_like_qemu(daemon):
+    c = RawClient(daemon.qmp)
+    c.send(b'{"execute": "query-status", "id": "a\tb"}\n{"execute": "query-status", "id": 2}\n'
+           b'{"execute": "query-status", "id": 3}')
+    assert c.read() == err("JSON parse error, invalid character in string")
+    assert c.read() == err("JSON parse error, expecting value")      # the '}' after the bad string
+    assert c.read()["id"] == 2 and c.read()["id"] == 3
+    c.close()
+
+
+def test_nesting_up_to_qemus_limit(daemon):
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10000)          # for this client's own json.loads of the deep reply
+    try:
+        c = RawClient(daemon.qmp)
+        deep = b"[" * 1023 + b"]" * 1023
+        reply = c.ask(b'{"execute": "query-status", "id": ' + deep + b"}")
+        assert reply["return"]["status"] == "running" and json.dumps(reply["id"]).count("[") == 1023
+        assert c.ask(b'{"execute": "query-status", "id": ' + b"[" * 1025 + b"]" * 1025 + b"}") == \
+            err("JSON nesting depth limit exceeded")
+        assert c.ask(b'{"execute": "query-status", "id": 99}')["id"] == 99
+        c.close()
+    finally:
+        sys.setrecursionlimit(limit)

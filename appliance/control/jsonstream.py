@@ -18,6 +18,10 @@ _STRUCTURAL = re.compile(rb'[{}\[\]"]')
 _IN_STRING = re.compile(rb'["\\\x00-\x1f]')
 _SCALAR_END = re.compile(rb'[\s{}\[\]"]')
 _BLANK = re.compile(rb"\s*")
+# After an error, QEMU's lexer skips to a point where a new value can start: a bracket,
+# a control character other than tab, or the bytes 0xFE/0xFF (clients send these to resync).
+_RESYNC = re.compile(rb"[{}\[\]\x00-\x08\x0a-\x1f\xfe\xff]")
+MAX_NESTING = 1024
 
 
 class ParseError(Exception):
@@ -48,9 +52,13 @@ class JSONStreamer:
         self._in_string = False
         self._scalar = False
         self._oversized = False
+        self._too_deep = False
+        self._recovering = False
 
     def _finish(self, out: list) -> None:
-        if self._oversized:
+        if self._too_deep:
+            out.append(ParseError("JSON nesting depth limit exceeded"))
+        elif self._oversized:
             out.append(ParseError(f"JSON parse error, message exceeds {self.limit} bytes"))
         else:
             out.append(b"".join(self._parts))
@@ -61,7 +69,13 @@ class JSONStreamer:
         out: list = []
         pos, end = 0, len(data)
         while pos < end:
-            if self._escape:
+            if self._recovering:
+                m = _RESYNC.search(data, pos)
+                if not m:
+                    break
+                pos = m.start()            # the resync byte itself is read afresh
+                self._recovering = False
+            elif self._escape:
                 self._escape = False
                 self._keep(data[pos:pos + 1])
                 pos += 1
@@ -75,10 +89,11 @@ class JSONStreamer:
                 if m.group() == b"\\":
                     self._escape = True
                 elif m.group() < b" ":
-                    # A raw control character cannot be in a JSON string: like
-                    # QEMU's lexer, report it and start afresh after it.
+                    # A raw control character cannot be in a JSON string: like QEMU's lexer,
+                    # report it, drop the message and resynchronise.
                     out.append(ParseError("JSON parse error, invalid character in string"))
                     self._reset()
+                    self._recovering = True
                 else:
                     self._in_string = False
                     if self._depth == 0:          # a bare top-level string
@@ -95,6 +110,10 @@ class JSONStreamer:
                     self._in_string = True
                 elif ch in (b"{", b"["):
                     self._depth += 1
+                    if self._depth > MAX_NESTING:     # kept counting, so the message still ends in step
+                        self._too_deep = True
+                        self._oversized = True
+                        self._parts.clear()
                 else:
                     self._depth -= 1
                     if self._depth == 0:
@@ -140,14 +159,34 @@ def _no_constants(name):
     raise ParseError(f"JSON parse error, invalid keyword '{name}'")
 
 
+def _reject_surrogates(value) -> None:
+    """A lone surrogate escape (\\ud800) is no Unicode character: QEMU refuses it, so do we."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = item[e.start]
+                raise ParseError(f"JSON parse error, \\u{ord(bad):04x} is not a valid Unicode character") from None
+
+
 def parse(text: bytes):
     """Decode one JSON text; raise ParseError with a QEMU-style message."""
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except UnicodeDecodeError:
+        value = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                           parse_constant=_no_constants)
+    except UnicodeDecodeError:        # strict: no surrogates smuggled in as UTF-8 bytes either
         raise ParseError("JSON parse error, invalid UTF-8 sequence in string") from None
     except RecursionError:
-        raise ParseError("JSON parse error, too many nested data structures") from None
+        raise ParseError("JSON nesting depth limit exceeded") from None
     except json.JSONDecodeError as e:
         raise ParseError(f"JSON parse error, {e.msg[:1].lower()}{e.msg[1:]}") from None
+    _reject_surrogates(value)
     return value

@@ -44,6 +44,28 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+def check_envelope(request, oob_enabled: bool) -> tuple[str, bool]:
+    """QEMU's qmp_dispatch_check_obj, with its messages: (command name, out-of-band?)."""
+    if not isinstance(request, dict):
+        raise QMPError("QMP input must be a JSON object")
+    for key, value in request.items():
+        if key == "execute" or (key == "exec-oob" and oob_enabled):
+            if not isinstance(value, str):
+                raise QMPError(f"QMP input member '{key}' must be a string")
+        elif key == "arguments":
+            if not isinstance(value, dict):
+                raise QMPError("QMP input member 'arguments' must be an object")
+        elif key != "id":
+            raise QMPError(f"QMP input member '{key}' is unexpected")
+    if "execute" in request and "exec-oob" in request:
+        raise QMPError("QMP input member 'execute' clashes with 'exec-oob'")
+    if "exec-oob" in request:
+        return request["exec-oob"], True
+    if "execute" not in request:
+        raise QMPError("QMP input lacks member 'execute'")
+    return request["execute"], False
+
+
 class QMPConnection:
     def __init__(self, server: "QMPServer", sock: socket.socket):
         self.server = server
@@ -97,50 +119,34 @@ class QMPConnection:
             self._pause_reading()
 
     def _handle(self, item) -> None:
+        """Queue what arrived; errors too, so every answer keeps the order of its request
+        (parse errors carry no id: clients match them by position)."""
+        request = None
         try:
-            request = parse(item) if isinstance(item, bytes) else None
             if isinstance(item, ParseError):
                 raise item
+            request = parse(item)
+            name, oob = check_envelope(request, self.oob)
         except ParseError as e:
-            self._send({"error": QMPError(str(e)).to_reply()})
+            self._requests.put_nowait((None, QMPError(str(e))))
             return
-        try:
-            name, oob = self._check_envelope(request)
         except QMPError as e:
-            self._reply(request, error=e)
+            self._requests.put_nowait((request, e))
             return
         if oob:
             self.loop.create_task(self._execute(request, name))
         else:
             self._requests.put_nowait((request, name))
 
-    def _check_envelope(self, request) -> tuple[str, bool]:
-        """QEMU's qmp_dispatch_check_obj, with its messages."""
-        if not isinstance(request, dict):
-            raise QMPError("QMP input must be a JSON object")
-        for key, value in request.items():
-            if key == "execute" or (key == "exec-oob" and self.oob):
-                if not isinstance(value, str):
-                    raise QMPError(f"QMP input member '{key}' must be a string")
-            elif key == "arguments":
-                if not isinstance(value, dict):
-                    raise QMPError("QMP input member 'arguments' must be an object")
-            elif key != "id":
-                raise QMPError(f"QMP input member '{key}' is unexpected")
-        if "execute" in request and "exec-oob" in request:
-            raise QMPError("QMP input member 'execute' clashes with 'exec-oob'")
-        if "exec-oob" in request:
-            return request["exec-oob"], True
-        if "execute" not in request:
-            raise QMPError("QMP input lacks member 'execute'")
-        return request["execute"], False
-
     # -- executing ---------------------------------------------------------------
 
     async def _run_requests(self) -> None:
         while True:
-            request, name = await self._requests.get()
-            await self._execute(request, name)
+            request, name_or_error = await self._requests.get()
+            if isinstance(name_or_error, QMPError):
+                self._reply(request, error=name_or_error)
+            else:
+                await self._execute(request, name_or_error)
             if self._requests.qsize() < MAX_QUEUED_REQUESTS // 2:
                 self._resume_reading()
 
@@ -196,7 +202,13 @@ class QMPConnection:
             log.warning("QMP client is not reading its replies; dropping it")
             self.close()
             return
-        self._replies.put_nowait(json.dumps(message).encode() + b"\r\n")
+        try:
+            data = json.dumps(message).encode()
+        except (ValueError, TypeError, RecursionError) as e:   # never let one reply stop the monitor
+            log.error("cannot encode a QMP reply: %s", e)
+            data = json.dumps({"error": QMPError(f"internal error: the reply could not be encoded: {e}")
+                               .to_reply()}).encode()
+        self._replies.put_nowait(data + b"\r\n")
 
     async def _write_replies(self) -> None:
         try:
