@@ -1,18 +1,20 @@
 """The node's HTTP API (aiohttp).
 
-    GET  /api/v1/status   node, VM run state, migration and COLO state (JSON)
+    GET  /                a small dashboard: the status below, refreshed every second
+    GET  /api/v1/status   node, VM run state, migration (as query-migrate) and COLO state (JSON)
     POST /api/v1/qmp      one QMP command: {"execute": NAME, "arguments": {...}}
                           -> {"return": ...} (200) or {"error": {"class", "desc"}} (400)
     GET  /api/v1/console  the guest's console output (text)
     GET  /metrics         Prometheus text format, with process figures from psutil
 
-With a bearer token configured every request must carry
-``Authorization: Bearer TOKEN``; without one the API binds to loopback only
+With a bearer token configured every API request must carry
+``Authorization: Bearer TOKEN`` (the dashboard reads it from ``/#token=TOKEN``); without one the API binds to loopback only
 (enforced by the config check).
 """
 from __future__ import annotations
 
 import hmac
+import html
 import logging
 import time
 
@@ -67,14 +69,48 @@ def _metrics_text(node: Node) -> str:
     return "\n".join(lines) + "\n"
 
 
+DASHBOARD = """<!doctype html>
+<html><head><meta charset="utf-8"><title>colo-appliance: {name}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:60em}} th{{text-align:left;padding-right:2em}}
+td,th{{padding:.2em .5em}} .bar{{background:#ddd;width:30em;height:1em}} .fill{{background:#3a7;height:1em}}</style>
+</head><body><h1>colo-appliance node <code>{name}</code></h1>
+<table id="status"></table><div class="bar"><div class="fill" id="fill" style="width:0"></div></div>
+<p id="error" style="color:#a00"></p>
+<script>
+const token = new URLSearchParams(location.hash.slice(1)).get("token");   // open as /#token=...
+async function refresh() {{
+  try {{
+    const r = await fetch("/api/v1/status", token ? {{headers: {{Authorization: "Bearer " + token}}}} : {{}});
+    const s = await r.json(), m = s.migration, ram = m.ram || {{}};
+    const rows = [["guest", s.vm.status], ["image", s.vm.image || "none"], ["migration", m.status],
+      ["sent", ram.transferred ? (ram.transferred / 1048576).toFixed(1) + " MiB" : "-"],
+      ["remaining", ram.remaining !== undefined ? (ram.remaining / 1048576).toFixed(1) + " MiB" : "-"],
+      ["passes", ram["dirty-sync-count"] || "-"], ["downtime", m.downtime !== undefined ? m.downtime + " ms" : "-"],
+      ["error", m["error-desc"] || ""], ["COLO", s.colo.mode]];
+    document.getElementById("status").innerHTML = rows.map(([k, v]) =>
+      "<tr><th>" + k + "</th><td>" + String(v).replace(/[<&]/g, c => c == "<" ? "&lt;" : "&amp;") + "</td></tr>").join("");
+    const seen = ram.total ? (ram.normal + ram.duplicate) * ram["page-size"] / ram.total : 0;
+    document.getElementById("fill").style.width = Math.min(100, seen * 100) + "%";
+    document.getElementById("error").textContent = "";
+  }} catch (e) {{ document.getElementById("error").textContent = "node unreachable: " + e; }}
+}}
+refresh(); setInterval(refresh, 1000);
+</script></body></html>
+"""
+
+
 def make_app(node: Node, token: str | None) -> web.Application:
     @web.middleware
     async def require_token(request: web.Request, handler):
-        if token is not None:
+        # The dashboard page is only a shell: the data it shows comes from the API, with the token.
+        if token is not None and request.path != "/":
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return web.json_response({"error": "missing or wrong bearer token"}, status=401)
         return await handler(request)
+
+    async def dashboard(request: web.Request) -> web.Response:
+        return web.Response(text=DASHBOARD.format(name=html.escape(node.name)), content_type="text/html")
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response(node.status())
@@ -106,6 +142,7 @@ def make_app(node: Node, token: str | None) -> web.Application:
         return web.Response(text=_metrics_text(node), content_type="text/plain", charset="utf-8")
 
     app = web.Application(middlewares=[require_token], client_max_size=1024 * 1024)
+    app.router.add_get("/", dashboard)
     app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/qmp", qmp)
     app.router.add_get("/api/v1/console", console)

@@ -16,6 +16,10 @@ async def test_status_qmp_and_metrics(daemon):
         assert status["node"] == "test-node"
         assert status["vm"]["status"] == "running"
         assert status["migration"] == {"status": "none"}
+        async with http.get(f"{base}/") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+            page = await r.text()
+        assert "colo-appliance node <code>test-node</code>" in page and "/api/v1/status" in page
         assert status["colo"] == {"mode": "none", "last-mode": "none", "reason": "none"}
 
         async with http.post(f"{base}/api/v1/qmp", json={"execute": "query-migrate-parameters"}) as r:
@@ -55,6 +59,8 @@ async def test_bearer_token(tmp_path):
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://{d.http}/api/v1/status") as r:
                 assert r.status == 401
+            async with http.get(f"http://{d.http}/") as r:       # the page shell; its data needs the token
+                assert r.status == 200
             async with http.get(f"http://{d.http}/metrics", headers={"Authorization": "Bearer wrong"}) as r:
                 assert r.status == 401
             async with http.get(f"http://{d.http}/api/v1/status",

@@ -143,7 +143,7 @@ class Node:
             "node": self.name,
             "version": appliance.__version__,
             "vm": self._vm_status(),
-            "migration": {"status": self.migration_status},
+            "migration": self.migration.info() if self.migration is not None else {"status": "none"},
             "colo": dict(self.colo),
         }
 
