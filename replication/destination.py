@@ -116,13 +116,6 @@ class MigrationDestination(MigrationRun):
             self.listener.close()
             self._release_views()
 
-    def _release_views(self) -> None:
-        """Drop our views of guest RAM, so that the VM can unmap it when it closes."""
-        digest = getattr(self, "digest", None)
-        if digest is not None:
-            digest.ram.release()
-        self.ram.release()
-
     def _accept(self) -> Channel:
         channel = self.listener.accept()
         self._channels.append(channel)

@@ -207,10 +207,7 @@ class MigrationSource(MigrationRun):
                 self._compressor.shutdown(wait=False, cancel_futures=True)
             for channel in self._channels:
                 channel.close()
-            digest = getattr(self, "digest", None)
-            if digest is not None:
-                digest.ram.release()
-            self.ram.release()
+            self._release_views()
 
     def _release_ram(self) -> None:
         """release-ram: the guest lives on at the destination, so give its memory back to the
@@ -224,15 +221,22 @@ class MigrationSource(MigrationRun):
         if (not isinstance(e, TransportError) or self._committed or not self._channels
                 or not self._channels[0].two_way):
             return None
+        reply = self._read_reply(2.0)
+        if reply is None or reply[0]:
+            return None
+        return f"the destination refused the migration: {reply[1]}"
+
+    def _read_reply(self, seconds: float) -> tuple[bool, str] | None:
+        """The destination's one answer (ok?, message), or None when it does not come in time."""
         main = self._channels[0]
-        head = main.read_with_timeout(stream.REPLY_HEAD.size, 2.0)
+        head = main.read_with_timeout(stream.REPLY_HEAD.size, seconds)
         if head is None:
             return None
         status, length = stream.REPLY_HEAD.unpack(head)
-        message = main.read_with_timeout(length, 2.0)
-        if status == 0 or message is None:
+        message = main.read_with_timeout(length, seconds)
+        if message is None:
             return None
-        return f"the destination refused the migration: {message.decode(errors='replace')}"
+        return status == 0, message.decode(errors="replace")
 
     @staticmethod
     def _describe(e: Exception) -> str:
@@ -577,14 +581,13 @@ class MigrationSource(MigrationRun):
         if not main.two_way:
             main.finish()
             return
-        head = main.read_with_timeout(stream.REPLY_HEAD.size, VERDICT_TIMEOUT)
-        if head is None:
+        reply = self._read_reply(VERDICT_TIMEOUT)
+        if reply is None:
             raise VerdictLost("the destination's answer was lost after the whole state was sent; the guest "
                               "stays paused here because it may be running on the destination: check there, "
                               "and 'cont' here only if it is not")
-        status, length = stream.REPLY_HEAD.unpack(head)
-        message = (main.read_with_timeout(length, VERDICT_TIMEOUT) or b"").decode(errors="replace")
-        if status != 0:
+        ok, message = reply
+        if not ok:
             raise MigrationFailed(f"the destination refused the migration: {message}")
 
     def _abort_all(self, message: str) -> None:

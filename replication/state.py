@@ -1,6 +1,6 @@
 """What the source and the destination share: a status changed only by compare-and-set
-(as QEMU's ``migrate_set_state``), announced as a MIGRATION event, and a thread that runs
-the whole migration."""
+(as QEMU's ``migrate_set_state``), announced as a MIGRATION event, a thread that runs
+the whole migration, and views of guest RAM released when it ends."""
 from __future__ import annotations
 
 import logging
@@ -45,3 +45,10 @@ class MigrationRun:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+    def _release_views(self) -> None:
+        """Drop our views of guest RAM (``ram``, and the digest's), so the VM can unmap it when it closes."""
+        digest = getattr(self, "digest", None)
+        if digest is not None:
+            digest.ram.release()
+        self.ram.release()
