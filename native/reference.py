@@ -160,3 +160,16 @@ def scatter_pages(ram, page_numbers, page_size: int, data) -> int:
     for k, p in enumerate(numbers):
         dst[p * page_size:(p + 1) * page_size] = src[k * page_size:(k + 1) * page_size]
     return len(numbers) * page_size
+
+
+def copy_pages(dst, src, page_numbers, page_size: int) -> int:
+    """Copies the listed pages of ``src`` to the same pages of the writable ``dst``
+    (the COLO cache flushed into guest RAM); returns the bytes copied.  Nothing is
+    written unless every page number is valid."""
+    to, source = memoryview(dst).cast("B"), memoryview(src).cast("B")
+    if len(to) != len(source):
+        raise ValueError("dst and src differ in size")
+    numbers = _page_list(page_numbers, _check(len(to), page_size))
+    for p in numbers:
+        to[p * page_size:(p + 1) * page_size] = source[p * page_size:(p + 1) * page_size]
+    return len(numbers) * page_size

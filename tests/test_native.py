@@ -357,3 +357,28 @@ def test_environment_forces_the_reference():
     out = subprocess.run([sys.executable, "-c", "import native; print(native.IMPLEMENTATION)"],
                          env={**os.environ, "COLO_NATIVE": "0"}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "reference"
+
+
+# ---- copy_pages: the COLO cache flushed into guest RAM -------------------------------
+
+@IMPLS
+def test_copy_pages_copies_only_the_listed_pages(impl):
+    src = bytes(numbered_ram(8))
+    with mmap.mmap(-1, 8 * PAGE) as dst:
+        assert impl.copy_pages(dst, src, array("Q", [6, 1, 1]), PAGE) == 3 * PAGE
+        for p in range(8):
+            assert dst[p * PAGE:(p + 1) * PAGE] == (src[p * PAGE:(p + 1) * PAGE] if p in (1, 6) else bytes(PAGE))
+
+
+@IMPLS
+def test_copy_pages_rejects_bad_input_and_writes_nothing(impl):
+    src = bytes(numbered_ram(4))
+    dst = bytearray(4 * PAGE)
+    for numbers in ([0, 4], [-1], [2**64]):
+        with pytest.raises(ValueError):
+            impl.copy_pages(dst, src, numbers, PAGE)
+    with pytest.raises(ValueError):
+        impl.copy_pages(dst, src[:3 * PAGE], [0], PAGE)        # sizes differ
+    with pytest.raises(TypeError):
+        impl.copy_pages(src, dst, [0], PAGE)                    # dst must be writable
+    assert dst == bytes(4 * PAGE)
