@@ -9,6 +9,11 @@ the RAM digest before it loads the device sections and resumes the guest::
     completed   digest matched, devices loaded, guest   MIGRATION completed, RESUME
                 resumed (if it ran on the source)
     failed      anything wrong: the guest stays stopped, the source is told why
+    colo        (a COLO stream) instead of completed: the   MIGRATION colo, RESUME
+                guest runs and the thread hands the open
+                connection to COLO (colo/secondary.py), which
+                from then on writes pages into the colo cache
+                it gives here (``retarget``)
 
 A malformed stream is refused with a clear reason and never harms the
 daemon; the guest's RAM is cleared so that another migration can follow.
@@ -27,7 +32,7 @@ import zstandard
 import native
 
 from . import stream
-from .ram import RamDigest
+from .ram import RamDigest, full_ram_digest
 from .source import RUNSTATE_SECTION
 from .state import MigrationRun
 from .transport import Channel, Listener, TransportError
@@ -41,9 +46,18 @@ class MigrationDestination(MigrationRun):
     role = "incoming migration"
 
     def __init__(self, vm, listener: Listener, capabilities: dict[str, bool], autostart: bool,
-                 on_event: Callable[[str, dict], None]):
+                 on_event: Callable[[str, dict], None], *, verify_ram: bool = False,
+                 colo_handover: Callable[["MigrationDestination", Channel, Callable], None] | None = None):
+        """``colo_handover(destination, channel, enter)`` runs COLO once a COLO stream's guest is
+        loaded, calling ``enter()`` first (state colo, guest resumed);
+        ``verify_ram`` refuses streams that do not carry a digest of all RAM."""
         super().__init__(on_event)
         self.vm = vm
+        self.verify_ram = verify_ram
+        self.colo_handover = colo_handover
+        self.header: stream.Header | None = None
+        self.received_pages: int | None = None   # COLO sets 0: then a bitmap (bit i = page i) of pages written
+        self.full_digest: bytes | None = None  # the last END's whole-RAM digest (FLAG_VERIFY_RAM)
         self.listener = listener
         self.caps = capabilities        # live: set before the stream arrives, as with QEMU's -incoming
         self.autostart = autostart
@@ -64,7 +78,11 @@ class MigrationDestination(MigrationRun):
 
     @property
     def running(self) -> bool:
-        return self.status in ("setup", "active")
+        return self.status in ("setup", "active", "colo")
+
+    @property
+    def colo_stream(self) -> bool:
+        return self.header is not None and bool(self.header.flags & stream.FLAG_COLO)
 
     def info(self) -> dict:
         info: dict = {"status": self.status}
@@ -93,6 +111,8 @@ class MigrationDestination(MigrationRun):
             self._start_multifd(header)
             sections = self._read_main(main, header, self._workers)
             self._finish(main, sections)
+            if header.flags & stream.FLAG_COLO:
+                self.colo_handover(self, main, self._enter_colo)     # COLO handles its own failures
         except Exception as e:
             self.error = self.error or (str(e) if isinstance(e, (stream.StreamError, TransportError))
                                         else f"{type(e).__name__}: {e}")
@@ -131,6 +151,13 @@ class MigrationDestination(MigrationRun):
         if self.caps["validate-uuid"] and header.vm_uuid != self.vm.uuid:
             raise stream.StreamError(f"UUID mismatch: the stream is for VM {header.vm_uuid}, "
                                      f"this is VM {self.vm.uuid}")
+        if header.flags & stream.FLAG_COLO and (not self.caps["x-colo"] or self.colo_handover is None):
+            raise stream.StreamError("the source wants COLO, but x-colo is not enabled on this node "
+                                     "(migrate-set-capabilities x-colo on both nodes)")
+        if self.verify_ram and not header.flags & stream.FLAG_VERIFY_RAM:
+            raise stream.StreamError("this node verifies all guest RAM (--verify-ram); start the source "
+                                     "with --verify-ram too")
+        self.header = header
         return header
 
     def _start_multifd(self, header: stream.Header) -> None:
@@ -165,7 +192,7 @@ class MigrationDestination(MigrationRun):
                     if number == stream.FINAL_PASS:
                         return
                 elif kind in (stream.PAGES, stream.ZERO_RUN, stream.COMPRESSED):
-                    self._apply(channel, kind)
+                    self.apply_record(channel, kind)
                 else:
                     raise stream.StreamError(f"record type {kind} on a multifd channel")
         except Exception as e:
@@ -183,30 +210,20 @@ class MigrationDestination(MigrationRun):
                     raise stream.StreamError("page records on the main channel of a multifd stream")
                 if kind == stream.XBZRLE and not header.flags & stream.FLAG_XBZRLE:
                     raise stream.StreamError("an XBZRLE record in a stream that did not announce XBZRLE")
-                self._apply(main, kind)
+                self.apply_record(main, kind)
             elif kind == stream.PASS_END:
                 main.read_exact(4)
                 self.digest.refresh()          # while the source still runs: off the downtime
             elif kind == stream.DEVICE:
-                name = main.read_exact(stream.U16.unpack(main.read_exact(2))[0]).decode(errors="replace")
-                version, length = stream.DEVICE_TAIL.unpack(main.read_exact(stream.DEVICE_TAIL.size))
-                if length > stream.MAX_DEVICE_PAYLOAD:
-                    raise stream.StreamError(f"device section {name} claims {length} bytes")
-                sections.append((name, version, main.read_exact(length)))
+                sections.append(self.read_device(main))
             elif kind == stream.END:
-                ram_digest = main.read_exact(stream.DIGEST_SIZE)
-                devices_digest = main.read_exact(stream.DIGEST_SIZE)
                 for worker in workers:
                     worker.join(MULTIFD_ACCEPT_TIMEOUT)
                     if worker.is_alive():
                         raise stream.StreamError("a multifd channel did not finish its last pass")
                 if self.error:
                     raise stream.StreamError(self.error)
-                if self.digest.digest() != ram_digest:
-                    raise stream.StreamError("RAM digest mismatch: the guest's memory did not arrive intact")
-                if stream.devices_digest(sections) != devices_digest:
-                    raise stream.StreamError("device state digest mismatch: the device sections did not "
-                                             "arrive intact")
+                self.check_end(main, sections)
                 return sections
             elif kind == stream.ABORT:
                 message = main.read_exact(stream.U16.unpack(main.read_exact(2))[0]).decode(errors="replace")
@@ -214,11 +231,50 @@ class MigrationDestination(MigrationRun):
             else:
                 raise stream.StreamError(f"unknown record type {kind}")
 
+    @staticmethod
+    def read_device(channel) -> tuple[str, int, bytes]:
+        """A DEVICE record's body from ``channel`` (anything with read_exact)."""
+        name = channel.read_exact(stream.U16.unpack(channel.read_exact(2))[0]).decode(errors="replace")
+        version, length = stream.DEVICE_TAIL.unpack(channel.read_exact(stream.DEVICE_TAIL.size))
+        if length > stream.MAX_DEVICE_PAYLOAD:
+            raise stream.StreamError(f"device section {name} claims {length} bytes")
+        return name, version, channel.read_exact(length)
+
+    def check_end(self, channel, sections: list) -> None:
+        """An END record's body: both digests must equal ours (the whole-RAM one is kept in
+        ``full_digest``, to be checked against the guest's RAM once it is loaded)."""
+        ram_digest = channel.read_exact(stream.DIGEST_SIZE)
+        devices_digest = channel.read_exact(stream.DIGEST_SIZE)
+        verify = self.header.flags & stream.FLAG_VERIFY_RAM
+        self.full_digest = channel.read_exact(stream.DIGEST_SIZE) if verify else None
+        if self.digest.digest() != ram_digest:
+            raise stream.StreamError("RAM digest mismatch: the guest's memory did not arrive intact")
+        if stream.devices_digest(sections) != devices_digest:
+            raise stream.StreamError("device state digest mismatch: the device sections did not "
+                                     "arrive intact")
+
+    def verify_guest_ram(self) -> None:
+        """--verify-ram: ALL of the guest's RAM, hashed from scratch, equals the sender's."""
+        if self.full_digest is not None and full_ram_digest(self.vm.ram_regions()[0][3], self.ram_size) \
+                != self.full_digest:
+            raise stream.StreamError("whole-RAM verification failed: the guest's memory differs from the "
+                                     "sender's (a page was missed)")
+
+    def retarget(self, ram_map) -> None:
+        """Write pages into ``ram_map`` (the colo cache, same size as guest RAM) from now on.
+        Its content equals guest RAM's, so the digest and the written-pages map stay valid."""
+        self.ram.release()
+        self.digest.ram.release()
+        self.ram_map = ram_map
+        self.ram = memoryview(ram_map)
+        self.digest.ram = memoryview(ram_map)
+
     def _check_pages(self, first: int, count: int) -> None:
         if count < 1 or first + count > len(self._written):
             raise stream.StreamError(f"pages {first}..{first + count - 1} lie outside the guest's RAM")
 
-    def _apply(self, channel: Channel, kind: int) -> None:
+    def apply_record(self, channel: Channel, kind: int) -> None:
+        """A page record's body (its type byte read): into RAM, or the buffer given to ``retarget``."""
         size = self._page_size
         if kind == stream.ZERO_RUN:
             first, count = stream.ZERO_RUN_BODY.unpack(channel.read_exact(stream.ZERO_RUN_BODY.size))
@@ -231,6 +287,8 @@ class MigrationDestination(MigrationRun):
                 end = first + count if end < 0 else end
                 self.ram_map.madvise(mmap.MADV_REMOVE, pos * size, (end - pos) * size)
                 written[pos:end] = bytes(end - pos)
+                if self.received_pages is not None:
+                    self.received_pages |= ((1 << (end - pos)) - 1) << pos
                 self.digest.mark_range(pos * size, end * size)
                 pos = written.find(1, end, first + count)
             return
@@ -309,21 +367,31 @@ class MigrationDestination(MigrationRun):
 
     def _mark(self, first: int, count: int) -> None:
         self._written[first:first + count] = b"\x01" * count
+        if self.received_pages is not None:
+            self.received_pages |= ((1 << count) - 1) << first
         self.digest.mark_range(first * self._page_size, (first + count) * self._page_size)
 
     # -- completion --------------------------------------------------------------------------
 
     def _finish(self, main: Channel, sections: list) -> None:
         runstate = dict((name, payload) for name, _, payload in sections).get(RUNSTATE_SECTION, b"running")
+        self.verify_guest_ram()
         self.vm.load_devices([s for s in sections if s[0] != RUNSTATE_SECTION])
         if main.two_way:
             main.send(stream.pack_reply(True))
         self.end_time = time.monotonic()
+        if self.header.flags & stream.FLAG_COLO:
+            return                  # COLO calls _enter_colo once it is ready
         if self.autostart and runstate == b"running":
             self.vm.resume()
         else:
             self.vm.set_state("inmigrate", "paused")
         self.set_state("active", "completed")
+
+    def _enter_colo(self) -> None:
+        """QEMU's order: MIGRATION colo, then RESUME; the SVM runs whatever the PVM did."""
+        self.set_state("active", "colo")
+        self.vm.resume()
 
     def _clear_ram(self) -> None:
         """Punch the guest's RAM back to holes (zero), as fresh as a new memfd."""

@@ -64,3 +64,13 @@ class RamDigest:
     def digest(self) -> bytes:
         self.refresh()
         return blake3.blake3(b"".join(self.chunks)).digest()
+
+
+def full_ram_digest(ram, size: int) -> bytes:
+    """The stream's two-level digest computed from scratch over ALL of ``ram``, trusting no
+    dirty log (--verify-ram)."""
+    digest = RamDigest(ram, size, [(0, size)])
+    try:
+        return digest.digest()
+    finally:
+        digest.ram.release()

@@ -11,6 +11,10 @@ One thread runs the whole migration, as QEMU's migration thread does::
     device     final sync and pages, device sections,     MIGRATION_PASS n+1
                RAM digest; wait for the destination's verdict
     completed  the guest stays paused here (postmigrate)  MIGRATION completed
+    colo       (x-colo) instead of completing: the guest  MIGRATION colo, RESUME
+               runs on here and the thread hands the open
+               connection to COLO (colo/primary.py), which
+               ends in completed after a failover or exit
 
 Any error or a cancel ends in ``failed`` / ``cancelled`` with the guest
 running again as it was; the first error is the one reported.
@@ -31,7 +35,7 @@ import zstandard
 import native
 
 from . import stream
-from .ram import RamDigest, data_extents
+from .ram import RamDigest, data_extents, full_ram_digest
 from .state import MigrationRun
 from .transport import Channel, TransportError, connect
 from .xbzrle import XbzrleCache
@@ -75,8 +79,14 @@ class MigrationSource(MigrationRun):
     role = "migration"
 
     def __init__(self, vm, uri: str, capabilities: dict[str, bool], parameters: dict,
-                 named_fds: dict[str, int], on_event: Callable[[str, dict], None]):
+                 named_fds: dict[str, int], on_event: Callable[[str, dict], None], *,
+                 verify_ram: bool = False, colo_handover: Callable[["MigrationSource", Callable], None] | None = None):
+        """``colo_handover(source, enter)`` runs COLO on the open connection once the guest is
+        copied (x-colo), calling ``enter()`` first (state colo, guest resumed); ``verify_ram``
+        sends a from-scratch digest of all RAM with every END."""
         super().__init__(on_event)
+        self.verify_ram = verify_ram
+        self.colo_handover = colo_handover
         self.vm = vm
         self.uri = uri
         self.caps = dict(capabilities)
@@ -145,7 +155,12 @@ class MigrationSource(MigrationRun):
 
     @property
     def running(self) -> bool:
-        return self.status in ("setup", "active", "pre-switchover", "device", "cancelling")
+        return self.status in ("setup", "active", "pre-switchover", "device", "cancelling", "colo")
+
+    @property
+    def channel(self) -> Channel:
+        """The main channel (COLO's channel once the guest is copied)."""
+        return self._channels[0]
 
     # -- the migration thread ---------------------------------------------------------
 
@@ -178,6 +193,9 @@ class MigrationSource(MigrationRun):
             self._send_end()
             self._await_verdict()
             self.downtime = int((time.monotonic() - pause_start) * 1000)
+            if self.colo_handover is not None:
+                self._enter_colo(paused_here)
+                return
             self.end_time = time.monotonic()
             if paused_here:
                 self.vm.set_state("paused", "postmigrate")
@@ -208,6 +226,16 @@ class MigrationSource(MigrationRun):
             for channel in self._channels:
                 channel.close()
             self._release_views()
+
+    def _enter_colo(self, paused_here: bool) -> None:
+        """The secondary runs its copy now: COLO takes the connection, and calls ``enter`` to
+        run ours too.  COLO handles its own failures from here on (the guest keeps running)."""
+        def enter() -> None:
+            self._expect_state("device", "colo")
+            if paused_here:
+                self.vm.resume()
+        self.colo_handover(self, enter)
+        self.end_time = time.monotonic()
 
     def _release_ram(self) -> None:
         """release-ram: the guest lives on at the destination, so give its memory back to the
@@ -261,7 +289,8 @@ class MigrationSource(MigrationRun):
     def _setup(self) -> None:
         channels = self.params["multifd-channels"] if self.caps["multifd"] else 0
         flags = ((stream.FLAG_XBZRLE if self.xbzrle else 0) | (stream.FLAG_COMPRESS if self.caps["compress"] else 0)
-                 | (stream.FLAG_MULTIFD if channels else 0))
+                 | (stream.FLAG_MULTIFD if channels else 0) | (stream.FLAG_COLO if self.colo_handover else 0)
+                 | (stream.FLAG_VERIFY_RAM if self.verify_ram else 0))
         main = self._open_channel()
         main.send(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, channels).pack())
         for number in range(channels):
@@ -330,14 +359,21 @@ class MigrationSource(MigrationRun):
             self._sync_event()
             self.remaining = sum(count for _, count in self._dirty_runs) * PAGE_SIZE
         started, self._pass_pages, sent_before = time.monotonic(), 0, self.transferred
-        for first, count in self._dirty_runs:
-            self.digest.mark_range(first * PAGE_SIZE, (first + count) * PAGE_SIZE)
-            self._send_pages(first, count, use_xbzrle=self.xbzrle is not None)
-            self.remaining = max(self.remaining - count * PAGE_SIZE, 0)
+        self.send_dirty_runs(self._dirty_runs)
         self._end_pass(stream.FINAL_PASS if final else self.dirty_sync_count)
         self._pass_measure(started, sent_before)
         if not final:
             self._hash_rate = self._refresh_digest()
+
+    def send_dirty_runs(self, runs) -> None:
+        """Send the pages of ``runs`` [(first, count)] as they are now, keeping the digest current."""
+        for first, count in runs:
+            self.digest.mark_range(first * PAGE_SIZE, (first + count) * PAGE_SIZE)
+            self._send_pages(first, count, use_xbzrle=self.xbzrle is not None)
+            self.remaining = max(self.remaining - count * PAGE_SIZE, 0)
+
+    def end_pass(self, number: int) -> None:
+        self._end_pass(number)
 
     def _refresh_digest(self) -> float:
         """Rehash what changed (off the downtime); returns the measured hash rate in bytes/s."""
@@ -416,7 +452,7 @@ class MigrationSource(MigrationRun):
             self.xbzrle.forget(first, count)    # the destination's copy is zero now
         self.duplicate += count
         self._pass_pages += count
-        record = bytes([stream.ZERO_RUN]) + stream.ZERO_RUN_BODY.pack(first, count)
+        record = stream.pack_zero_run(first, count)
         if self._multifd:
             self._to_multifd(record, None)
         else:
@@ -545,7 +581,7 @@ class MigrationSource(MigrationRun):
 
     def _end_pass(self, number: int) -> None:
         self._drain_compressed()
-        record = bytes([stream.PASS_END]) + stream.U32.pack(number)
+        record = stream.pack_pass_end(number)
         for q in self._multifd_queues:
             self._put(q, (record, None))
         self._channels[0].send(record)
@@ -567,8 +603,13 @@ class MigrationSource(MigrationRun):
         for name, version, payload in self._sections:
             self._channels[0].send(stream.pack_device(name, version, payload))
 
+    def end_record(self, sections: list[tuple[str, int, bytes]]) -> bytes:
+        """END for the RAM as it is now (the guest stopped) and ``sections``."""
+        full = full_ram_digest(self.ram, self.ram_size) if self.verify_ram else None
+        return stream.pack_end(self.digest.digest(), stream.devices_digest(sections), full)
+
     def _send_end(self) -> None:
-        record = bytes([stream.END]) + self.digest.digest() + stream.devices_digest(self._sections)
+        record = self.end_record(self._sections)
         with self._lock:
             if self._cancel.is_set():
                 raise MigrationCancelled()

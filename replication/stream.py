@@ -15,6 +15,9 @@ record carrying the digest of the guest's RAM::
       DEVICE       name_len u16, name, version u32, length u32, payload      one device state section
       END          ram digest (32), devices digest (32)                     see below
       ABORT        length u16, utf-8 message                                the source gave up
+      COLO         message u32 BIG-endian (QEMU's COLOMessage value),       a COLO transaction step
+                   then for vmstate-size only: size u64 big-endian          (either direction)
+      COLO_HELLO   heartbeat port u16                                       each side, entering COLO
     reply    (destination -> source, on the same connection when it is two-way)
              status u8 (0 ok, 1 failed), length u16, utf-8 message
 
@@ -30,6 +33,15 @@ current as pages change and rehash only what changed; an all-zero chunk has a
 known digest and is never hashed).  The devices digest is blake3 over the DEVICE
 records as sent.  The destination loads the devices and resumes the guest
 only when both digests equal its own.
+
+That digest is kept current through the dirty log, so a page the log missed
+would pass unseen.  With FLAG_VERIFY_RAM every END is followed by a second
+32-byte digest, of the same two-level form, computed from scratch over ALL of
+the sender's RAM while its guest is stopped; the receiver hashes all of its
+guest's RAM the same way after loading and refuses a mismatch.
+
+A COLO stream (FLAG_COLO) goes on after the first END: the connection stays
+open and carries checkpoints (colo/protocol.py draws the transaction).
 """
 from __future__ import annotations
 
@@ -42,21 +54,26 @@ MAGIC = b"COLOMIG\0"
 VERSION = 1
 HEADER = struct.Struct("<8sII16sIQB")
 
-PAGES, ZERO_RUN, XBZRLE, COMPRESSED, PASS_END, DEVICE, END, ABORT = range(1, 9)
+PAGES, ZERO_RUN, XBZRLE, COMPRESSED, PASS_END, DEVICE, END, ABORT, COLO, COLO_HELLO = range(1, 11)
 RECORD_NAMES = {PAGES: "PAGES", ZERO_RUN: "ZERO_RUN", XBZRLE: "XBZRLE", COMPRESSED: "COMPRESSED",
-                PASS_END: "PASS_END", DEVICE: "DEVICE", END: "END", ABORT: "ABORT"}
+                PASS_END: "PASS_END", DEVICE: "DEVICE", END: "END", ABORT: "ABORT", COLO: "COLO",
+                COLO_HELLO: "COLO_HELLO"}
 
 CODEC_ZLIB, CODEC_ZSTD = 1, 2
 
 FLAG_XBZRLE = 1 << 0
 FLAG_COMPRESS = 1 << 1
 FLAG_MULTIFD = 1 << 2
-KNOWN_FLAGS = FLAG_XBZRLE | FLAG_COMPRESS | FLAG_MULTIFD
+FLAG_COLO = 1 << 3              # the source enters COLO after the initial copy
+FLAG_VERIFY_RAM = 1 << 4        # END records are followed by a digest of ALL guest RAM (see below)
+KNOWN_FLAGS = FLAG_XBZRLE | FLAG_COMPRESS | FLAG_MULTIFD | FLAG_COLO | FLAG_VERIFY_RAM
 
 U8 = struct.Struct("<B")
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
+BE_U32 = struct.Struct(">I")
+BE_U64 = struct.Struct(">Q")
 ZERO_RUN_BODY = struct.Struct("<QI")
 XBZRLE_HEAD = struct.Struct("<QI")
 DEVICE_TAIL = struct.Struct("<II")
@@ -116,3 +133,26 @@ def devices_digest(sections: list[tuple[str, int, bytes]]) -> bytes:
 def pack_abort(message: str) -> bytes:
     data = message.encode()[:65535]
     return U8.pack(ABORT) + U16.pack(len(data)) + data
+
+
+def pack_colo(message: int, size: int | None = None) -> bytes:
+    """A COLO record: QEMU's COLOMessage value, big-endian as QEMU sends it."""
+    record = U8.pack(COLO) + BE_U32.pack(message)
+    return record if size is None else record + BE_U64.pack(size)
+
+
+def pack_colo_hello(heartbeat_port: int) -> bytes:
+    return U8.pack(COLO_HELLO) + U16.pack(heartbeat_port)
+
+
+def pack_zero_run(first: int, count: int) -> bytes:
+    return U8.pack(ZERO_RUN) + ZERO_RUN_BODY.pack(first, count)
+
+
+def pack_pass_end(number: int) -> bytes:
+    return U8.pack(PASS_END) + U32.pack(number)
+
+
+def pack_end(ram_digest: bytes, sections_digest: bytes, full_ram_digest: bytes | None = None) -> bytes:
+    """END, followed by the whole-RAM digest when the stream verifies all RAM."""
+    return U8.pack(END) + ram_digest + sections_digest + (full_ram_digest or b"")
