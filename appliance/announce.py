@@ -22,7 +22,8 @@ def rarp_frame(mac: bytes) -> bytes:
 
 
 async def announce_self(nic, params: dict) -> int:
-    """Send the announcement rounds; returns how many frames went out."""
+    """Send the announcement rounds through the NIC's attached backend (the tap, or
+    nothing while a COLO secondary's NIC is detached); returns how many frames went out."""
     frame = rarp_frame(nic.state.mac)
     delay = params["announce-initial"]
     sent = 0

@@ -27,7 +27,7 @@ import uuid as uuid_module
 from dataclasses import dataclass
 
 from . import abi, kvm
-from .devices import BlockDevice, BlockState, Console, ConsoleState, NicState, TapNic
+from .devices import BlockDevice, BlockState, Console, ConsoleState, Nic, NicState, TapBackend
 from .elf import load_elf
 from .errors import GuestError, GuestImageError, KVMUnavailableError, StateFileError, VMError
 from .memory import GuestMemory
@@ -174,7 +174,7 @@ class VirtualMachine:
             self._closers.append(self.vcpu.close)
             self.console = Console(config.console_log)
             self._closers.append(self.console.close)
-            self.nic = TapNic(config.tap, config.mac, config.bridge) if config.tap else None
+            self.nic = Nic(config.mac, TapBackend(config.tap, config.bridge)) if config.tap else None
             if self.nic:
                 self._closers.append(self.nic.close)
             self.disk = BlockDevice(config.disk) if config.disk else None
@@ -484,9 +484,10 @@ class VirtualMachine:
         ready = False
         if self._run_requested:
             wait = min(max(deadline - self._clock.now(), 0) / 1e9, _MAX_POLL_WAIT)
-            nic_fds = self.nic.wait_fds() if self.nic else []
-            readable, _, _ = select.select([self._wake_fd] + nic_fds, [], [], wait)
-            ready = any(fd in readable for fd in nic_fds)
+            if self.nic:
+                ready = self.nic.wait([self._wake_fd], wait)
+            else:
+                select.select([self._wake_fd], [], [], wait)
         self.memory.pack(abi.HC_POLL_ARGS, gpa, deadline, int(ready))
 
     def _hc_net_write(self, gpa):
@@ -586,7 +587,7 @@ class VirtualMachine:
             self._check_sections(sections)
             payloads = {name: payload for name, _, payload in sections}
             device_states = {
-                Console.SECTION: ConsoleState, TapNic.SECTION: NicState, BlockDevice.SECTION: BlockState}
+                Console.SECTION: ConsoleState, Nic.SECTION: NicState, BlockDevice.SECTION: BlockState}
             restored = [(d, device_states[d.SECTION].restore(payloads[d.SECTION])) for d in self._devices()]
             if len(payloads["vm.clock"]) != _CLOCK_SECTION.size:
                 raise StateFileError("section vm.clock has the wrong size")

@@ -1,4 +1,4 @@
-"""Devices behind the hypercall ABI: console, tap-backed NIC, raw block device.
+"""Devices behind the hypercall ABI: console, NIC (tap or queue backend), raw block device.
 
 Each device names its state section (SECTION, VERSION) and has a State
 dataclass with save() -> bytes and State.restore(bytes).
@@ -6,6 +6,7 @@ dataclass with save() -> bytes and State.restore(bytes).
 
 from .block import BlockDevice, BlockState
 from .console import Console, ConsoleState
-from .nic import TapNic, NicState
+from .nic import Nic, NicBackend, NicState, QueueBackend, TapBackend
 
-__all__ = ["BlockDevice", "BlockState", "Console", "ConsoleState", "TapNic", "NicState"]
+__all__ = ["BlockDevice", "BlockState", "Console", "ConsoleState", "Nic", "NicBackend", "NicState",
+           "QueueBackend", "TapBackend"]

@@ -1,18 +1,51 @@
-"""NIC backed by a Linux tap device, one whole Ethernet frame per read/write.
+"""The guest's NIC, apart from the host side its frames come from and go to.
+
+                      vCPU thread: hypercalls poll, net read, net write
+                                           |
+          +--------------------------------v---------------------------------+
+          | Nic: the device the guest sees (saved state: section dev.nic v1) |
+          |   state: MAC, counters, injected frames                          |
+          |   hook(direction, frame): where netfilter sees the frames        |
+          |   inject_rx(frame) / transmit(frame): from any thread, no hook   |
+          +--------------------------------+---------------------------------+
+                                           | the attached backend: attach(backend)
+                        +------------------+------------------+
+                        |                                     |
+          TapBackend(tap, bridge)                 QueueBackend(tx_limit, rx_limit)
+            the host's tap: the VM starts           deliver(frame): a frame for the guest
+            on it, kept as nic.tap_backend          take(timeout): a frame from the guest
+            so failover can attach it again         QueueBackend(): detached (a COLO secondary)
 
 `hook` is where netfilter attaches: hook(direction, frame) with direction
-"rx" (host -> guest) or "tx" (guest -> host) returns the frame to pass on
-(possibly changed) or None to hold or drop it.  A filter that holds frames
+"rx" (backend -> guest) or "tx" (guest -> backend) returns the frame to pass
+on (possibly changed) or None to hold or drop it.  A filter that holds frames
 releases them later with inject_rx() (to the guest) or transmit() (to the
-tap); both bypass the hook.  Injected frames not yet read by the guest are
-part of the saved state.
+backend); both bypass the hook.  Injected frames not yet read by the guest are
+part of the saved state; frames waiting in a backend are not (as a tap's
+kernel queue is not).
+
+Threads: the vCPU thread calls wait(), read_frame() and write_frame(); the
+rest may be called from any thread.  Frames cross threads through queues
+(injected frames, a QueueBackend's queues, the tap), never by a call into the
+vCPU thread; an eventfd wakes the vCPU thread's wait().  Backend calls happen
+under the NIC's lock, and attach() returns only once the vCPU thread no longer
+waits on the previous backend's fds, so the previous backend is then unused by
+the NIC and its owner may close it.
+
+Counters (NicState): rx_frames the guest read, tx_frames the backend took,
+tx_dropped guest frames the backend refused (tap write error, a QueueBackend
+with no room or no consumer), rx_dropped frames too big for the guest's
+buffer.  A QueueBackend also counts the frames it dropped itself.
 """
 
+import collections
 import fcntl
 import os
+import select
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pyroute2 import IPRoute
 
@@ -69,77 +102,233 @@ class NicState:
         return cls(*counters, injected=injected)
 
 
-class TapNic:
-    SECTION, VERSION = "dev.nic", 1
+class NicBackend(Protocol):
+    """The host side of a NIC.  Called under the NIC's lock: no method may block."""
 
-    def __init__(self, tap_name: str, mac: str, bridge: str | None = None):
-        self.tap_name = tap_name
-        self.hook = None
-        self.state = NicState(mac=parse_mac(mac))
-        self._lock = threading.Lock()
-        self.created_tap = self._ensure_tap(tap_name, bridge)
-        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    def wait_fds(self) -> list[int]:
+        """File descriptors that become readable when receive() may have a frame."""
+
+    def receive(self) -> bytes | None:
+        """The next frame for the guest, or None if none is waiting."""
+
+    def transmit(self, frame: bytes) -> bool:
+        """Send a frame from the guest on; False if it was dropped."""
+
+    def close(self) -> None:
+        """Release what the backend holds; idempotent."""
+
+
+class TapBackend:
+    """A Linux tap device, one whole Ethernet frame per read/write."""
+
+    def __init__(self, name: str, bridge: str | None = None):
+        self.name = name
+        self.created = False  # close() deletes the tap only if this backend made it
+        self._fd = -1
         try:
-            ifreq = struct.pack("16sH22x", tap_name.encode(), _IFF_TAP | _IFF_NO_PI)
-            fcntl.ioctl(self.fd, _TUNSETIFF, ifreq)
-        except OSError as exc:
-            os.close(self.fd)
-            raise VMError(f"cannot attach to tap {tap_name}: {exc}") from exc
-        # Readable while injected frames wait; the guest's poll() waits on it too.
-        self.inject_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._set_up_tap(bridge)
+            self._fd = self._open_tap()
+        except BaseException:
+            self.close()
+            raise
 
-    @staticmethod
-    def _ensure_tap(name: str, bridge: str | None) -> bool:
-        """Create the tap if missing, bring it up, attach it to `bridge`; True if created."""
+    def _set_up_tap(self, bridge: str | None):
+        """Create the tap if missing, attach it to `bridge`, bring it up."""
         with IPRoute() as ipr:
-            created = not ipr.link_lookup(ifname=name)
-            if created:
-                ipr.link("add", ifname=name, kind="tuntap", mode="tap")
-            index = ipr.link_lookup(ifname=name)[0]
+            if not ipr.link_lookup(ifname=self.name):
+                ipr.link("add", ifname=self.name, kind="tuntap", mode="tap")
+                self.created = True
+            index = ipr.link_lookup(ifname=self.name)[0]
             if bridge:
                 bridges = ipr.link_lookup(ifname=bridge)
                 if not bridges:
                     raise VMError(f"bridge {bridge} does not exist")
                 ipr.link("set", index=index, master=bridges[0])
             ipr.link("set", index=index, state="up")
-        return created
 
-    def fileno(self) -> int:
-        return self.fd
+    def _open_tap(self) -> int:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", self.name.encode(), _IFF_TAP | _IFF_NO_PI))
+        except OSError as exc:
+            os.close(fd)
+            raise VMError(f"cannot attach to tap {self.name}: {exc}") from exc
+        return fd
 
-    def wait_fds(self):
-        """File descriptors that become readable when a frame for the guest is queued."""
-        return [self.fd, self.inject_fd]
+    def wait_fds(self) -> list[int]:
+        return [self._fd]
+
+    def receive(self) -> bytes | None:
+        try:
+            return os.read(self._fd, _MAX_FRAME)
+        except BlockingIOError:
+            return None
+
+    def transmit(self, frame: bytes) -> bool:
+        try:
+            os.write(self._fd, frame)
+        except OSError:
+            return False
+        return True
+
+    def close(self):
+        """Close the tap fd, and delete the tap if this backend created it."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.created:
+            self.created = False
+            with IPRoute() as ipr:
+                for index in ipr.link_lookup(ifname=self.name):
+                    ipr.link("del", index=index)
+
+
+class QueueBackend:
+    """Frames to and from the guest through in-process queues, for COLO and netfilter.
+
+    deliver() queues a frame for the guest from any thread (an eventfd wakes the
+    guest's poll); frames from the guest wait for take(), called from any thread
+    (a queue rather than a callback, so no consumer code runs on the vCPU thread).
+    The vCPU thread never waits: a full queue drops the frame and counts it.
+    With tx_limit=0 (the default) nothing takes the guest's frames, so all are
+    dropped (and counted), and the guest gets nothing unless deliver() is called:
+    the NIC detached from the network, as a COLO secondary's must be.
+    """
+
+    def __init__(self, tx_limit: int = 0, rx_limit: int = 1024):
+        self.tx_limit = tx_limit  # guest frames that may wait for take()
+        self.rx_limit = rx_limit  # delivered frames that may wait for the guest
+        self.tx_dropped = 0  # guest frames dropped for want of room (or of a consumer)
+        self.rx_dropped = 0  # delivered frames dropped for want of room
+        self._to_guest = collections.deque()
+        self._from_guest = collections.deque()
+        self._lock = threading.Lock()
+        self._guest_sent = threading.Condition(self._lock)
+        self._closed = False
+        self._to_guest_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # readable while _to_guest has frames
+
+    def deliver(self, frame: bytes) -> bool:
+        """Queue a frame for the guest (any thread); False if it was dropped."""
+        with self._lock:
+            if self._closed or len(self._to_guest) >= self.rx_limit:
+                self.rx_dropped += 1
+                return False
+            self._to_guest.append(bytes(frame))
+            os.eventfd_write(self._to_guest_fd, 1)
+        return True
+
+    def take(self, timeout: float | None = None) -> bytes | None:
+        """The guest's oldest frame not yet taken (any thread), waiting up to `timeout`
+        seconds (None: until a frame comes or close()); None if there is none."""
+        with self._guest_sent:
+            self._guest_sent.wait_for(lambda: self._from_guest or self._closed, timeout)
+            return self._from_guest.popleft() if self._from_guest else None
+
+    def wait_fds(self) -> list[int]:
+        return [] if self._closed else [self._to_guest_fd]
+
+    def receive(self) -> bytes | None:
+        with self._lock:
+            if not self._to_guest:
+                return None
+            frame = self._to_guest.popleft()
+            if not self._to_guest:
+                os.eventfd_read(self._to_guest_fd)
+            return frame
+
+    def transmit(self, frame: bytes) -> bool:
+        with self._lock:
+            if self._closed or len(self._from_guest) >= self.tx_limit:
+                self.tx_dropped += 1
+                return False
+            self._from_guest.append(bytes(frame))
+            self._guest_sent.notify()
+        return True
+
+    def close(self):
+        """Drop the frames for the guest and wake take(); frames already sent stay takeable."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._to_guest.clear()
+            os.close(self._to_guest_fd)
+            self._guest_sent.notify_all()
+
+
+class Nic:
+    SECTION, VERSION = "dev.nic", 1
+
+    def __init__(self, mac: str, backend: NicBackend):
+        """`backend` is the VM's tap: attached now, and kept as tap_backend for failover
+        to attach again.  The NIC owns it (closes it now if this fails)."""
+        try:
+            self.state = NicState(mac=parse_mac(mac))
+            self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # inject_rx() or attach()
+        except BaseException:
+            backend.close()
+            raise
+        self.hook = None
+        self.tap_backend = backend
+        self._backend = backend
+        self._lock = threading.Lock()
+        self._wait_ended = threading.Condition(self._lock)
+        self._waiting_on = None  # the backend whose fds the vCPU thread waits on, if it does
+
+    @property
+    def backend(self) -> NicBackend:
+        return self._backend
+
+    def attach(self, backend: NicBackend) -> NicBackend:
+        """Put `backend` behind the NIC (any thread, the guest may run); returns the
+        previous backend, which the NIC no longer uses once this returns.
+
+        Wakes the guest's poll so it waits on the new backend's fds.  The caller
+        owns the previous backend, unless it is tap_backend, which the NIC keeps.
+        """
+        with self._lock:
+            previous, self._backend = self._backend, backend
+            os.eventfd_write(self._event_fd, 1)
+            while self._waiting_on is not None and self._waiting_on is not backend:
+                self._wait_ended.wait()
+        return previous
+
+    def wait(self, other_fds: list[int], timeout: float) -> bool:
+        """From the vCPU thread: block until a frame for the guest may be waiting (True),
+        or until one of `other_fds` is readable or `timeout` seconds pass (False)."""
+        with self._lock:
+            if self.state.injected:
+                return True
+            try:
+                os.eventfd_read(self._event_fd)  # whatever it announced is seen from here on
+            except BlockingIOError:
+                pass
+            self._waiting_on = self._backend
+            nic_fds = [self._event_fd, *self._backend.wait_fds()]
+        try:
+            readable, _, _ = select.select(other_fds + nic_fds, [], [], timeout)
+        finally:
+            with self._lock:
+                self._waiting_on = None
+                self._wait_ended.notify_all()
+        return any(fd in readable for fd in nic_fds)
 
     def inject_rx(self, frame: bytes):
         """Queue a frame for the guest, bypassing the hook (from any thread)."""
         with self._lock:
             self.state.injected.append(bytes(frame))
-        os.eventfd_write(self.inject_fd, 1)
+            os.eventfd_write(self._event_fd, 1)
 
-    def _take_injected(self):
-        with self._lock:
-            if not self.state.injected:
-                return None
-            frame = self.state.injected.pop(0)
-            if not self.state.injected:
-                try:
-                    os.eventfd_read(self.inject_fd)
-                except BlockingIOError:
-                    pass
-            self.state.rx_frames += 1
-            return frame
-
-    def read_frame(self):
-        """The next frame for the guest (injected ones first, then the tap's after
+    def read_frame(self) -> bytes | None:
+        """The next frame for the guest (injected ones first, then the backend's after
         the hook), or None when none is queued."""
-        injected = self._take_injected()
-        if injected is not None:
-            return injected
         while True:
-            try:
-                frame = os.read(self.fd, _MAX_FRAME)
-            except BlockingIOError:
+            with self._lock:
+                if self.state.injected:
+                    self.state.rx_frames += 1
+                    return self.state.injected.pop(0)
+                frame = self._backend.receive()
+            if frame is None:
                 return None
             if self.hook:
                 frame = self.hook("rx", frame)
@@ -154,7 +343,7 @@ class TapNic:
             self.state.rx_dropped += 1
 
     def write_frame(self, frame: bytes) -> bool:
-        """A frame from the guest: through the hook, then out of the tap."""
+        """A frame from the guest: through the hook, then out through the backend."""
         if self.hook:
             frame = self.hook("tx", frame)
             if frame is None:
@@ -162,32 +351,22 @@ class TapNic:
         return self.transmit(frame)
 
     def transmit(self, frame: bytes) -> bool:
-        """Send a frame out of the tap, bypassing the hook (from any thread)."""
-        try:
-            os.write(self.fd, frame)
-        except OSError:
-            with self._lock:
-                self.state.tx_dropped += 1
-            return False
+        """Send a frame out through the attached backend, bypassing the hook (from any thread)."""
         with self._lock:
-            self.state.tx_frames += 1
-        return True
+            sent = self._backend.transmit(frame)
+            if sent:
+                self.state.tx_frames += 1
+            else:
+                self.state.tx_dropped += 1
+        return sent
 
     def restore_state(self, state: NicState):
         with self._lock:
             self.state = state
-            try:
-                os.eventfd_read(self.inject_fd)
-            except BlockingIOError:
-                pass
-            if state.injected:
-                os.eventfd_write(self.inject_fd, 1)
 
     def close(self):
-        """Close the tap fd, and delete the tap if this NIC created it."""
-        os.close(self.fd)
-        os.close(self.inject_fd)
-        if self.created_tap:
-            with IPRoute() as ipr:
-                for index in ipr.link_lookup(ifname=self.tap_name):
-                    ipr.link("del", index=index)
+        """Close the attached backend and tap_backend (a tap the VM created is deleted)."""
+        with self._lock:
+            self._backend.close()
+            self.tap_backend.close()
+            os.close(self._event_fd)
