@@ -169,7 +169,6 @@ async def test_capabilities_in_schema_order_default_false(node):
     ([("rdma-pin-all", True)], "Capability 'rdma-pin-all' is not supported"),
     ([("block", True)], "Capability 'block' is not supported"),
     ([("background-snapshot", True)], "Capability 'background-snapshot' is not supported"),
-    ([("x-colo", True)], "Capability 'x-colo' is not supported: COLO is not part of this build yet"),
 ])
 async def test_capability_checks(node, changes, message):
     _, desc = await error_of(node, "migrate-set-capabilities",

@@ -25,7 +25,6 @@ UNSUPPORTED_CAPABILITIES = {
     "x-ignore-shared": "ignore-shared is not supported by this appliance",
     "background-snapshot": "background snapshots are not supported by this appliance",
     "zero-blocks": "old-style block migration is not supported by this appliance",
-    "x-colo": "COLO is not part of this build yet",
 }
 
 # QEMU 6.0's defaults (migration/migration.c, migration_properties).

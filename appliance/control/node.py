@@ -19,6 +19,8 @@ import appliance
 import native
 from appliance.qapi import QMPError, Schema, default_schema
 
+import colo.commands
+from colo import ColoManager, ColoSettings
 from replication.destination import MigrationDestination
 from replication.source import MigrationSource
 from replication.transport import Listener, TransportError
@@ -43,7 +45,8 @@ class Node:
     """Control state of one appliance node; the QMP and HTTP front ends call into it."""
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, incoming: str | None = None,
-                 schema: Schema | None = None, vm=None, autostart: bool = True):
+                 schema: Schema | None = None, vm=None, autostart: bool = True,
+                 colo_settings: ColoSettings | None = None):
         self.name = name
         self.vm = vm
         self.schema = schema or default_schema()
@@ -59,7 +62,7 @@ class Node:
             if incoming:
                 vm.set_state("prelaunch", "inmigrate")
             vm.add_listener(self._on_vm_event)
-        self.colo = {"mode": "none", "last-mode": "none", "reason": "none"}
+        self.colo = ColoManager(colo_settings or ColoSettings(), self.events.emit, self._colo_takeover)
         self.quit_requested = asyncio.Event()
         self.dirty_rate: dict = {"status": "unstarted", "start-time": 0, "calc-time": 0}
         self._console_read = 0          # bytes of console output already read by ringbuf-read
@@ -115,7 +118,8 @@ class Node:
         self.incoming_address = listener.address
         log.info("waiting for an incoming migration on %s", listener.address)
         self.migration = MigrationDestination(self.vm, listener, self.settings.capabilities, self.autostart,
-                                              self._migration_event)
+                                              self._migration_event, verify_ram=self.colo.settings.verify_ram,
+                                              colo_handover=self.colo.run_secondary)
         self.migration.start()
 
     def _migration_event(self, name: str, data: dict) -> None:
@@ -125,12 +129,21 @@ class Node:
         if self.migration.caps["events"]:
             self.events.emit(name, data)
         incoming = isinstance(self.migration, MigrationDestination)
-        if name == "MIGRATION" and data["status"] == "completed" and incoming and self.vm.nic is not None:
-            self.loop.call_soon_threadsafe(
-                lambda: self.loop.create_task(announce_self(self.vm.nic, self.settings.parameters)))
+        if name == "MIGRATION" and data["status"] == "completed" and incoming and not self.migration.colo_stream:
+            self._announce()            # a COLO secondary announces when it takes over, if it does
         if (name == "MIGRATION" and data["status"] == "failed" and isinstance(self.migration, MigrationDestination)
                 and self.incoming not in (None, "defer") and self.incoming.startswith(("tcp:", "unix:"))):
             self.loop.call_soon_threadsafe(self._rearm_incoming)
+
+    def _announce(self) -> None:
+        """From any thread: tell the bridges where the guest is now (QEMU's announce-self)."""
+        if self.vm.nic is not None:
+            self.loop.call_soon_threadsafe(
+                lambda: self.loop.create_task(announce_self(self.vm.nic, self.settings.parameters)))
+
+    def _colo_takeover(self) -> None:
+        """This secondary's guest is the service guest now."""
+        self._announce()
 
     def _rearm_incoming(self) -> None:
         if self.migration_status == "failed" and self.vm.state == "inmigrate" and not self.quit_requested.is_set():
@@ -144,7 +157,7 @@ class Node:
             "version": appliance.__version__,
             "vm": self._vm_status(),
             "migration": self.migration.info() if self.migration is not None else {"status": "none"},
-            "colo": dict(self.colo),
+            "colo": self.colo.status(),
         }
 
     def _vm_status(self) -> dict:
@@ -186,13 +199,12 @@ class Node:
             "migrate-recover": self._migrate_recover,
             "migrate-pause": self._migrate_pause,
             "client_migrate_info": self.client_migrate_info,
-            "query-colo-status": lambda a, c: dict(self.colo),
-            "x-colo-lost-heartbeat": self.colo_lost_heartbeat,
+            **colo.commands.handlers(self.colo),
             "calc-dirty-rate": self.calc_dirty_rate,
             "query-dirty-rate": lambda a, c: dict(self.dirty_rate),
         }
         for name in ("xen-save-devices-state", "xen-set-global-dirty-log", "xen-load-devices-state",
-                     "xen-set-replication", "query-xen-replication-status", "xen-colo-do-checkpoint"):
+                     "xen-set-replication", "query-xen-replication-status"):
             table[name] = self._xen_only(name)
         for name, handler in table.items():
             self.dispatcher.register(name, handler)
@@ -324,8 +336,11 @@ class Node:
             raise QMPError("return-path needs a two-way (socket) migration URI")
         if scheme == "fd" and args["uri"][3:] not in ctx.fds:
             raise QMPError(f"File descriptor named '{args['uri'][3:]}' has not been found")
+        if caps["x-colo"]:
+            self._check_colo(scheme, caps)
         self.migration = MigrationSource(self.vm, args["uri"], caps, self.settings.parameters,
-                                         ctx.fds, self._migration_event)
+                                         ctx.fds, self._migration_event, verify_ram=self.colo.settings.verify_ram,
+                                         colo_handover=self.colo.run_primary if caps["x-colo"] else None)
         self.migration.start()
 
     def migrate_incoming(self, args: dict, ctx: CallContext) -> None:
@@ -390,10 +405,17 @@ class Node:
 
     # -- COLO ------------------------------------------------------------------------
 
-    def colo_lost_heartbeat(self, args: dict, ctx: CallContext) -> None:
-        if self.colo["mode"] == "none":
-            raise QMPError("The feature 'colo' is not enabled")
-        raise QMPError("COLO failover is not part of this build yet")
+    def _check_colo(self, scheme: str, caps: dict) -> None:
+        """What COLO cannot do (yet) is refused before anything starts."""
+        if scheme != "tcp":
+            raise QMPError("COLO needs a tcp: migration URI (its heartbeat runs beside that connection)")
+        for name in ("multifd", "compress", "postcopy-ram"):
+            if caps[name]:
+                raise QMPError(f"x-colo cannot be combined with {name}: COLO checkpoints send pages "
+                               "on the migration connection")
+        if self.vm.disk is not None:
+            raise QMPError("x-colo with a writable disk is refused until disk replication exists: "
+                           "the secondary's disk would diverge from the primary's")
 
     @staticmethod
     def _xen_only(name: str):

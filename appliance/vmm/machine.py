@@ -44,8 +44,9 @@ GUEST_PANICKED = "guest-panicked"
 INTERNAL_ERROR = "internal-error"
 INMIGRATE = "inmigrate"
 POSTMIGRATE = "postmigrate"  # paused after its state was migrated away
-RUN_STATES = (PRELAUNCH, RUNNING, PAUSED, SHUTDOWN, GUEST_PANICKED, INTERNAL_ERROR, INMIGRATE, POSTMIGRATE)
-_RESUMABLE = (PRELAUNCH, PAUSED, INMIGRATE, POSTMIGRATE)
+COLO = "colo"  # stopped for a COLO checkpoint (QEMU's RUN_STATE_COLO)
+RUN_STATES = (PRELAUNCH, RUNNING, PAUSED, SHUTDOWN, GUEST_PANICKED, INTERNAL_ERROR, INMIGRATE, POSTMIGRATE, COLO)
+_RESUMABLE = (PRELAUNCH, PAUSED, INMIGRATE, POSTMIGRATE, COLO)
 _STOPPED_FOR_GOOD = (SHUTDOWN, GUEST_PANICKED, INTERNAL_ERROR)
 
 _THROTTLE_TIMESLICE = 0.010  # seconds of guest run time between throttle sleeps
@@ -285,14 +286,16 @@ class VirtualMachine:
         if self._state == PRELAUNCH and not self.config.start_paused:
             self.resume()
 
-    def resume(self):
+    def resume(self, announce: bool = True):
+        """Run the vCPU; ``announce=False`` skips RESUME (the end of a COLO checkpoint)."""
         with self._cond:
             if self._state not in _RESUMABLE:
                 raise VMError(f"cannot resume a VM in state {self._state}")
             self._state = RUNNING
         # Emitted before the vCPU runs, so listeners never see the guest's own
         # SHUTDOWN or GUEST_PANICKED ahead of RESUME.
-        self._emit("RESUME", {})
+        if announce:
+            self._emit("RESUME", {})
         with self._cond:
             if self._state == RUNNING:  # unless pause() or shutdown() got in between
                 self._clock.run()
@@ -301,12 +304,25 @@ class VirtualMachine:
 
     def pause(self):
         """Stop the vCPU; returns once it is parked outside KVM_RUN with no I/O pending."""
+        if self._park(PAUSED):
+            self._emit("STOP", {})
+
+    def pause_for_checkpoint(self) -> bool:
+        """Stop the vCPU in state ``colo`` without announcing STOP, as QEMU's
+        vm_stop_force_state(RUN_STATE_COLO): a checkpoint is not a stop the user asked for.
+        False if the guest was not running."""
+        return self._park(COLO)
+
+    def _park(self, state: str) -> bool:
         with self._cond:
+            if self._state == COLO and state == PAUSED:
+                self._state = PAUSED       # held at a checkpoint: already parked, now a real stop
+                return True
             if self._state != RUNNING:
-                return
-            self._state = PAUSED
+                return False
+            self._state = state
             self._park_vcpu()
-        self._emit("STOP", {})
+        return True
 
     def shutdown(self):
         """Power the guest off from the host side (idempotent)."""

@@ -1,0 +1,143 @@
+"""The primary's checkpoint loop (QEMU's colo_process_checkpoint), on the migration
+thread once the guest is copied.  protocol.py draws the transaction.
+
+Between checkpoints the PVM runs and the loop waits for a trigger: the
+x-checkpoint-delay timer (read live, so migrate-set-parameters takes effect at
+once), or a request (``request_checkpoint``: the netfilter comparer on a
+mismatch, xen-colo-do-checkpoint).  Each checkpoint first sends what the PVM
+dirtied while it still runs, so the pause carries only what it dirtied since.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from replication import stream
+from replication.ram import full_ram_digest
+from replication.source import bitmap_runs
+
+from . import protocol
+from .failover import FailoverStatus
+from .protocol import ColoMessage as M, ExitReason, PeerExited
+from .session import ColoSession
+
+log = logging.getLogger(__name__)
+TRIGGER_POLL = 0.02          # seconds between looks at the delay, requests and the peer
+
+
+class ColoPrimary(ColoSession):
+    mode = "primary"
+
+    def __init__(self, manager, source):
+        super().__init__(manager, source, source.channel)
+        self.source = source
+        self.steps = protocol.Steps("primary", self.channel)
+        self._requested: str | None = None
+        self._request_lock = threading.Lock()
+        self._last_checkpoint = time.monotonic()
+
+    def request_checkpoint(self, reason: str) -> None:
+        """From any thread: a checkpoint as soon as possible (requests coalesce)."""
+        with self._request_lock:
+            self._requested = self._requested or reason
+
+    def stop_loop(self) -> None:
+        """A checkpoint under way may finish (then the loop tells the secondary: a planned
+        exit); one that hangs on a silent secondary is cut after a second."""
+        self.stopping.set()
+        cut = threading.Timer(1.0, self.channel.abort)
+        cut.daemon = True
+        cut.start()
+
+    def run(self) -> None:
+        try:
+            self.new_heartbeat()
+            peer_port = protocol.read_hello(self.channel)
+            self.steps.expect(M.CHECKPOINT_READY)
+            self.channel.send(stream.pack_colo_hello(self.heartbeat.port))
+            self.start_heartbeat(peer_port)
+            log.info("COLO primary: secondary ready, heartbeat to port %d", peer_port)
+            while not self.stopping.is_set():
+                reason = self._wait_for_trigger()
+                if reason is not None:
+                    self._checkpoint(reason)
+        except PeerExited as e:
+            self.lost = f"the secondary left COLO: {e}"
+            log.warning("COLO primary: %s", self.lost)
+            self.request_failover(ExitReason.ERROR)      # it is alive and gave up: nothing to wait for
+        except Exception as e:
+            if not self.stopping.is_set() or self.lost:
+                self.peer_lost(self.lost or self.source._describe(e))
+        self._end()
+
+    def _wait_for_trigger(self) -> str | None:
+        while not self.stopping.is_set():
+            with self._request_lock:
+                reason, self._requested = self._requested, None
+            if reason:
+                return reason
+            delay = self.source.params["x-checkpoint-delay"] / 1000
+            if time.monotonic() - self._last_checkpoint >= delay:
+                return "periodic"
+            if self.channel.peer_spoke():       # a secondary speaks unasked only to leave, or by dying
+                protocol.read_message(self.channel)
+                raise protocol.ColoProtocolError("the secondary spoke out of turn")
+            self.stopping.wait(min(TRIGGER_POLL, delay))
+        return None
+
+    def _checkpoint(self, reason: str) -> None:
+        source, vm, steps = self.source, self.vm, self.steps
+        sent_before = source.transferred
+        steps.checkpoint += 1
+        # Live round: what the PVM dirtied so far, while it runs.
+        source.send_dirty_runs(bitmap_runs(vm.fetch_dirty_bitmap()))
+        source.end_pass(steps.checkpoint)
+        source.digest.refresh()
+        steps.send(M.CHECKPOINT_REQUEST)
+        steps.expect(M.CHECKPOINT_REPLY)
+        pause_start = time.monotonic()
+        was_running = vm.pause_for_checkpoint()
+        try:
+            steps.send(M.VMSTATE_SEND)
+            source.send_dirty_runs(bitmap_runs(vm.fetch_dirty_bitmap()))
+            source.end_pass(stream.FINAL_PASS)
+            sections = vm.save_devices()
+            full = full_ram_digest(source.ram, source.ram_size) if self.settings.verify_ram else None
+            vmstate = b"".join(stream.pack_device(*s) for s in sections) + stream.pack_end(
+                source.digest.digest(), stream.devices_digest(sections), full)
+            steps.send(M.VMSTATE_SIZE, len(vmstate))
+            steps.send_vmstate(vmstate)
+            source.transferred += len(vmstate)
+            steps.expect(M.VMSTATE_RECEIVED)
+            self.manager.notify("checkpoint")
+            steps.expect(M.VMSTATE_LOADED)
+        except BaseException:
+            self.manager.stats.failed_checkpoints += 1
+            raise                         # the guest stays stopped until failover decides
+        if was_running:
+            vm.resume(announce=False)
+        pause = time.monotonic() - pause_start if was_running else None
+        self._last_checkpoint = time.monotonic()
+        self.manager.stats.record(reason, pause, source.transferred - sent_before)
+        if full is not None:
+            self.manager.stats.digests.append((steps.checkpoint, full.hex()))
+
+    def _end(self) -> None:
+        """Failover on the primary: the PVM runs on, unprotected (QEMU's primary_vm_do_failover)."""
+        planned = self.failover.status is not FailoverStatus.NONE and not self.lost
+        if planned:
+            try:        # a planned exit: the secondary stops its SVM instead of taking over
+                self.channel.send(stream.pack_abort("planned exit: the primary left COLO"), timeout=1.0)
+                self.channel.linger(1.0)
+            except Exception:
+                pass
+        self.channel.abort()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.wait_for_failover()
+        if self.vm.state == "colo":
+            self.vm.resume(announce=False)      # a checkpoint that failed half-way
+        elif self.held:
+            self.vm.resume()
+        self.manager.finish(self, self.exit_reason)

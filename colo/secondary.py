@@ -1,0 +1,175 @@
+"""The secondary's incoming loop (QEMU's colo_process_incoming_thread), on the incoming
+migration thread once the SVM runs.  protocol.py draws the transaction.
+
+Pages go to the colo cache (cache.py), which the destination writes into from
+now on; the SVM's RAM changes only while a complete, digest-checked checkpoint
+is loaded.  On failover the SVM runs on from its own state; a checkpoint that
+arrived whole (vmstate-received sent) but was not loaded yet is loaded first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from appliance.vmm.devices import QueueBackend
+from replication import stream
+
+from . import protocol
+from .cache import ColoCache
+from .failover import FailoverStatus
+from .protocol import ColoMessage as M, ExitReason, PeerExited
+from .session import ColoSession
+
+log = logging.getLogger(__name__)
+PAGE_RECORDS = (stream.PAGES, stream.ZERO_RUN, stream.XBZRLE)
+
+
+class ColoSecondary(ColoSession):
+    mode = "secondary"
+
+    def __init__(self, manager, destination, channel):
+        super().__init__(manager, destination, channel)
+        self.dest = destination
+        _, self.ram_size, ram_fd, self.svm_ram = self.vm.ram_regions()[0]
+        self.cache = ColoCache(ram_fd, self.svm_ram, self.ram_size)
+        self.steps = protocol.Steps("secondary", channel)
+        self.received: list | None = None     # device sections of a whole checkpoint not yet loaded
+        self.planned_exit = False              # the primary left COLO, or we refused its checkpoint
+        self.refused: str | None = None
+        # A test hook: widen the load window so failover can be asked for inside it (relaunch).
+        self.load_delay = float(os.environ.get("COLO_APPLIANCE_TEST_LOAD_DELAY_MS", "0")) / 1000
+
+    def prepare(self) -> None:
+        """The SVM's NIC leaves its tap: the service network hears only the primary.  Until
+        the netfilter layer feeds it, the SVM gets no input and its output is dropped."""
+        if self.vm.nic is not None:
+            self.vm.nic.attach(QueueBackend())
+
+    def run(self) -> None:
+        try:
+            self.dest.retarget(self.cache.map)
+            self.dest.received_pages = 0
+            self.vm.start_dirty_tracking()
+            self.channel.send(stream.pack_colo_hello(self.new_heartbeat().port))
+            self.steps.send(M.CHECKPOINT_READY)
+            self.start_heartbeat(protocol.read_hello(self.channel))
+            while not self.stopping.is_set():
+                kind = self.channel.read_exact(1)[0]
+                if kind in PAGE_RECORDS:
+                    self.dest.apply_record(self.channel, kind)       # live round: into the cache
+                elif kind == stream.PASS_END:
+                    self.channel.read_exact(4)
+                    self.dest.digest.refresh()                # off the pause
+                else:
+                    self.steps.checkpoint += 1
+                    self.steps.expect(M.CHECKPOINT_REQUEST, first_byte=kind)
+                    self._checkpoint()
+        except PeerExited as e:
+            self.planned_exit = True
+            log.info("COLO secondary: %s", e)
+        except (stream.StreamError, protocol.ColoProtocolError) as e:
+            if not self.stopping.is_set():
+                self._refuse(str(e))
+        except Exception as e:
+            if not self.stopping.is_set():
+                self.peer_lost(str(e))
+        self._end()
+
+    def _checkpoint(self) -> None:
+        channel, steps = self.channel, self.steps
+        self.vm.pause_for_checkpoint()
+        steps.send(M.CHECKPOINT_REPLY)
+        steps.expect(M.VMSTATE_SEND)
+        while True:
+            kind = channel.read_exact(1)[0]
+            if kind in PAGE_RECORDS:
+                self.dest.apply_record(channel, kind)
+            elif kind == stream.PASS_END:
+                if stream.U32.unpack(channel.read_exact(4))[0] == stream.FINAL_PASS:
+                    break
+            else:
+                raise protocol.ColoProtocolError(f"record type {kind} inside a checkpoint's RAM")
+        size = steps.expect(M.VMSTATE_SIZE)
+        if size > protocol.MAX_VMSTATE_SIZE:
+            raise protocol.ColoProtocolError(f"a checkpoint's vmstate of {size} bytes")
+        vmstate = protocol.BufferReader(channel.read_exact(size))
+        sections = []
+        while (kind := vmstate.read_exact(1)[0]) == stream.DEVICE:
+            sections.append(self.dest.read_device(vmstate))
+        if kind != stream.END:
+            raise protocol.ColoProtocolError(f"record type {kind} in a checkpoint's vmstate")
+        self.dest.check_end(vmstate, sections)
+        if vmstate.left:
+            raise protocol.ColoProtocolError(f"{vmstate.left} stray bytes after a checkpoint's END")
+        self.received = sections
+        steps.send(M.VMSTATE_RECEIVED)
+        self.manager.notify("checkpoint")
+        self._load()
+        steps.send(M.VMSTATE_LOADED)
+        if not self.stopping.is_set():
+            self.vm.resume(announce=False)
+
+    def _load(self) -> None:
+        """colo_flush_ram_cache, then the devices: the SVM becomes the PVM as of the checkpoint."""
+        self.loading = True
+        try:
+            if self.load_delay:
+                time.sleep(self.load_delay)
+            svm_dirty = self.vm.fetch_dirty_bitmap()
+            changed = self.dest.received_pages | int.from_bytes(svm_dirty, "little")
+            self.dest.received_pages = 0
+            self.cache.flush(self.svm_ram, changed.to_bytes(len(svm_dirty), "little"))
+            self.vm.load_devices(self.received)
+            self.dest.verify_guest_ram()
+            if self.dest.full_digest is not None:
+                self.manager.stats.digests.append((self.steps.checkpoint, self.dest.full_digest.hex()))
+            self.received = None
+            self.manager.stats.loaded += 1
+        finally:
+            self.loading = False
+        self.after_relaunch()
+
+    def _refuse(self, why: str) -> None:
+        """The primary is alive but sent a checkpoint we cannot take: tell it, and stop the SVM
+        (it no longer follows the primary, so it must not take over)."""
+        log.error("COLO secondary: refusing a checkpoint: %s", why)
+        self.manager.stats.failed_checkpoints += 1
+        self.planned_exit = True
+        self.refused = why
+        try:
+            self.channel.send(stream.pack_abort(f"the secondary refused a checkpoint: {why}"), timeout=1.0)
+            self.channel.linger(1.0)
+        except Exception:
+            pass
+
+    def _end(self) -> None:
+        self.channel.abort()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.planned_exit and self.failover.status is FailoverStatus.NONE:
+            self.vm.pause()                    # no takeover: the primary runs the service
+            self._close_cache()
+            self.manager.finish(self, ExitReason.ERROR if self.refused else ExitReason.REQUEST, takeover=False)
+            return
+        self.wait_for_failover()
+        if self.received is not None:          # arrived whole: load it before taking over
+            try:
+                self._load()
+            except Exception:
+                log.exception("COLO secondary: the last whole checkpoint could not be loaded; "
+                              "the SVM runs on from its own state")
+        self._close_cache()
+        self.manager.stats.failovers += 1
+        self.manager.notify("failover")
+        if self.vm.nic is not None:
+            self.vm.nic.attach(self.vm.nic.tap_backend).close()
+        stopped = self.vm.state             # colo: mid-checkpoint; paused: manual failover held it
+        self.manager.finish(self, self.exit_reason, takeover=True)
+        if stopped in ("colo", "paused"):
+            self.vm.resume(announce=stopped == "paused")      # QEMU: COLO_EXIT, then the SVM runs
+
+    def _close_cache(self) -> None:
+        self.vm.stop_dirty_tracking()
+        self.dest.retarget(self.svm_ram)
+        self.cache.close()

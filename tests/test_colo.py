@@ -1,0 +1,303 @@
+"""COLO between two node daemons in network namespaces, driven with QEMU's QMP library.
+
+Every test checks RAM with --verify-ram: at every checkpoint the secondary
+compares a from-scratch blake3 digest of ALL of the SVM's RAM with the PVM's,
+and the test compares both nodes' per-checkpoint digest lists itself.
+"""
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+from pyroute2 import netns
+from qemu.qmp import ExecuteError, QMPClient
+
+from appliance.netns import Topology
+from conftest import start_daemon, stop_daemon
+from test_migration_nodes import events_until, wait_console
+
+pytestmark = [pytest.mark.kvm, pytest.mark.netns]
+PORT = 4444
+MEMDIRTY = ["--guest", "memdirty", "-m", "64", "--append", "mib=16 rate=40", "--verify-ram"]
+
+
+@pytest.fixture
+def topo():
+    t = Topology(f"colo{os.getpid() % 100000}", ["a", "b", "c"])
+    yield t
+    t.close()
+
+
+def _get_in_namespace(namespace: str, url: str, headers: dict) -> bytes:
+    netns.pushns(namespace)          # this thread only: the daemon's loopback is its namespace's
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.read()
+    finally:
+        netns.popns()
+
+
+async def http_get(daemon, path: str) -> bytes:
+    token_file = os.path.join(os.path.dirname(daemon.qmp), "http-token")
+    headers = {}
+    if os.path.exists(token_file):
+        with open(token_file) as f:
+            headers["Authorization"] = f"Bearer {f.read().strip()}"
+    return await asyncio.get_running_loop().run_in_executor(
+        None, _get_in_namespace, daemon.namespace, f"http://{daemon.http}{path}", headers)
+
+
+async def http_status(daemon) -> dict:
+    return json.loads(await http_get(daemon, "/api/v1/status"))
+
+
+class Pair:
+    """A primary on node a, a secondary on node b (and a fresh node c for re-protection)."""
+
+    def __init__(self, topo, tmp_path, guest_args):
+        self.topo = topo
+        self.tmp_path = tmp_path
+        self.guest_args = guest_args
+        self.daemons = {}
+        self.clients = {}
+
+    async def start(self, node, *extra, incoming=False):
+        name = f"{node}{len(self.daemons)}"
+        args = [*self.guest_args, *extra] + (["--incoming", f"tcp:0.0.0.0:{PORT}"] if incoming else [])
+        d = start_daemon(self.tmp_path, *args, name=name, namespace=self.topo.nodes[node].namespace)
+        d.namespace = self.topo.nodes[node].namespace
+        qmp = QMPClient(name)
+        await qmp.connect(d.qmp)
+        await qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": True}, {"capability": "x-colo", "state": True}]})
+        self.daemons[node], self.clients[node] = d, qmp
+        return d, qmp
+
+    async def enter_colo(self, primary="a", secondary="b", delay=100):
+        p, s = self.clients[primary], self.clients[secondary]
+        await p.execute("migrate-set-parameters", {"x-checkpoint-delay": delay})
+        with p.listener() as p_events, s.listener() as s_events:
+            await p.execute("migrate", {"uri": f"tcp:{self.topo.nodes[secondary].address}:{PORT}"})
+            p_seen = await events_until(p_events, "MIGRATION", "colo")
+            p_seen.append(await next_event(p_events))
+            s_seen = await events_until(s_events, "MIGRATION", "colo")
+            s_seen.append(await next_event(s_events))
+        return p_seen, s_seen
+
+    async def checkpoints(self, node) -> int:
+        return (await http_status(self.daemons[node]))["colo"]["checkpoints-total"]
+
+    async def wait_checkpoints(self, node, count, timeout=60):
+        deadline = time.monotonic() + timeout
+        while (done := await self.checkpoints(node)) < count:
+            assert time.monotonic() < deadline, f"only {done} checkpoints on {node}"
+            await asyncio.sleep(0.1)
+
+    async def close(self):
+        for qmp in self.clients.values():
+            try:
+                await qmp.disconnect()
+            except Exception:
+                pass
+        for d in self.daemons.values():
+            stop_daemon(d)
+
+
+async def next_event(listener, timeout=10):
+    event = await asyncio.wait_for(listener.get(), timeout)
+    return event["event"], event.get("data", {}).get("status")
+
+
+async def colo_exit(listener, timeout=10):
+    while True:
+        event = await asyncio.wait_for(listener.get(), timeout)
+        if event["event"] == "COLO_EXIT":
+            return event["data"]
+
+
+async def assert_digests_match(pair, minimum):
+    """The test's own comparison: each checkpoint's whole-RAM digest, PVM vs SVM."""
+    primary = (await http_status(pair.daemons["a"]))["colo"]["ram-digests"]
+    secondary = (await http_status(pair.daemons["b"]))["colo"]["ram-digests"]
+    common = {n for n, _ in primary} & {n for n, _ in secondary}
+    assert len(common) >= minimum, (len(primary), len(secondary))
+    assert [d for n, d in primary if n in common] == [d for n, d in secondary if n in common]
+
+
+async def test_enter_colo_checkpoint_and_planned_exit(topo, guest_images, tmp_path):
+    pair = Pair(topo, tmp_path, MEMDIRTY)
+    try:
+        _, a = await pair.start("a")
+        _, b = await pair.start("b", incoming=True)
+        await wait_console(a, "pass ")
+        p_seen, s_seen = await pair.enter_colo(delay=50)
+        names = [n if n != "MIGRATION" else f"MIGRATION {s}" for n, s in p_seen if n != "MIGRATION_PASS"]
+        assert names == ["MIGRATION setup", "MIGRATION active", "STOP", "MIGRATION device", "MIGRATION colo",
+                         "RESUME"]
+        # (the secondary's setup came when it started listening)
+        assert s_seen == [("MIGRATION", "active"), ("MIGRATION", "colo"), ("RESUME", None)]
+        assert await a.execute("query-colo-status") == {"mode": "primary", "last-mode": "none", "reason": "none"}
+        assert await b.execute("query-colo-status") == {"mode": "secondary", "last-mode": "none", "reason": "none"}
+        assert (await a.execute("query-migrate"))["status"] == "colo"
+        assert (await b.execute("query-migrate"))["status"] == "colo"
+        await pair.wait_checkpoints("a", 40)
+        assert (await a.execute("query-status"))["status"] in ("running", "colo")   # colo: mid-checkpoint
+        assert (await b.execute("query-status"))["status"] in ("running", "colo")
+        await assert_digests_match(pair, 30)
+        status = (await http_status(pair.daemons["a"]))["colo"]
+        assert status["checkpoints"]["periodic"] >= 40 and status["failed-checkpoints"] == 0
+        assert 0 < status["pause-ms"]["p50"] <= status["pause-ms"]["p99"]
+
+        # Planned exit: the primary leaves COLO and its secondary stops instead of taking over.
+        with a.listener() as a_events, b.listener() as b_events:
+            await a.execute("x-colo-lost-heartbeat")
+            assert await colo_exit(a_events) == {"mode": "primary", "reason": "request"}
+            assert await colo_exit(b_events) == {"mode": "secondary", "reason": "request"}
+        assert await a.execute("query-colo-status") == {"mode": "none", "last-mode": "primary", "reason": "request"}
+        assert await b.execute("query-colo-status") == {"mode": "none", "last-mode": "secondary",
+                                                        "reason": "request"}
+        assert (await a.execute("query-migrate"))["status"] == "completed"
+        assert (await a.execute("query-status"))["status"] == "running"
+        assert (await b.execute("query-status"))["status"] == "paused"
+        a_status = (await http_status(pair.daemons["a"]))["colo"]
+        assert a_status["failover-history"] == ["none", "require", "active", "completed"]
+        b_status = (await http_status(pair.daemons["b"]))["colo"]
+        assert b_status["failover-history"] == ["none"]
+        await wait_console(a, "pass ")
+    finally:
+        await pair.close()
+
+
+async def started_pair(topo, tmp_path, guest_args=MEMDIRTY, secondary_args=(), delay=100, checkpoints=3):
+    pair = Pair(topo, tmp_path, guest_args)
+    _, a = await pair.start("a")
+    _, b = await pair.start("b", *secondary_args, incoming=True)
+    if "memdirty" in guest_args:
+        await wait_console(a, "pass ")
+    await pair.enter_colo(delay=delay)
+    await pair.wait_checkpoints("a", checkpoints)
+    return pair, a, b
+
+
+async def assert_memdirty_runs_on(qmp, seconds=1.5):
+    """memdirty checks its invariant at every pass and halts on a break: it must keep passing."""
+    await asyncio.sleep(seconds)
+    assert (await qmp.execute("query-status"))["status"] == "running"
+    console = await qmp.execute("ringbuf-read", {"device": "console", "size": 1 << 20})
+    assert "invariant broken" not in console
+    await wait_console(qmp, "pass ")
+
+
+async def test_lost_heartbeat_on_the_secondary_takes_over(topo, guest_images, tmp_path):
+    pair, a, b = await started_pair(topo, tmp_path)
+    try:
+        with b.listener() as b_events:
+            await b.execute("x-colo-lost-heartbeat")
+            assert await colo_exit(b_events) == {"mode": "secondary", "reason": "request"}
+        assert await b.execute("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "request"}
+        assert (await b.execute("query-migrate"))["status"] == "completed"
+        status = (await http_status(pair.daemons["b"]))["colo"]
+        assert status["failover-history"] == ["none", "require", "active", "completed"]
+        assert status["failovers"] == 1
+        await assert_memdirty_runs_on(b)
+        with pytest.raises(ExecuteError) as info:
+            await b.execute("x-colo-lost-heartbeat")
+        assert str(info.value) == "The feature 'colo' is not enabled"
+        # The primary sees its secondary go and runs on, unprotected.
+        deadline = time.monotonic() + 5
+        while (await a.execute("query-colo-status"))["mode"] != "none":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await a.execute("query-colo-status") == {"mode": "none", "last-mode": "primary", "reason": "error"}
+        await assert_memdirty_runs_on(a, 0.5)
+    finally:
+        await pair.close()
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+async def test_primary_lost_the_secondary_takes_over(topo, guest_images, tmp_path, how):
+    pair, a, b = await started_pair(topo, tmp_path)
+    primary = pair.daemons["a"].proc
+    try:
+        with b.listener() as b_events:
+            lost_at = time.monotonic()
+            primary.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+            assert await colo_exit(b_events) == {"mode": "secondary", "reason": "error"}
+            took = time.monotonic() - lost_at
+        # A killed primary closes the connection at once; a frozen one is found by the heartbeat (500 ms).
+        assert took < (0.5 if how == "kill" else 1.0), took
+        assert await b.execute("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "error"}
+        status = (await http_status(pair.daemons["b"]))["colo"]
+        assert status["failover-history"] == ["none", "require", "active", "completed"]
+        await assert_memdirty_runs_on(b)
+    finally:
+        if how == "stop":
+            primary.send_signal(signal.SIGCONT)
+        await pair.close()
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+async def test_secondary_lost_the_primary_runs_on(topo, guest_images, tmp_path, how):
+    pair, a, b = await started_pair(topo, tmp_path)
+    secondary = pair.daemons["b"].proc
+    try:
+        with a.listener() as a_events:
+            secondary.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+            assert await colo_exit(a_events) == {"mode": "primary", "reason": "error"}
+        assert await a.execute("query-colo-status") == {"mode": "none", "last-mode": "primary", "reason": "error"}
+        assert (await a.execute("query-migrate"))["status"] == "completed"
+        await assert_memdirty_runs_on(a)
+    finally:
+        if how == "stop":
+            secondary.send_signal(signal.SIGCONT)
+        await pair.close()
+
+
+async def test_manual_failover_waits_for_the_operator(topo, guest_images, tmp_path):
+    pair, a, b = await started_pair(topo, tmp_path, secondary_args=["--colo-failover", "manual"])
+    primary = pair.daemons["a"].proc
+    try:
+        with b.listener() as b_events:
+            primary.send_signal(signal.SIGSTOP)
+            assert await next_event(b_events, timeout=5) == ("STOP", None)
+            status = (await http_status(pair.daemons["b"]))["colo"]
+            assert status["waiting-for-operator"] and status["failover-history"] == ["none"]
+            assert (await b.execute("query-status"))["status"] == "paused"
+            assert (await b.execute("query-colo-status"))["mode"] == "secondary"
+            await asyncio.sleep(1)
+            assert (await b.execute("query-status"))["status"] == "paused"      # still waiting
+            await b.execute("x-colo-lost-heartbeat")
+            assert await colo_exit(b_events) == {"mode": "secondary", "reason": "request"}
+            assert await next_event(b_events) == ("MIGRATION", "completed")
+            assert await next_event(b_events) == ("RESUME", None)
+        status = (await http_status(pair.daemons["b"]))["colo"]
+        assert status["failover-history"] == ["none", "require", "active", "completed"]
+        await assert_memdirty_runs_on(b)
+    finally:
+        primary.send_signal(signal.SIGCONT)
+        await pair.close()
+
+
+async def test_failover_during_a_checkpoint_load_relaunches(topo, guest_images, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLO_APPLIANCE_TEST_LOAD_DELAY_MS", "300")
+    pair, a, b = await started_pair(topo, tmp_path, delay=0)
+    try:
+        with b.listener() as b_events:
+            # With no delay between checkpoints the secondary is loading most of the time.
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                try:
+                    await b.execute("x-colo-lost-heartbeat")
+                    break
+                except ExecuteError:
+                    pass
+            assert await colo_exit(b_events) == {"mode": "secondary", "reason": "request"}
+        status = (await http_status(pair.daemons["b"]))["colo"]
+        assert status["failover-history"] == ["none", "require", "active", "relaunch", "none", "require", "active",
+                                              "completed"]
+        await assert_memdirty_runs_on(b)
+    finally:
+        await pair.close()
