@@ -301,3 +301,48 @@ async def test_failover_during_a_checkpoint_load_relaunches(topo, guest_images, 
         await assert_memdirty_runs_on(b)
     finally:
         await pair.close()
+
+
+# Fault injection at every step of the transaction (colo/faults.py), in the 2nd checkpoint.
+PRIMARY_STEPS = [("before", "checkpoint-request"), ("after", "checkpoint-request"), ("after", "checkpoint-reply"),
+                 ("after", "vmstate-send"), ("during", "vmstate"), ("after", "vmstate-size"),
+                 ("before", "vmstate-received"), ("after", "vmstate-received"), ("after", "vmstate-loaded")]
+SECONDARY_STEPS = [("after", "checkpoint-request"), ("before", "checkpoint-reply"), ("after", "checkpoint-reply"),
+                   ("after", "vmstate-send"), ("after", "vmstate-size"), ("before", "vmstate-received"),
+                   ("after", "vmstate-received"), ("before", "vmstate-loaded"), ("after", "vmstate-loaded")]
+FAULTS = [("primary", when, message, action) for when, message in PRIMARY_STEPS for action in ("kill", "stop")] + \
+         [("secondary", when, message, action) for when, message in SECONDARY_STEPS for action in ("kill", "stop")]
+
+
+@pytest.mark.parametrize("side, when, message, action", FAULTS,
+                         ids=["-".join(f) for f in FAULTS])
+async def test_fault_at_every_step_leaves_one_consistent_guest(topo, guest_images, tmp_path, monkeypatch,
+                                                               side, when, message, action):
+    monkeypatch.setenv("COLO_APPLIANCE_FAULT", f"{side}:{when}:{message}:{action}:2")
+    pair = Pair(topo, tmp_path, MEMDIRTY)
+    try:
+        _, a = await pair.start("a")
+        _, b = await pair.start("b", incoming=True)
+        await wait_console(a, "pass ")
+        survivor, victim = (b, "a") if side == "primary" else (a, "b")
+        with survivor.listener() as events:
+            await pair.enter_colo(delay=50)
+            exit_data = await colo_exit(events)
+        proc = pair.daemons[victim].proc
+        if action == "kill":
+            assert proc.wait(5) == -signal.SIGKILL
+        else:
+            assert proc.poll() is None
+        assert exit_data == {"mode": "secondary" if side == "primary" else "primary", "reason": "error"}
+        status = (await http_status(pair.daemons["b" if side == "primary" else "a"]))["colo"]
+        assert status["failover-history"] == ["none", "require", "active", "completed"]
+        if side == "primary":
+            # Loaded: every checkpoint the primary completed; a whole one received is loaded too.
+            assert status["checkpoints-loaded"] >= 1
+            if (when, message) in (("after", "vmstate-received"), ("after", "vmstate-loaded")):
+                assert status["checkpoints-loaded"] == 2
+        await assert_memdirty_runs_on(survivor, 1.0)
+    finally:
+        if action == "stop":
+            pair.daemons["a" if side == "primary" else "b"].proc.send_signal(signal.SIGCONT)
+        await pair.close()
