@@ -22,9 +22,10 @@ xbzrle_encode = _impl.xbzrle_encode
 xbzrle_decode = _impl.xbzrle_decode
 bitmap_pages = _impl.bitmap_pages
 bitmap_count = _impl.bitmap_count
+bitmap_runs = _impl.bitmap_runs
 gather_pages = _impl.gather_pages
 scatter_pages = _impl.scatter_pages
 copy_pages = _impl.copy_pages
 
 __all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bitmap_pages",
-           "bitmap_count", "gather_pages", "scatter_pages", "copy_pages", "reference", "IMPLEMENTATION"]
+           "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "reference", "IMPLEMENTATION"]

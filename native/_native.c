@@ -560,6 +560,67 @@ static PyObject *bitmap_pages(PyObject *self, PyObject *args, PyObject *kwargs)
     return arr;
 }
 
+/* Runs of set bits: fills (first, count) pairs into out (when not NULL), at most max
+ * runs; returns how many runs there are (up to max). */
+static Py_ssize_t bitmap_run_scan(const uint8_t *p, Py_ssize_t len, Py_ssize_t max, uint64_t *out)
+{
+    Py_ssize_t runs = 0, bits = len * 8, i = 0;
+    while (i < bits && runs < max) {
+        /* skip clear bytes quickly, then clear bits */
+        while (i < bits && (i & 7) == 0 && p[i >> 3] == 0)
+            i += 8;
+        while (i < bits && !(p[i >> 3] >> (i & 7) & 1))
+            i++;
+        if (i >= bits)
+            break;
+        Py_ssize_t first = i;
+        while (i < bits && (i & 7) == 0 && p[i >> 3] == 0xFF)
+            i += 8;
+        while (i < bits && (p[i >> 3] >> (i & 7) & 1)) {
+            i++;
+            while (i < bits && (i & 7) == 0 && p[i >> 3] == 0xFF)
+                i += 8;
+        }
+        if (out) {
+            out[2 * runs] = (uint64_t)first;
+            out[2 * runs + 1] = (uint64_t)(i - first);
+        }
+        runs++;
+    }
+    return runs;
+}
+
+/* bitmap_runs(bitmap) -> array('Q'): first0, count0, first1, count1, ... for each run of
+ * set bits, ascending (the dirty pages as the engine sends them). */
+static PyObject *bitmap_runs(PyObject *self, PyObject *args)
+{
+    Py_buffer bm;
+    if (!PyArg_ParseTuple(args, "y*", &bm))
+        return NULL;
+    const uint8_t *p = bm.buf;
+    Py_ssize_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = bitmap_run_scan(p, bm.len, PY_SSIZE_T_MAX, NULL);
+    Py_END_ALLOW_THREADS
+    PyObject *arr = NULL, *one = PyObject_CallFunction(array_type, "sy#", "Q", "\0\0\0\0\0\0\0\0", (Py_ssize_t)8);
+    if (one) {
+        arr = PySequence_Repeat(one, 2 * n);
+        Py_DECREF(one);
+    }
+    Py_buffer ab;
+    if (arr && PyObject_GetBuffer(arr, &ab, PyBUF_WRITABLE) < 0)
+        Py_CLEAR(arr);
+    if (arr) {
+        uint64_t *dst = ab.buf;
+        Py_BEGIN_ALLOW_THREADS
+        bitmap_run_scan(p, bm.len, n, dst);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&ab);
+    }
+    PyBuffer_Release(&bm);
+    return arr;
+}
+
 /* ---- gather and scatter ------------------------------------------------------ */
 
 /* Shared checks: page size, page numbers in range, other buffer large enough. */
@@ -685,6 +746,8 @@ static PyMethodDef methods[] = {
     {"bitmap_pages", (PyCFunction)(void (*)(void))bitmap_pages, METH_VARARGS | METH_KEYWORDS,
      "array('Q') of the set bits of a KVM dirty bitmap from start_page, at most limit."},
     {"bitmap_count", bitmap_count, METH_VARARGS, "Number of set bits in a bitmap."},
+    {"bitmap_runs", bitmap_runs, METH_VARARGS,
+     "array('Q') of first, count pairs, one per run of set bits, ascending."},
     {"gather_pages", gather_pages, METH_VARARGS,
      "Copy the listed pages of ram back to back into out; bytes written."},
     {"scatter_pages", scatter_pages, METH_VARARGS,

@@ -138,6 +138,21 @@ def bitmap_pages(bitmap, start_page: int = 0, limit=None) -> array:
     return array("Q", itertools.islice(set_bits, limit))
 
 
+def bitmap_runs(bitmap) -> array:
+    """array('Q') of first, count pairs, one per run of set bits, ascending."""
+    x = int.from_bytes(memoryview(bitmap).cast("B"), "little")
+    runs, pos = array("Q"), 0
+    while x:
+        zeros = (x & -x).bit_length() - 1
+        x >>= zeros
+        pos += zeros
+        ones = ((x ^ (x + 1)) >> 1).bit_length()
+        runs += array("Q", (pos, ones))
+        x >>= ones
+        pos += ones
+    return runs
+
+
 def gather_pages(ram, page_numbers, page_size: int, out) -> int:
     """Copies the listed pages of ``ram`` back to back into ``out``; returns the
     bytes written.  Nothing is written unless every page number is valid."""

@@ -62,17 +62,8 @@ class VerdictLost(MigrationFailed):
 
 def bitmap_runs(bitmap: bytes) -> list[tuple[int, int]]:
     """Runs (first page, count) of set bits in a KVM dirty bitmap (bit i = page i)."""
-    x = int.from_bytes(bitmap, "little")
-    runs, pos = [], 0
-    while x:
-        zeros = (x & -x).bit_length() - 1
-        x >>= zeros
-        pos += zeros
-        ones = ((x ^ (x + 1)) >> 1).bit_length()
-        runs.append((pos, ones))
-        x >>= ones
-        pos += ones
-    return runs
+    flat = native.bitmap_runs(bitmap)
+    return list(zip(flat[::2], flat[1::2]))
 
 
 class MigrationSource(MigrationRun):

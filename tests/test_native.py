@@ -382,3 +382,17 @@ def test_copy_pages_rejects_bad_input_and_writes_nothing(impl):
     with pytest.raises(TypeError):
         impl.copy_pages(src, dst, [0], PAGE)                    # dst must be writable
     assert dst == bytes(4 * PAGE)
+
+
+@IMPLS
+@pytest.mark.parametrize("bitmap", [bytes(16), b"\xff" * 16, bytes([0b1110_0110, 0xFF, 0x01]),
+                                    bytes([0x80, 0x01, 0, 0, 0xFF, 0xFF, 0x7F, 0]), os.urandom(512)],
+                         ids=["empty", "full", "mixed", "across-bytes", "random"])
+def test_bitmap_runs(impl, bitmap):
+    bits = [i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1]
+    runs = impl.bitmap_runs(bitmap)
+    assert isinstance(runs, array) and runs.typecode == "Q"
+    pairs = list(zip(runs[::2], runs[1::2]))
+    assert [p for first, count in pairs for p in range(first, first + count)] == bits
+    assert all(a[0] + a[1] < b[0] for a, b in zip(pairs, pairs[1:]))      # maximal runs, ascending
+    assert list(runs) == list(reference.bitmap_runs(bitmap))
