@@ -90,6 +90,7 @@ class ColoPrimary(ColoSession):
         source, vm, steps = self.source, self.vm, self.steps
         sent_before = source.transferred
         steps.checkpoint += 1
+        source.dirty_sync_count += 1         # as QEMU's query-migrate counts a checkpoint's bitmap sync
         # Live round: what the PVM dirtied so far, while it runs.
         source.send_dirty_runs(bitmap_runs(vm.fetch_dirty_bitmap()))
         source.end_pass(steps.checkpoint)

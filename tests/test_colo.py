@@ -403,9 +403,11 @@ async def test_checkpoint_triggers_delay_request_and_refusals(topo, guest_images
         with pytest.raises(ExecuteError) as info:
             await b.execute("xen-colo-do-checkpoint")
         assert "not a COLO primary" in str(info.value)
+        syncs = (await a.execute("query-migrate"))["ram"]["dirty-sync-count"]
         for _ in range(3):
             await a.execute("xen-colo-do-checkpoint")
             await pair.wait_checkpoints("a", (await pair.checkpoints("a")) + 1, timeout=5)
+        assert (await a.execute("query-migrate"))["ram"]["dirty-sync-count"] == syncs + 3   # one sync each
         status = (await http_status(pair.daemons["a"]))["colo"]
         assert status["checkpoints"] == {"periodic": 0, "request": 3, "mismatch": 0}
         # x-checkpoint-delay changes live: from a minute to 50 ms.
