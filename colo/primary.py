@@ -5,7 +5,8 @@ Between checkpoints the PVM runs and the loop waits for a trigger: the
 x-checkpoint-delay timer (read live, so migrate-set-parameters takes effect at
 once), or a request (``request_checkpoint``: the netfilter comparer on a
 mismatch, xen-colo-do-checkpoint).  Each checkpoint first sends what the PVM
-dirtied while it still runs, so the pause carries only what it dirtied since.
+dirtied while it still runs (again, while a round is large), so the pause
+carries only what it dirtied during the last round.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from .session import ColoSession
 
 log = logging.getLogger(__name__)
 TRIGGER_POLL = 0.02          # seconds between looks at the delay, requests and the peer
+MAX_LIVE_ROUNDS = 4          # precopy rounds before a checkpoint's pause...
+SMALL_ROUND_PAGES = 1024     # ...stopping early once a round carried less than 4 MiB
 
 
 class ColoPrimary(ColoSession):
@@ -91,10 +94,14 @@ class ColoPrimary(ColoSession):
         sent_before = source.transferred
         steps.checkpoint += 1
         source.dirty_sync_count += 1         # as QEMU's query-migrate counts a checkpoint's bitmap sync
-        # Live round: what the PVM dirtied so far, while it runs.
-        source.send_dirty_runs(bitmap_runs(vm.fetch_dirty_bitmap()))
-        source.end_pass(steps.checkpoint)
-        source.digest.refresh()
+        # Live rounds: what the PVM dirtied so far, while it runs, until a round is small.
+        for _ in range(MAX_LIVE_ROUNDS):
+            runs = bitmap_runs(vm.fetch_dirty_bitmap())
+            source.send_dirty_runs(runs)
+            source.end_pass(steps.checkpoint)
+            source.digest.refresh()
+            if sum(count for _, count in runs) < SMALL_ROUND_PAGES:
+                break
         steps.send(M.CHECKPOINT_REQUEST)
         steps.expect(M.CHECKPOINT_REPLY)
         pause_start = time.monotonic()
