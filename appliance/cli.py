@@ -228,13 +228,17 @@ def _migrate_with_progress(client: SyncQMPClient, args: argparse.Namespace) -> i
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import create_vm, serve, setup_logging
+    from .http_api import load_token
     from .qapi import QMPError
     from .vmm import VMError
     try:
+        if args.http_token is not None:
+            raise ConfigError("--http-token is no longer accepted: every local user can read the command line; "
+                              "use --http-token-file PATH or COLO_APPLIANCE_HTTP_TOKEN")
         config = load_config(args.config)
         for flag, attr in (("name", "name"), ("qmp", "qmp"), ("qmp_tcp", "qmp_tcp"), ("http", "http"),
-                           ("http_token", "http_token"), ("log_format", "log_format"),
-                           ("incoming", "incoming")):
+                           ("http_token_file", "http_token_file"), ("http_allowed_hosts", "http_allowed_hosts"),
+                           ("log_format", "log_format"), ("incoming", "incoming")):
             value = getattr(args, flag)
             if value is not None:
                 setattr(config, attr, value)
@@ -246,18 +250,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.guest.start_paused = True
         if args.state_dir is not None:
             config.state_dir = args.state_dir
+        if args.http_allow_local_uris:
+            config.http_allow_local_uris = True
         if args.no_http:
             config.http = None
         config.validate()
+        setup_logging(config.log_format)
+        http_token = load_token(config) if config.http else None
     except ConfigError as e:
         print(f"colo-appliance: {e}", file=sys.stderr)
         return 2
-    setup_logging(config.log_format)
     vm = None
     try:
         if config.guest.image:
             vm = create_vm(config, config.state_dir)
-        return asyncio.run(serve(config, vm))
+        return asyncio.run(serve(config, vm, http_token))
     except VMError as e:
         print(f"colo-appliance: guest: {e}", file=sys.stderr)
         return 1
@@ -280,10 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--qmp-tcp", dest="qmp_tcp", metavar="HOST:PORT", help="also listen for QMP on TCP")
     serve.add_argument("--http", metavar="HOST:PORT", help="HTTP API address (default 127.0.0.1:8080)")
     serve.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
-    serve.add_argument("--http-token", dest="http_token", help="bearer token required by the HTTP API")
+    serve.add_argument("--http-token-file", dest="http_token_file", metavar="PATH",
+                       help="file (mode 0600) with the HTTP API's bearer token (or $COLO_APPLIANCE_HTTP_TOKEN; "
+                            "with neither: STATE_DIR/http-token, generated at first start)")
+    # Gone (every local user reads /proc/PID/cmdline); kept only to refuse it instead of taking it for an
+    # abbreviation of --http-token-file.
+    serve.add_argument("--http-token", dest="http_token", help=argparse.SUPPRESS)
+    serve.add_argument("--http-allowed-host", dest="http_allowed_hosts", action="append", metavar="NAME",
+                       help="a Host name the HTTP API answers to besides its address (repeatable)")
+    serve.add_argument("--http-allow-local-uris", dest="http_allow_local_uris", action="store_true",
+                       help="allow exec:, file:, unix: and fd: migration URIs over HTTP (QMP always allows them)")
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     serve.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration, as QEMU's -incoming")
-    serve.add_argument("--state-dir", dest="state_dir", help="directory for the console log and other node files")
+    serve.add_argument("--state-dir", dest="state_dir",
+                       help="directory for the console log and the HTTP token (default /var/lib/colo-appliance/NAME)")
     guest = serve.add_argument_group("guest", "the VM this node hosts (QEMU-like flags)")
     guest.add_argument("--guest", dest="image", metavar="kvstore|memdirty|PATH", help="guest image")
     guest.add_argument("-m", "--memory", type=int, metavar="MiB", help="guest RAM in MiB (default 64)")

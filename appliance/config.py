@@ -7,9 +7,13 @@ Example (every key optional; a node starts with no file at all)::
     qmp = "/run/colo-appliance/node-a.qmp"    # UNIX socket, created 0600
     qmp_tcp = "127.0.0.1:4444"                 # optional TCP listener
     http = "127.0.0.1:8080"                    # HTTP API bind address
-    http_token = "secret"                      # required to bind beyond loopback
+    http_token_file = "/etc/colo-appliance/node-a.token"  # the API's bearer token, mode 0600 (or
+                                               # $COLO_APPLIANCE_HTTP_TOKEN; neither: STATE_DIR/http-token)
+    http_allowed_hosts = ["node-a.example"]    # Host names the API answers to besides its address
+    http_allow_local_uris = false              # true: exec:, file:, unix:, fd: migrations over HTTP too
     log_format = "text"                        # or "json"
-    state_dir = "/var/lib/colo-appliance"      # console log and other per-node files
+    state_dir = "/var/lib/colo-appliance/node-a"  # console log (only when set), the generated http-token
+                                               # (default /var/lib/colo-appliance/NAME)
 
     [guest]
     image = "kvstore"                          # kvstore | memdirty | PATH
@@ -32,6 +36,8 @@ import tomllib
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
+# The node's state directory when none is configured, as the systemd unit sets it: ROOT/NAME.
+DEFAULT_STATE_ROOT = "/var/lib/colo-appliance"
 # Where `make guests` puts the built-in guest images.
 GUEST_DIR = os.environ.get(
     "COLO_GUEST_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "guest"))
@@ -87,21 +93,29 @@ class NodeConfig:
     qmp: str | None = None
     qmp_tcp: str | None = None
     http: str | None = "127.0.0.1:8080"
-    http_token: str | None = None
+    http_token_file: str | None = None
+    http_allowed_hosts: list[str] = field(default_factory=list)
+    http_allow_local_uris: bool = False
     log_format: str = "text"
     incoming: str | None = None
     state_dir: str | None = None
     guest: GuestConfig = field(default_factory=GuestConfig)
     peers: dict[str, str] = field(default_factory=dict)
 
+    def state_path(self) -> str:
+        """The node's own directory: state_dir, else DEFAULT_STATE_ROOT/NAME."""
+        return self.state_dir or os.path.join(DEFAULT_STATE_ROOT, self.name)
+
     def validate(self) -> None:
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', not {self.log_format!r}")
         if self.http:
-            host, _port = split_host_port(self.http, "http")
-            if not _is_loopback(host) and not self.http_token:
-                raise ConfigError(f"refusing to bind the HTTP API to {host}: only loopback is allowed "
-                                  "without a bearer token (set http_token or --http-token)")
+            split_host_port(self.http, "http")
+            hosts = self.http_allowed_hosts
+            if not isinstance(hosts, list) or not all(isinstance(name, str) and name for name in hosts):
+                raise ConfigError(f"http_allowed_hosts: expected a list of host names, got {hosts!r}")
+            if not isinstance(self.http_allow_local_uris, bool):
+                raise ConfigError(f"http_allow_local_uris: expected true or false, got {self.http_allow_local_uris!r}")
         if self.qmp_tcp:
             split_host_port(self.qmp_tcp, "qmp_tcp")
         if self.guest.image is not None:
@@ -116,7 +130,7 @@ class NodeConfig:
                 raise ConfigError(f"disk image {self.guest.disk} does not exist")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -132,7 +146,8 @@ def split_host_port(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-_NODE_KEYS = {"name", "qmp", "qmp_tcp", "http", "http_token", "log_format", "incoming", "state_dir"}
+_NODE_KEYS = {"name", "qmp", "qmp_tcp", "http", "http_token_file", "http_allowed_hosts", "http_allow_local_uris",
+              "log_format", "incoming", "state_dir"}
 _GUEST_KEYS = {"image", "memory", "append", "nic", "disk", "start_paused", "uuid"}
 
 
@@ -151,6 +166,10 @@ def load_config(path: str | None) -> NodeConfig:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: node, guest, peers")
     for section, keys, target in (("node", _NODE_KEYS, config), ("guest", _GUEST_KEYS, config.guest)):
         values = data.get(section, {})
+        if section == "node" and "http_token" in values:
+            raise ConfigError(f"{path}: http_token is no longer read from the config file: put the token in a "
+                              "file only its owner can read and set http_token_file to its path (or remove the "
+                              "key: the node then generates one in its state directory)")
         bad = set(values) - keys
         if bad:
             raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; valid: {sorted(keys)}")

@@ -14,13 +14,11 @@ import signal
 import sys
 import time
 
-from aiohttp import web
-
 from .config import NodeConfig, split_host_port
 from .control import Node, QMPServer
 from .control.jsonstream import MAX_NESTING
 from .control.node import PACKAGE, QEMU_VERSION
-from .http_api import make_app
+from .http_api import HTTPAPI
 
 log = logging.getLogger("appliance")
 
@@ -77,8 +75,9 @@ def create_vm(config: NodeConfig, log_dir: str | None):
     return vm
 
 
-async def serve(config: NodeConfig, vm=None) -> int:
-    """Serve until quit; ``vm`` (from create_vm) is started here and closed on the way out."""
+async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> int:
+    """Serve until quit; ``vm`` (from create_vm) is started here and closed on the way out;
+    ``http_token`` (from http_api.load_token) is needed when config.http is set."""
     config.validate()
     _raise_fd_limit()
     # QMP accepts JSON nested MAX_NESTING deep, as QEMU does; parsing and echoing it back
@@ -87,7 +86,7 @@ async def serve(config: NodeConfig, vm=None) -> int:
     loop = asyncio.get_running_loop()
     node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
-    runner = None
+    http = None
     try:
         if config.qmp:
             server.listen_unix(config.qmp)
@@ -97,13 +96,8 @@ async def serve(config: NodeConfig, vm=None) -> int:
             port = server.listen_tcp(host, port)
             log.info("QMP listening on tcp:%s:%d", host, port)
         if config.http:
-            host, port = split_host_port(config.http, "http")
-            runner = web.AppRunner(make_app(node, config.http_token), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            bound = site._server.sockets[0].getsockname()
-            log.info("HTTP API listening on http://%s:%d", bound[0], bound[1])
+            http = await HTTPAPI.start(node, config, http_token)
+            log.info("HTTP API listening on http://%s", http.address)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_quit, "host-signal")
         if config.incoming and config.incoming != "defer":
@@ -118,5 +112,5 @@ async def serve(config: NodeConfig, vm=None) -> int:
     finally:
         await node.close()
         server.close()
-        if runner is not None:
-            await runner.cleanup()
+        if http is not None:
+            await http.close()

@@ -29,6 +29,12 @@ class Daemon:
     qmp: str
     http: str
     log_path: str
+    token: str | None = None     # the HTTP API's bearer token, from the state directory's http-token
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that authenticate to the node's HTTP API."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def log(self) -> str:
         with open(self.log_path) as f:
@@ -39,8 +45,9 @@ class Daemon:
 
 
 def start_daemon(tmp_path, *extra: str, name: str = "test-node", wait: bool = True,
-                 namespace: str | None = None) -> Daemon:
-    """A node daemon; in ``namespace`` if given (``ip netns exec`` execs it, so the PID is the daemon's)."""
+                 namespace: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+    """A node daemon; in ``namespace`` if given (``ip netns exec`` execs it, so the PID is the daemon's),
+    with ``env`` added to its environment."""
     qmp = str(tmp_path / f"{name}.qmp")
     http = f"127.0.0.1:{free_port()}"
     log_path = str(tmp_path / f"{name}.log")
@@ -49,7 +56,7 @@ def start_daemon(tmp_path, *extra: str, name: str = "test-node", wait: bool = Tr
     if namespace:
         argv = ["ip", "netns", "exec", namespace, *argv]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
     daemon = Daemon(proc, qmp, http, log_path)
     if wait:
         deadline = time.monotonic() + 20
@@ -58,6 +65,9 @@ def start_daemon(tmp_path, *extra: str, name: str = "test-node", wait: bool = Tr
                 stop_daemon(daemon)
                 raise RuntimeError(f"daemon did not start:\n{daemon.log()}")
             time.sleep(0.05)
+        token_file = tmp_path / "http-token"
+        if token_file.exists():
+            daemon.token = token_file.read_text().strip()
     return daemon
 
 

@@ -52,7 +52,7 @@ async def migrate_and_check(src, dst, uri):
         await wait_status(b, "completed")
         assert (await b.execute("query-status"))["status"] == "running"
         assert (await a.execute("query-status"))["status"] == "postmigrate"
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=src.auth) as http:
             async with http.get(f"http://{src.http}/metrics") as r:
                 text = await r.text()
         assert f'colo_appliance_migration_transferred_bytes{{node="src"}} {info["ram"]["transferred"]}' in text

@@ -45,7 +45,7 @@ async def test_guest_runs_and_is_controlled_over_qmp(memdirty_node, tmp_path):
     assert (await qmp.execute("query-status"))["status"] == "running"
     assert os.path.getsize(tmp_path / "guest-node-console.log") > 0
 
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=d.auth) as http:
         async with http.get(f"http://{d.http}/api/v1/status") as r:
             vm = (await r.json())["vm"]
         async with http.get(f"http://{d.http}/api/v1/console") as r:
@@ -113,7 +113,7 @@ async def test_guest_fault_is_reported_and_the_daemon_stays_up(tmp_path, guest_i
         with pytest.raises(ExecuteError) as info:
             await qmp.execute("cont")
         assert str(info.value) == "Resetting the Virtual Machine is required"
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=d.auth) as http:
             async with http.get(f"http://{d.http}/api/v1/status") as r:
                 vm = (await r.json())["vm"]
         assert vm["status"] == "guest-panicked" and vm["stop_reason"]
