@@ -117,17 +117,14 @@ def read_message(channel, first_byte: int | None = None) -> tuple[ColoMessage, i
     """The next COLO record (its type byte already read when ``first_byte`` is given)."""
     kind = channel.read_exact(1)[0] if first_byte is None else first_byte
     if kind == stream.ABORT:
-        reason = channel.read_exact(stream.U16.unpack(channel.read_exact(2))[0]).decode(errors="replace")
-        raise PeerExited(reason)
+        raise PeerExited(stream.read_abort(channel))
     if kind != stream.COLO:
         raise ColoProtocolError(f"expected a COLO message, got record type {kind}")
-    value = stream.BE_U32.unpack(channel.read_exact(4))[0]
+    value, size = stream.read_colo(channel, lambda v: v == ColoMessage.VMSTATE_SIZE)
     try:
-        message = ColoMessage(value)
+        return ColoMessage(value), size
     except ValueError:
         raise ColoProtocolError(f"unknown COLO message {value}") from None
-    size = stream.BE_U64.unpack(channel.read_exact(8))[0] if message is ColoMessage.VMSTATE_SIZE else None
-    return message, size
 
 
 def expect(channel, wanted: ColoMessage, first_byte: int | None = None) -> int | None:
@@ -142,23 +139,4 @@ def read_hello(channel) -> int:
     kind = channel.read_exact(1)[0]
     if kind != stream.COLO_HELLO:
         raise ColoProtocolError(f"expected COLO_HELLO, got record type {kind}")
-    return stream.U16.unpack(channel.read_exact(2))[0]
-
-
-class BufferReader:
-    """read_exact over bytes: a checkpoint's vmstate, parsed after it arrived whole."""
-
-    def __init__(self, data: bytes):
-        self.data = memoryview(data)
-        self.pos = 0
-
-    def read_exact(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise ColoProtocolError("the checkpoint's vmstate ends early")
-        chunk = bytes(self.data[self.pos:self.pos + n])
-        self.pos += n
-        return chunk
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.pos
+    return stream.read_colo_hello(channel)

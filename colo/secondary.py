@@ -59,7 +59,7 @@ class ColoSecondary(ColoSession):
                 if kind in PAGE_RECORDS:
                     self.dest.apply_record(self.channel, kind)       # live round: into the cache
                 elif kind == stream.PASS_END:
-                    self.channel.read_exact(4)
+                    stream.read_pass_end(self.channel)
                     self.dest.digest.refresh()                # off the pause
                 else:
                     self.steps.checkpoint += 1
@@ -86,17 +86,17 @@ class ColoSecondary(ColoSession):
             if kind in PAGE_RECORDS:
                 self.dest.apply_record(channel, kind)
             elif kind == stream.PASS_END:
-                if stream.U32.unpack(channel.read_exact(4))[0] == stream.FINAL_PASS:
+                if stream.read_pass_end(channel) == stream.FINAL_PASS:
                     break
             else:
                 raise protocol.ColoProtocolError(f"record type {kind} inside a checkpoint's RAM")
         size = steps.expect(M.VMSTATE_SIZE)
         if size > protocol.MAX_VMSTATE_SIZE:
             raise protocol.ColoProtocolError(f"a checkpoint's vmstate of {size} bytes")
-        vmstate = protocol.BufferReader(channel.read_exact(size))
+        vmstate = stream.BytesReader(channel.read_exact(size))
         sections = []
         while (kind := vmstate.read_exact(1)[0]) == stream.DEVICE:
-            sections.append(self.dest.read_device(vmstate))
+            sections.append(stream.read_device(vmstate))
         if kind != stream.END:
             raise protocol.ColoProtocolError(f"record type {kind} in a checkpoint's vmstate")
         self.dest.check_end(vmstate, sections)

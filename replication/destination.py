@@ -186,7 +186,7 @@ class MigrationDestination(MigrationRun):
             while True:
                 kind = channel.read_exact(1)[0]
                 if kind == stream.PASS_END:
-                    number = stream.U32.unpack(channel.read_exact(4))[0]
+                    number = stream.read_pass_end(channel)
                     # Nobody starts the next pass before everyone has finished this one.
                     self._barrier.wait(timeout=600)
                     if number == stream.FINAL_PASS:
@@ -212,10 +212,10 @@ class MigrationDestination(MigrationRun):
                     raise stream.StreamError("an XBZRLE record in a stream that did not announce XBZRLE")
                 self.apply_record(main, kind)
             elif kind == stream.PASS_END:
-                main.read_exact(4)
+                stream.read_pass_end(main)
                 self.digest.refresh()          # while the source still runs: off the downtime
             elif kind == stream.DEVICE:
-                sections.append(self.read_device(main))
+                sections.append(stream.read_device(main))
             elif kind == stream.END:
                 for worker in workers:
                     worker.join(MULTIFD_ACCEPT_TIMEOUT)
@@ -226,27 +226,16 @@ class MigrationDestination(MigrationRun):
                 self.check_end(main, sections)
                 return sections
             elif kind == stream.ABORT:
-                message = main.read_exact(stream.U16.unpack(main.read_exact(2))[0]).decode(errors="replace")
+                message = stream.read_abort(main)
                 raise stream.StreamError(f"the source aborted the migration: {message}")
             else:
                 raise stream.StreamError(f"unknown record type {kind}")
 
-    @staticmethod
-    def read_device(channel) -> tuple[str, int, bytes]:
-        """A DEVICE record's body from ``channel`` (anything with read_exact)."""
-        name = channel.read_exact(stream.U16.unpack(channel.read_exact(2))[0]).decode(errors="replace")
-        version, length = stream.DEVICE_TAIL.unpack(channel.read_exact(stream.DEVICE_TAIL.size))
-        if length > stream.MAX_DEVICE_PAYLOAD:
-            raise stream.StreamError(f"device section {name} claims {length} bytes")
-        return name, version, channel.read_exact(length)
-
     def check_end(self, channel, sections: list) -> None:
         """An END record's body: both digests must equal ours (the whole-RAM one is kept in
         ``full_digest``, to be checked against the guest's RAM once it is loaded)."""
-        ram_digest = channel.read_exact(stream.DIGEST_SIZE)
-        devices_digest = channel.read_exact(stream.DIGEST_SIZE)
-        verify = self.header.flags & stream.FLAG_VERIFY_RAM
-        self.full_digest = channel.read_exact(stream.DIGEST_SIZE) if verify else None
+        ram_digest, devices_digest, self.full_digest = stream.read_end(
+            channel, bool(self.header.flags & stream.FLAG_VERIFY_RAM))
         if self.digest.digest() != ram_digest:
             raise stream.StreamError("RAM digest mismatch: the guest's memory did not arrive intact")
         if stream.devices_digest(sections) != devices_digest:
@@ -277,7 +266,7 @@ class MigrationDestination(MigrationRun):
         """A page record's body (its type byte read): into RAM, or the buffer given to ``retarget``."""
         size = self._page_size
         if kind == stream.ZERO_RUN:
-            first, count = stream.ZERO_RUN_BODY.unpack(channel.read_exact(stream.ZERO_RUN_BODY.size))
+            first, count = stream.read_zero_run(channel)
             self._check_pages(first, count)
             # Fresh RAM is zero: only pages written before need clearing (punched back to holes).
             written = self._written
@@ -293,11 +282,8 @@ class MigrationDestination(MigrationRun):
                 pos = written.find(1, end, first + count)
             return
         if kind == stream.XBZRLE:
-            page, length = stream.XBZRLE_HEAD.unpack(channel.read_exact(stream.XBZRLE_HEAD.size))
+            page, delta = stream.read_xbzrle(channel, size)
             self._check_pages(page, 1)
-            if length > size:
-                raise stream.StreamError(f"XBZRLE record of {length} bytes for a {size}-byte page")
-            delta = channel.read_exact(length)
             old = bytes(self.ram[page * size:(page + 1) * size])
             try:
                 self.ram[page * size:(page + 1) * size] = native.xbzrle_decode(delta, old)
@@ -306,10 +292,8 @@ class MigrationDestination(MigrationRun):
             self._mark(page, 1)
             return
         codec = channel.read_exact(1)[0] if kind == stream.COMPRESSED else 0
-        count = stream.U32.unpack(channel.read_exact(4))[0]
-        if not 1 <= count <= stream.MAX_BATCH_PAGES:
-            raise stream.StreamError(f"a record of {count} pages")
-        pages = [p for (p,) in stream.U64.iter_unpack(channel.read_exact(8 * count))]
+        pages = stream.read_page_index(channel)
+        count = len(pages)
         for p in pages:
             self._check_pages(p, 1)
         contiguous = pages == list(range(pages[0], pages[0] + count))
@@ -322,9 +306,7 @@ class MigrationDestination(MigrationRun):
                 channel.read_into(data)
                 self._scatter(pages, data)
         else:
-            length = stream.U32.unpack(channel.read_exact(4))[0]
-            if length > 2 * count * size + 1024:
-                raise stream.StreamError(f"a compressed record of {length} bytes for {count} pages")
+            length = stream.read_compressed_length(channel, count, size)
             data = self._decompress(codec, channel.read_exact(length), count * size)
             self._scatter(pages, data)
         for p in pages:

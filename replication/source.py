@@ -248,14 +248,13 @@ class MigrationSource(MigrationRun):
     def _read_reply(self, seconds: float) -> tuple[bool, str] | None:
         """The destination's one answer (ok?, message), or None when it does not come in time."""
         main = self._channels[0]
-        head = main.read_with_timeout(stream.REPLY_HEAD.size, seconds)
-        if head is None:
+        if main.sock is None:
             return None
-        status, length = stream.REPLY_HEAD.unpack(head)
-        message = main.read_with_timeout(length, seconds)
-        if message is None:
+        try:
+            main.sock.settimeout(seconds)
+            return stream.read_reply(main)
+        except (TransportError, OSError):
             return None
-        return status == 0, message.decode(errors="replace")
 
     @staticmethod
     def _describe(e: Exception) -> str:
@@ -445,7 +444,7 @@ class MigrationSource(MigrationRun):
         self._pass_pages += count
         record = stream.pack_zero_run(first, count)
         if self._multifd:
-            self._to_multifd(record, None)
+            self._to_multifd(record)
         else:
             self._channels[0].send(record)
             self._account(len(record))
@@ -462,7 +461,7 @@ class MigrationSource(MigrationRun):
                     whole.append(page)
                     contents.append(data)
                 elif delta:
-                    record = bytes([stream.XBZRLE]) + stream.XBZRLE_HEAD.pack(page, len(delta)) + delta
+                    record = stream.pack_xbzrle(page, delta)
                     self._channels[0].send(record)
                     self._account(len(record))
                     self._pass_pages += 1
@@ -475,33 +474,34 @@ class MigrationSource(MigrationRun):
         self.normal += len(pages)
         self.normal_bytes += len(pages) * PAGE_SIZE
         self._pass_pages += len(pages)
-        index = stream.U32.pack(len(pages)) + b"".join(stream.U64.pack(p) for p in pages)
         if self._multifd:
-            self._to_multifd(index, data)
+            self._to_multifd(pages, data)
         elif self._compressor is not None:
-            self._compress(index, data)
+            self._compress(pages, data)
         else:
-            self._channels[0].send(bytes([stream.PAGES]) + index)
+            head = stream.pack_page_index(stream.PAGES, pages)
+            self._channels[0].send(head)
             self._channels[0].send(data)
-            self._account(1 + len(index) + len(data))
+            self._account(len(head) + len(data))
 
     # -- compress: a pool of zlib threads, results written in order ------------------------
 
-    def _compress(self, index: bytes, data) -> None:
+    def _compress(self, pages: list[int], data) -> None:
         threads = self.params["compress-threads"]
         if self._pending.qsize() >= threads:
             self.compress_busy += 1
             self._write_compressed(self._pending.get())
         level = self.params["compress-level"]
         self.compress_submitted += 1
-        self._pending.put((index, len(data), self._compressor.submit(zlib.compress, bytes(data), level)))
+        self._pending.put((pages, self._compressor.submit(zlib.compress, bytes(data), level)))
 
     def _write_compressed(self, item) -> None:
-        index, raw_size, future = item
+        pages, future = item
         packed = future.result()
-        self.compress_pages += raw_size // PAGE_SIZE
+        self.compress_pages += len(pages)
         self.compressed_size += len(packed)
-        record = bytes([stream.COMPRESSED, stream.CODEC_ZLIB]) + index + stream.U32.pack(len(packed))
+        record = (stream.pack_page_index(stream.COMPRESSED, pages, stream.CODEC_ZLIB)
+                  + stream.pack_compressed_length(len(packed)))
         self._channels[0].send(record)
         self._channels[0].send(packed)
         self._account(len(record) + len(packed))
@@ -531,22 +531,22 @@ class MigrationSource(MigrationRun):
                     continue
                 if item is None:
                     return
-                head, data = item
-                if data is None:
-                    channel.send(head)
+                pages, data = item
+                if data is None:          # a whole record (zero run, pass end)
+                    channel.send(pages)
                     continue
                 if method == "none":
-                    channel.send(bytes([stream.PAGES]) + head)
-                    channel.send(data)
-                    sent = 1 + len(head) + len(data)
+                    head = stream.pack_page_index(stream.PAGES, pages)
                 else:
                     if zstd is not None:
-                        packed, codec = zstd.compress(data), stream.CODEC_ZSTD
+                        data, codec = zstd.compress(data), stream.CODEC_ZSTD
                     else:
-                        packed, codec = zlib.compress(data, self.params["multifd-zlib-level"]), stream.CODEC_ZLIB
-                    channel.send(bytes([stream.COMPRESSED, codec]) + head + stream.U32.pack(len(packed)))
-                    channel.send(packed)
-                    sent = 6 + len(head) + len(packed)
+                        data, codec = zlib.compress(data, self.params["multifd-zlib-level"]), stream.CODEC_ZLIB
+                    head = (stream.pack_page_index(stream.COMPRESSED, pages, codec)
+                            + stream.pack_compressed_length(len(data)))
+                channel.send(head)
+                channel.send(data)
+                sent = len(head) + len(data)
                 with self._lock:
                     self.multifd_bytes += sent
         except Exception as e:        # the producer sees it at its next check and fails the migration
@@ -562,13 +562,16 @@ class MigrationSource(MigrationRun):
             except queue.Full:
                 continue
 
-    def _to_multifd(self, head: bytes, data) -> None:
+    def _to_multifd(self, what, data=None) -> None:
+        """A whole record (bytes), or page numbers and their data, to the next channel."""
         q = self._multifd_queues[self._next_channel]
         self._next_channel = (self._next_channel + 1) % len(self._multifd_queues)
         if data is not None:
             data = bytes(data)     # the queue outlives this pass: copy the page data now
-        self._put(q, (head, data))
-        self._account(len(head) + (len(data) if data is not None else 0))
+            self._account(5 + 8 * len(what) + len(data))
+        else:
+            self._account(len(what))
+        self._put(q, (what, data))
 
     def _end_pass(self, number: int) -> None:
         self._drain_compressed()

@@ -112,14 +112,108 @@ class Header:
         return cls(flags, str(uuidlib.UUID(bytes=raw_uuid)), page_size, ram_size, channels)
 
 
-def pack_reply(ok: bool, message: str = "") -> bytes:
+def devices_digest(sections: list[tuple[str, int, bytes]]) -> bytes:
+    """blake3 over the DEVICE records of ``sections``, exactly as they are sent."""
+    hasher = blake3.blake3()
+    for name, version, payload in sections:
+        hasher.update(pack_device(name, version, payload))
+    return hasher.digest()
+
+
+# -- records: each one's pack and read, side by side -----------------------------------------
+# A reader is anything with read_exact(n) -> bytes (a Channel, or BytesReader over a buffer).
+# Each read_* takes the record's body: its type byte is already read.
+
+class BytesReader:
+    """read_exact over a buffer: a record sequence that arrived whole (a COLO checkpoint's vmstate)."""
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def read_exact(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise StreamError(f"a record runs past the end of its {len(self.data)}-byte buffer")
+        chunk = bytes(self.data[self.pos:self.pos + n])
+        self.pos += n
+        return chunk
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+
+def _message(reader) -> str:
+    return reader.read_exact(U16.unpack(reader.read_exact(2))[0]).decode(errors="replace")
+
+
+def _utf8(message: str) -> bytes:
     data = message.encode()[:65535]
-    return REPLY_HEAD.pack(0 if ok else 1, len(data)) + data
+    return U16.pack(len(data)) + data
+
+
+def pack_page_index(kind: int, pages, codec: int | None = None) -> bytes:
+    """A PAGES or COMPRESSED record up to its data: type, [codec,] count, the page numbers."""
+    head = bytes([kind]) if codec is None else bytes([kind, codec])
+    return head + U32.pack(len(pages)) + b"".join(U64.pack(p) for p in pages)
+
+
+def read_page_index(reader) -> list[int]:
+    count = U32.unpack(reader.read_exact(4))[0]
+    if not 1 <= count <= MAX_BATCH_PAGES:
+        raise StreamError(f"a record of {count} pages")
+    return [p for (p,) in U64.iter_unpack(reader.read_exact(8 * count))]
+
+
+def pack_compressed_length(length: int) -> bytes:
+    return U32.pack(length)
+
+
+def read_compressed_length(reader, pages: int, page_size: int) -> int:
+    length = U32.unpack(reader.read_exact(4))[0]
+    if length > 2 * pages * page_size + 1024:
+        raise StreamError(f"a compressed record of {length} bytes for {pages} pages")
+    return length
+
+
+def pack_zero_run(first: int, count: int) -> bytes:
+    return U8.pack(ZERO_RUN) + ZERO_RUN_BODY.pack(first, count)
+
+
+def read_zero_run(reader) -> tuple[int, int]:
+    return ZERO_RUN_BODY.unpack(reader.read_exact(ZERO_RUN_BODY.size))
+
+
+def pack_xbzrle(page: int, delta: bytes) -> bytes:
+    return U8.pack(XBZRLE) + XBZRLE_HEAD.pack(page, len(delta)) + delta
+
+
+def read_xbzrle(reader, page_size: int) -> tuple[int, bytes]:
+    page, length = XBZRLE_HEAD.unpack(reader.read_exact(XBZRLE_HEAD.size))
+    if length > page_size:
+        raise StreamError(f"XBZRLE record of {length} bytes for a {page_size}-byte page")
+    return page, reader.read_exact(length)
+
+
+def pack_pass_end(number: int) -> bytes:
+    return U8.pack(PASS_END) + U32.pack(number)
+
+
+def read_pass_end(reader) -> int:
+    return U32.unpack(reader.read_exact(4))[0]
 
 
 def pack_device(name: str, version: int, payload: bytes) -> bytes:
     raw = name.encode()
     return U8.pack(DEVICE) + U16.pack(len(raw)) + raw + DEVICE_TAIL.pack(version, len(payload)) + payload
+
+
+def read_device(reader) -> tuple[str, int, bytes]:
+    name = _message(reader)
+    version, length = DEVICE_TAIL.unpack(reader.read_exact(DEVICE_TAIL.size))
+    if length > MAX_DEVICE_PAYLOAD:
+        raise StreamError(f"device section {name} claims {length} bytes")
+    return name, version, reader.read_exact(length)
 
 
 def devices_digest(sections: list[tuple[str, int, bytes]]) -> bytes:
@@ -130,9 +224,23 @@ def devices_digest(sections: list[tuple[str, int, bytes]]) -> bytes:
     return hasher.digest()
 
 
+def pack_end(ram_digest: bytes, sections_digest: bytes, full_ram_digest: bytes | None = None) -> bytes:
+    """END, followed by the whole-RAM digest when the stream verifies all RAM."""
+    return U8.pack(END) + ram_digest + sections_digest + (full_ram_digest or b"")
+
+
+def read_end(reader, verify_ram: bool) -> tuple[bytes, bytes, bytes | None]:
+    """(RAM digest, devices digest, whole-RAM digest or None)."""
+    ram_digest, sections_digest = reader.read_exact(DIGEST_SIZE), reader.read_exact(DIGEST_SIZE)
+    return ram_digest, sections_digest, reader.read_exact(DIGEST_SIZE) if verify_ram else None
+
+
 def pack_abort(message: str) -> bytes:
-    data = message.encode()[:65535]
-    return U8.pack(ABORT) + U16.pack(len(data)) + data
+    return U8.pack(ABORT) + _utf8(message)
+
+
+def read_abort(reader) -> str:
+    return _message(reader)
 
 
 def pack_colo(message: int, size: int | None = None) -> bytes:
@@ -141,18 +249,25 @@ def pack_colo(message: int, size: int | None = None) -> bytes:
     return record if size is None else record + BE_U64.pack(size)
 
 
+def read_colo(reader, with_size) -> tuple[int, int | None]:
+    """(COLOMessage value, vmstate size); ``with_size(value)`` says whether a size follows."""
+    value = BE_U32.unpack(reader.read_exact(4))[0]
+    return value, BE_U64.unpack(reader.read_exact(8))[0] if with_size(value) else None
+
+
 def pack_colo_hello(heartbeat_port: int) -> bytes:
     return U8.pack(COLO_HELLO) + U16.pack(heartbeat_port)
 
 
-def pack_zero_run(first: int, count: int) -> bytes:
-    return U8.pack(ZERO_RUN) + ZERO_RUN_BODY.pack(first, count)
+def read_colo_hello(reader) -> int:
+    return U16.unpack(reader.read_exact(2))[0]
 
 
-def pack_pass_end(number: int) -> bytes:
-    return U8.pack(PASS_END) + U32.pack(number)
+def pack_reply(ok: bool, message: str = "") -> bytes:
+    """The destination's one answer (not a record: no type byte)."""
+    return U8.pack(0 if ok else 1) + _utf8(message)
 
 
-def pack_end(ram_digest: bytes, sections_digest: bytes, full_ram_digest: bytes | None = None) -> bytes:
-    """END, followed by the whole-RAM digest when the stream verifies all RAM."""
-    return U8.pack(END) + ram_digest + sections_digest + (full_ram_digest or b"")
+def read_reply(reader) -> tuple[bool, str]:
+    status, length = REPLY_HEAD.unpack(reader.read_exact(REPLY_HEAD.size))
+    return status == 0, reader.read_exact(length).decode(errors="replace")

@@ -284,7 +284,7 @@ def test_malformed_streams_are_refused(vms, guest_images, tmp_path, spoil):
     elif spoil == "bad-record":
         data[header] = 0x7F
     elif spoil == "page-range":
-        data[header:header] = bytes([stream.ZERO_RUN]) + stream.ZERO_RUN_BODY.pack(1 << 40, 1)
+        data[header:header] = stream.pack_zero_run(1 << 40, 1)
     elif spoil == "flipped-device":
         pos = data.find(b"cpu.regs")
         data[pos + 8 + 8 + 16] ^= 0x01          # a register value inside the section
