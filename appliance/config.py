@@ -24,6 +24,13 @@ Example (every key optional; a node starts with no file at all)::
     start_paused = false
     uuid = "5f1c0b8e-2d7a-4c1e-9a53-0c6f1d2e3b4a"  # as QEMU's -uuid; the same on both nodes
 
+    [colo]
+    heartbeat_interval = 100                   # ms between heartbeat datagrams
+    heartbeat_timeout = 500                    # ms of silence before the peer counts as lost
+    heartbeat_port = 0                         # UDP port of this node's heartbeat (0: any, told to the peer)
+    failover = "auto"                          # auto: a lost peer fails over; manual: wait for x-colo-lost-heartbeat
+    verify_ram = false                         # compare a digest of ALL guest RAM at every switchover/checkpoint
+
     [peers]
     secondary = "10.0.0.3"
 """
@@ -35,6 +42,8 @@ import re
 import tomllib
 import uuid as uuidlib
 from dataclasses import dataclass, field
+
+from colo import ColoSettings
 
 # The node's state directory when none is configured, as the systemd unit sets it: ROOT/NAME.
 DEFAULT_STATE_ROOT = "/var/lib/colo-appliance"
@@ -100,6 +109,7 @@ class NodeConfig:
     incoming: str | None = None
     state_dir: str | None = None
     guest: GuestConfig = field(default_factory=GuestConfig)
+    colo: ColoSettings = field(default_factory=ColoSettings)
     peers: dict[str, str] = field(default_factory=dict)
 
     def state_path(self) -> str:
@@ -118,6 +128,10 @@ class NodeConfig:
                 raise ConfigError(f"http_allow_local_uris: expected true or false, got {self.http_allow_local_uris!r}")
         if self.qmp_tcp:
             split_host_port(self.qmp_tcp, "qmp_tcp")
+        try:
+            self.colo.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.guest.image is not None:
             self.guest.image_path()
             self.guest.nic_options()
@@ -149,6 +163,9 @@ def split_host_port(value: str, what: str) -> tuple[str, int]:
 _NODE_KEYS = {"name", "qmp", "qmp_tcp", "http", "http_token_file", "http_allowed_hosts", "http_allow_local_uris",
               "log_format", "incoming", "state_dir"}
 _GUEST_KEYS = {"image", "memory", "append", "nic", "disk", "start_paused", "uuid"}
+# [colo] key -> ColoSettings attribute
+_COLO_KEYS = {"heartbeat_interval": "heartbeat_interval_ms", "heartbeat_timeout": "heartbeat_timeout_ms",
+              "heartbeat_port": "heartbeat_port", "failover": "failover", "verify_ram": "verify_ram"}
 
 
 def load_config(path: str | None) -> NodeConfig:
@@ -161,9 +178,15 @@ def load_config(path: str | None) -> NodeConfig:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
-    unknown = set(data) - {"node", "guest", "peers"}
+    unknown = set(data) - {"node", "guest", "colo", "peers"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: node, guest, peers")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: node, guest, colo, peers")
+    colo = data.get("colo", {})
+    bad = set(colo) - set(_COLO_KEYS)
+    if bad:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [colo]; valid: {sorted(_COLO_KEYS)}")
+    for key, value in colo.items():
+        setattr(config.colo, _COLO_KEYS[key], value)
     for section, keys, target in (("node", _NODE_KEYS, config), ("guest", _GUEST_KEYS, config.guest)):
         values = data.get(section, {})
         if section == "node" and "http_token" in values:

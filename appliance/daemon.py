@@ -84,7 +84,8 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
     # takes more Python frames than the default limit allows.
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * MAX_NESTING))
     loop = asyncio.get_running_loop()
-    node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused)
+    node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused,
+                colo_settings=config.colo)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
     http = None
     try:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -476,3 +477,21 @@ async def test_kvstore_under_load_checkpoints_and_takes_over(topo, guest_images,
         assert result.stdout.split() == ["colo", "yes"], result
     finally:
         await pair.close()
+
+
+def test_colo_config_keys_and_their_checks(tmp_path):
+    from appliance.config import ConfigError, load_config
+    path = tmp_path / "node.toml"
+    path.write_text('[colo]\nheartbeat_interval = 50\nheartbeat_timeout = 300\nheartbeat_port = 7000\n'
+                    'failover = "manual"\nverify_ram = true\n')
+    config = load_config(str(path))
+    config.validate()
+    assert (config.colo.heartbeat_interval_ms, config.colo.heartbeat_timeout_ms, config.colo.heartbeat_port,
+            config.colo.failover, config.colo.verify_ram) == (50, 300, 7000, "manual", True)
+    for text, message in [('[colo]\nheartbeat = 1\n', "unknown key(s) ['heartbeat'] in [colo]"),
+                          ('[colo]\nfailover = "sometimes"\n', "colo failover must be 'auto' or 'manual'"),
+                          ('[colo]\nheartbeat_interval = 100\nheartbeat_timeout = 150\n',
+                           "timeout must be at least twice the interval")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(str(path)).validate()
