@@ -79,6 +79,7 @@ def _metrics_text(node: Node) -> str:
            "Dirty-log syncs (passes) of the current or last migration.", ram.get("dirty-sync-count", 0), labels)
     metric("colo_appliance_migration_downtime_milliseconds", "gauge",
            "Measured downtime of the last completed migration.", info.get("downtime", 0), labels)
+    lines.extend(_colo_metrics(node))
     metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", mem.rss)
     metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", mem.vms)
     metric("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",
@@ -89,15 +90,56 @@ def _metrics_text(node: Node) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _colo_metrics(node: Node) -> list[str]:
+    """COLO's figures: checkpoints by reason, the PVM's pauses as a summary, bytes, failovers,
+    heartbeat age (NaN outside COLO, as Prometheus spells 'no value')."""
+    colo = node.colo.status()
+    n = f'node="{node.name}"'
+    pause = colo["pause-ms"]
+    age = colo["heartbeat-age-ms"]
+    lines = ["# HELP colo_appliance_colo_info COLO mode and failover status of this node.",
+             "# TYPE colo_appliance_colo_info gauge",
+             f'colo_appliance_colo_info{{{n},mode="{colo["mode"]}",last_mode="{colo["last-mode"]}",'
+             f'failover_status="{colo["failover-status"]}"}} 1',
+             "# HELP colo_appliance_colo_checkpoints_total COLO checkpoints taken, by what triggered them.",
+             "# TYPE colo_appliance_colo_checkpoints_total counter"]
+    lines += [f'colo_appliance_colo_checkpoints_total{{{n},reason="{reason}"}} {count}'
+              for reason, count in colo["checkpoints"].items()]
+    lines += ["# HELP colo_appliance_colo_checkpoint_pause_seconds The primary guest's pause per checkpoint "
+              "(quantiles over the last 1024).",
+              "# TYPE colo_appliance_colo_checkpoint_pause_seconds summary",
+              f'colo_appliance_colo_checkpoint_pause_seconds{{{n},quantile="0.5"}} {pause["p50"] / 1000}',
+              f'colo_appliance_colo_checkpoint_pause_seconds{{{n},quantile="0.99"}} {pause["p99"] / 1000}',
+              f'colo_appliance_colo_checkpoint_pause_seconds_sum{{{n}}} {pause["sum"] / 1000}',
+              f'colo_appliance_colo_checkpoint_pause_seconds_count{{{n}}} {pause["count"]}',
+              "# HELP colo_appliance_colo_checkpoint_bytes_total Bytes sent for COLO checkpoints.",
+              "# TYPE colo_appliance_colo_checkpoint_bytes_total counter",
+              f'colo_appliance_colo_checkpoint_bytes_total{{{n}}} {colo["bytes-total"]}',
+              "# HELP colo_appliance_colo_failed_checkpoints_total COLO checkpoints that failed or were refused.",
+              "# TYPE colo_appliance_colo_failed_checkpoints_total counter",
+              f'colo_appliance_colo_failed_checkpoints_total{{{n}}} {colo["failed-checkpoints"]}',
+              "# HELP colo_appliance_colo_failovers_total Failovers this node completed as a secondary.",
+              "# TYPE colo_appliance_colo_failovers_total counter",
+              f'colo_appliance_colo_failovers_total{{{n}}} {colo["failovers"]}',
+              "# HELP colo_appliance_colo_heartbeat_age_seconds Time since the COLO peer was last heard.",
+              "# TYPE colo_appliance_colo_heartbeat_age_seconds gauge",
+              f'colo_appliance_colo_heartbeat_age_seconds{{{n}}} {age / 1000 if age is not None else "NaN"}']
+    return lines
+
+
 DASHBOARD = """<!doctype html>
 <html><head><meta charset="utf-8"><title>colo-appliance: {name}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:60em}} th{{text-align:left;padding-right:2em}}
 td,th{{padding:.2em .5em}} .bar{{background:#ddd;width:30em;height:1em}} .fill{{background:#3a7;height:1em}}</style>
 </head><body><h1>colo-appliance node <code>{name}</code></h1>
 <table id="status"></table><div class="bar"><div class="fill" id="fill" style="width:0"></div></div>
+<h2>COLO</h2><table id="colo"></table>
+<svg id="pauses" width="600" height="80" style="background:#f4f4f4"><polyline id="line" fill="none"
+ stroke="#3a7" stroke-width="1.5" points=""/></svg><div id="scale"></div>
 <p id="error" style="color:#a00"></p>
 <script>
 const token = new URLSearchParams(location.hash.slice(1)).get("token");   // open as /#token=...
+let pauses = [], lastCount = -1;
 async function refresh() {{
   try {{
     const r = await fetch("/api/v1/status", {{headers: {{Authorization: "Bearer " + token}}}});
@@ -111,6 +153,26 @@ async function refresh() {{
       ["error", m["error-desc"] || ""], ["COLO", s.colo.mode]];
     document.getElementById("status").innerHTML = rows.map(([k, v]) =>
       "<tr><th>" + k + "</th><td>" + String(v).replace(/[<&]/g, c => c == "<" ? "&lt;" : "&amp;") + "</td></tr>").join("");
+    const c = s.colo, p = c["pause-ms"];
+    const coloRows = [["mode", c.mode + (c["last-mode"] != "none" ? " (last: " + c["last-mode"] + ")" : "")],
+      ["failover", c["failover-status"] + " (" + c["failover-mode"] + ")" + (c["waiting-for-operator"] ?
+        ": waiting for x-colo-lost-heartbeat" : "")], ["peer", c.peer || "-"],
+      ["heartbeat age", c["heartbeat-age-ms"] !== null ? c["heartbeat-age-ms"] + " ms" : "-"],
+      ["checkpoints", c["checkpoints-total"] + " (periodic " + c.checkpoints.periodic + ", request " +
+        c.checkpoints.request + ", mismatch " + c.checkpoints.mismatch + "), loaded " + c["checkpoints-loaded"] +
+        ", failed " + c["failed-checkpoints"]],
+      ["pause", "last " + p.last + " ms, p50 " + p.p50 + " ms, p99 " + p.p99 + " ms"],
+      ["sent", (c["bytes-total"] / 1048576).toFixed(1) + " MiB"], ["failovers", c.failovers]];
+    document.getElementById("colo").innerHTML = coloRows.map(([k, v]) =>
+      "<tr><th>" + k + "</th><td>" + String(v).replace(/[<&]/g, ch => ch == "<" ? "&lt;" : "&amp;") +
+      "</td></tr>").join("");
+    if (c.mode != "none" && p.count != lastCount) {{ pauses.push(p.last); lastCount = p.count; }}
+    pauses = pauses.slice(-120);
+    const top = Math.max(1, ...pauses);
+    document.getElementById("line").setAttribute("points",
+      pauses.map((v, i) => (i * 5) + "," + (78 - 76 * v / top)).join(" "));
+    document.getElementById("scale").textContent = pauses.length ?
+      "last checkpoint pauses, one point a second, top " + top.toFixed(2) + " ms" : "";
     const seen = ram.total ? (ram.normal + ram.duplicate) * ram["page-size"] / ram.total : 0;
     document.getElementById("fill").style.width = Math.min(100, seen * 100) + "%";
     document.getElementById("error").textContent = "";

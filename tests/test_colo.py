@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 from qemu.qmp import ExecuteError, QMPClient
 
@@ -495,3 +496,43 @@ def test_colo_config_keys_and_their_checks(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(str(path)).validate()
+
+
+async def test_colo_metrics_match_what_the_test_measures(topo, guest_images, tmp_path):
+    """memdirty at 40 MiB/s over a 16 MiB working set dirties 4 MiB of distinct pages per 100 ms
+    checkpoint: the byte and checkpoint counters must agree with that and with the wall clock."""
+    pair, a, b = await started_pair(topo, tmp_path, delay=100, checkpoints=2)
+    try:
+        def families(text):
+            return {f.name: f for f in text_string_to_metric_families(text)}
+
+        def value(fams, name, **labels):
+            family_name = name.removesuffix("_total").removesuffix("_sum").removesuffix("_count")
+            return next(s.value for s in fams[family_name].samples
+                        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+        first = families((await http_get(pair.daemons["a"], "/metrics")).decode())
+        started = time.monotonic()
+        await asyncio.sleep(3)
+        second = families((await http_get(pair.daemons["a"], "/metrics")).decode())
+        elapsed = time.monotonic() - started
+        checkpoints = value(second, "colo_appliance_colo_checkpoints_total", reason="periodic") - \
+            value(first, "colo_appliance_colo_checkpoints_total", reason="periodic")
+        assert elapsed / 0.1 * 0.5 <= checkpoints <= elapsed / 0.1 * 1.05, (checkpoints, elapsed)
+        sent = value(second, "colo_appliance_colo_checkpoint_bytes_total") - \
+            value(first, "colo_appliance_colo_checkpoint_bytes_total")
+        assert 0.5 * 40 * 2**20 * elapsed <= sent <= 1.5 * 40 * 2**20 * elapsed, (sent, elapsed)
+        paused = value(second, "colo_appliance_colo_checkpoint_pause_seconds_sum") - \
+            value(first, "colo_appliance_colo_checkpoint_pause_seconds_sum")
+        count = value(second, "colo_appliance_colo_checkpoint_pause_seconds_count")
+        assert count == value(second, "colo_appliance_colo_checkpoints_total", reason="periodic")
+        assert 0 < paused < elapsed
+        p50 = value(second, "colo_appliance_colo_checkpoint_pause_seconds", quantile="0.5")
+        assert 0 < p50 <= value(second, "colo_appliance_colo_checkpoint_pause_seconds", quantile="0.99")
+        assert 0 <= value(second, "colo_appliance_colo_heartbeat_age_seconds") < 0.5
+        assert value(second, "colo_appliance_colo_info", mode="primary", failover_status="none") == 1
+        secondary = families((await http_get(pair.daemons["b"], "/metrics")).decode())
+        assert value(secondary, "colo_appliance_colo_info", mode="secondary") == 1
+        assert value(secondary, "colo_appliance_colo_failovers_total") == 0
+    finally:
+        await pair.close()
