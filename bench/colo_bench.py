@@ -111,11 +111,13 @@ async def colo_pair(topo, workdir, guest: list[str], delay_ms: int):
 
 
 async def checkpoint_figures(topo, workdir, mib_per_checkpoint: int, delay_ms: int, seconds: float,
-                             rate: int | None = None) -> dict:
+                             rate: int | None = None, verify_ram: bool = False) -> dict:
     """``rate`` (MiB/s) defaults to what dirties ``mib_per_checkpoint`` in ``delay_ms``."""
     rate = rate if rate is not None else mib_per_checkpoint * 1000 // delay_ms
     working_set = max(2 * mib_per_checkpoint, 16)
     guest = ["--guest", "memdirty", "-m", str(working_set + 64), "--append", f"mib={working_set} rate={rate}"]
+    if verify_ram:
+        guest.append("--verify-ram")
     a, b = await colo_pair(topo, workdir, guest, delay_ms)
     try:
         before = a.status()["colo"]
@@ -126,7 +128,8 @@ async def checkpoint_figures(topo, workdir, mib_per_checkpoint: int, delay_ms: i
         await a.close()
         await b.close()
     count = after["checkpoints-total"] - before["checkpoints-total"]
-    return {"mib": mib_per_checkpoint, "delay": delay_ms, "count": count, "loaded": loaded,
+    return {"mib": mib_per_checkpoint, "delay": delay_ms, "verify": verify_ram, "ram": working_set + 64,
+            "count": count, "loaded": loaded,
             "p50": after["pause-ms"]["p50"], "p99": after["pause-ms"]["p99"],
             "bytes": (after["bytes-total"] - before["bytes-total"]) / max(count, 1),
             "rate": count / seconds, "failed": after["failed-checkpoints"]}
@@ -202,6 +205,7 @@ def memcpy_gbps(size: int = 64 << 20) -> float:
 async def measure(topo, workdir: str) -> tuple[dict, list, dict, float]:
     baseline = {"rtt": round_trip_ms(topo), "memcpy": memcpy_gbps()}
     rows = [await checkpoint_figures(topo, workdir, mib, 1000, 15) for mib in (1, 10, 100)]
+    rows.append(await checkpoint_figures(topo, workdir, 10, 1000, 15, verify_ram=True))
     flat_out = await checkpoint_figures(topo, workdir, 1, 0, 10, rate=1)
     takeover = await failover_time(topo, workdir)
     return baseline, rows, flat_out, takeover
@@ -211,17 +215,19 @@ def markdown(baseline, rows, flat_out, takeover) -> str:
     out = [HEADING, "",
            f"`bench/colo_bench.py` on {machine()}, {time.strftime('%Y-%m-%d', time.gmtime())}: a primary and a",
            "secondary daemon in two network namespaces joined by veths and a bridge, `memdirty` dirtying its",
-           "working set at a set rate (MiB per checkpoint = rate x x-checkpoint-delay), `--verify-ram` off.",
+           "working set at a set rate (MiB per checkpoint = rate x x-checkpoint-delay). `--verify-ram` hashes",
+           "all guest RAM on both sides in every pause: its row shows that cost against the row above it.",
            "",
            f"Baselines measured in the same run: TCP round trip between the node namespaces "
            f"**{baseline['rtt']:.3f} ms** (a checkpoint has three), memcpy **{baseline['memcpy']:.2f} GB/s**.",
            "",
-           "| MiB dirtied per checkpoint | x-checkpoint-delay ms | checkpoints | pause p50 ms | pause p99 ms "
-           "| p99 / round trip | bytes per checkpoint | failed |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| MiB dirtied per checkpoint | guest RAM MiB | --verify-ram | x-checkpoint-delay ms | checkpoints "
+           "| pause p50 ms | pause p99 ms | p99 / round trip | bytes per checkpoint | failed |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['mib']} | {r['delay']} | {r['count']} | {r['p50']:.2f} | {r['p99']:.2f} | "
-                   f"{r['p99'] / baseline['rtt']:.0f} | {r['bytes'] / 2**20:.2f} MiB | {r['failed']} |")
+        out.append(f"| {r['mib']} | {r['ram']} | {'on' if r['verify'] else 'off'} | {r['delay']} | {r['count']} | "
+                   f"{r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / baseline['rtt']:.0f} | "
+                   f"{r['bytes'] / 2**20:.2f} MiB | {r['failed']} |")
     out += ["",
             f"Sustained at x-checkpoint-delay 0 (1 MiB/s dirtied): **{flat_out['rate']:.0f} checkpoints/s**, "
             f"pause p50 {flat_out['p50']:.2f} ms, p99 {flat_out['p99']:.2f} ms.",

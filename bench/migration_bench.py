@@ -72,7 +72,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def migrate(memory_mib: int, cmdline: str, caps: dict, params: dict) -> dict:
+def migrate(memory_mib: int, cmdline: str, caps: dict, params: dict, verify_ram: bool = False) -> dict:
     src = VirtualMachine(VMConfig(image=IMAGE, cmdline=cmdline, memory_mib=memory_mib))
     dst = VirtualMachine(VMConfig(image=IMAGE, cmdline=cmdline, memory_mib=memory_mib, start_paused=True))
     dst.uuid = src.uuid                 # the same guest on both sides, so validate-uuid holds
@@ -83,9 +83,10 @@ def migrate(memory_mib: int, cmdline: str, caps: dict, params: dict) -> dict:
         uri = f"tcp:127.0.0.1:{free_port()}"
         caps = {**CAPS, **caps}
         params = {**DEFAULT_PARAMETERS, **params}
-        destination = MigrationDestination(dst, Listener(uri), caps, True, lambda n, d: None)
+        destination = MigrationDestination(dst, Listener(uri), caps, True, lambda n, d: None,
+                                           verify_ram=verify_ram)
         destination.start()
-        source = MigrationSource(src, uri, caps, params, {}, lambda n, d: None)
+        source = MigrationSource(src, uri, caps, params, {}, lambda n, d: None, verify_ram=verify_ram)
         source.start()
         source.join(300)
         destination.join(60)
@@ -103,6 +104,7 @@ def measure() -> tuple[dict, list]:
     ceilings = {"sendall": sendall_ceiling(), "memcmp": memcmp_bandwidth()}
     workloads = [
         ("idle guest, 1 GiB", 1024, "mib=1 rate=1", {}, {"max-bandwidth": 0}),
+        ("idle guest, 1 GiB, --verify-ram", 1024, "mib=1 rate=1", {}, {"max-bandwidth": 0, "verify": True}),
         ("memdirty 256 MiB flat out, auto-converge", 384, "mib=256 rate=0", {"auto-converge": True},
          {"max-bandwidth": 0}),
         ("memdirty 256 MiB flat out, auto-converge, multifd x2", 384, "mib=256 rate=0",
@@ -110,7 +112,8 @@ def measure() -> tuple[dict, list]:
     ]
     rows = []
     for name, memory, cmdline, caps, params in workloads:
-        info = migrate(memory, cmdline, caps, params)
+        verify = params.pop("verify", False)
+        info = migrate(memory, cmdline, caps, params, verify_ram=verify)
         seconds = info["total-time"] / 1000
         rate = info["ram"]["transferred"] / seconds / 1e9 if seconds else 0.0
         covered = info["ram"]["total"] / seconds / 1e9 if seconds else 0.0
