@@ -115,6 +115,18 @@ async def next_event(listener, timeout=10):
     return event["event"], event.get("data", {}).get("status")
 
 
+async def events_within(listener, seconds):
+    """(name, status) of every event that arrives within ``seconds``."""
+    seen, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event = await asyncio.wait_for(listener.get(), left)
+        except asyncio.TimeoutError:
+            break
+        seen.append((event["event"], event.get("data", {}).get("status")))
+    return seen
+
+
 async def colo_exit(listener, timeout=10):
     while True:
         event = await asyncio.wait_for(listener.get(), timeout)
@@ -160,6 +172,9 @@ async def test_enter_colo_checkpoint_and_planned_exit(topo, guest_images, tmp_pa
             await a.execute("x-colo-lost-heartbeat")
             assert await colo_exit(a_events) == {"mode": "primary", "reason": "request"}
             assert await colo_exit(b_events) == {"mode": "secondary", "reason": "request"}
+            assert await events_within(a_events, 1.0) == [("MIGRATION", "completed")]
+            # The SVM stops (a STOP, unless it was already stopped mid-checkpoint), no takeover.
+            assert (await events_within(b_events, 1.0))[-1] == ("MIGRATION", "completed")
         assert await a.execute("query-colo-status") == {"mode": "none", "last-mode": "primary", "reason": "request"}
         assert await b.execute("query-colo-status") == {"mode": "none", "last-mode": "secondary",
                                                         "reason": "request"}
@@ -201,6 +216,7 @@ async def test_lost_heartbeat_on_the_secondary_takes_over(topo, guest_images, tm
         with b.listener() as b_events:
             await b.execute("x-colo-lost-heartbeat")
             assert await colo_exit(b_events) == {"mode": "secondary", "reason": "request"}
+            assert await events_within(b_events, 1.0) == [("MIGRATION", "completed")]
         assert await b.execute("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "request"}
         assert (await b.execute("query-migrate"))["status"] == "completed"
         status = (await http_status(pair.daemons["b"]))["colo"]
@@ -231,6 +247,7 @@ async def test_primary_lost_the_secondary_takes_over(topo, guest_images, tmp_pat
             primary.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
             assert await colo_exit(b_events) == {"mode": "secondary", "reason": "error"}
             took = time.monotonic() - lost_at
+            assert await events_within(b_events, 1.0) == [("MIGRATION", "completed")]
         # A killed primary closes the connection at once; a frozen one is found by the heartbeat (500 ms).
         assert took < (0.5 if how == "kill" else 1.0), took
         assert await b.execute("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "error"}
@@ -251,6 +268,7 @@ async def test_secondary_lost_the_primary_runs_on(topo, guest_images, tmp_path, 
         with a.listener() as a_events:
             secondary.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
             assert await colo_exit(a_events) == {"mode": "primary", "reason": "error"}
+            assert await events_within(a_events, 1.0) == [("MIGRATION", "completed")]
         assert await a.execute("query-colo-status") == {"mode": "none", "last-mode": "primary", "reason": "error"}
         assert (await a.execute("query-migrate"))["status"] == "completed"
         await assert_memdirty_runs_on(a)
@@ -534,5 +552,29 @@ async def test_colo_metrics_match_what_the_test_measures(topo, guest_images, tmp
         secondary = families((await http_get(pair.daemons["b"], "/metrics")).decode())
         assert value(secondary, "colo_appliance_colo_info", mode="secondary") == 1
         assert value(secondary, "colo_appliance_colo_failovers_total") == 0
+    finally:
+        await pair.close()
+
+
+async def test_xbzrle_sends_checkpoint_pages_as_deltas(topo, guest_images, tmp_path):
+    """memdirty changes one byte per page: with xbzrle a checkpoint carries deltas, not pages,
+    and the SVM's RAM still equals the PVM's at every checkpoint."""
+    pair = Pair(topo, tmp_path, MEMDIRTY)
+    try:
+        _, a = await pair.start("a")
+        _, b = await pair.start("b", incoming=True)
+        await wait_console(a, "pass ")
+        await a.execute("migrate-set-capabilities", {"capabilities": [{"capability": "xbzrle", "state": True}]})
+        await pair.enter_colo(delay=100)
+        start = (await http_status(pair.daemons["a"]))["colo"]
+        await pair.wait_checkpoints("a", start["checkpoints-total"] + 20)
+        end = (await http_status(pair.daemons["a"]))["colo"]
+        per_checkpoint = (end["bytes-total"] - start["bytes-total"]) / (end["checkpoints-total"] -
+                                                                       start["checkpoints-total"])
+        # 40 MiB/s for 100 ms is 4 MiB of pages per checkpoint; their deltas are a small fraction.
+        assert per_checkpoint < 1 << 20, per_checkpoint
+        cache = (await a.execute("query-migrate"))["xbzrle-cache"]
+        assert cache["pages"] > 20 * 1000 and cache["bytes"] < cache["pages"] * 64
+        await assert_digests_match(pair, 15)
     finally:
         await pair.close()
