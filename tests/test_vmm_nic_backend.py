@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 from pyroute2 import netns
 
-from appliance.announce import announce_self, rarp_frame
+from appliance.announce import announce_self, garp_frame, rarp_frame
 from appliance.netns import Topology
 from appliance.vmm import NicState, VirtualMachine, VMConfig
 from appliance.vmm.devices import Nic, QueueBackend
@@ -373,3 +373,24 @@ def test_attach_takes_effect_while_the_guest_is_blocked_in_poll(kvstore):
     assert take_matching(queue, lambda f: is_arp_reply(f, guest_ip, peer_ip), timeout=2), "no ARP reply"
     assert time.monotonic() - started < 0.2
     detached.close()
+
+
+def test_announce_adds_a_gratuitous_arp_once_the_guest_address_is_known():
+    """The NIC learns the guest's IPv4 address from its own frames; the announcement then
+    carries a gratuitous ARP (who-has IP tell IP, broadcast) after each RARP."""
+    params = {"announce-initial": 1, "announce-rounds": 1, "announce-step": 1, "announce-max": 1}
+    mac = bytes.fromhex("525400000042")
+    queue = QueueBackend(tx_limit=8)
+    nic = Nic(GUEST_MAC, queue)
+    ip = bytes([10, 77, 0, 2])
+    ipv4 = b"\xff" * 6 + mac + b"\x08\x00" + bytes([0x45, 0, 0, 20]) + bytes(8) + ip + bytes([10, 77, 0, 1])
+    assert nic.write_frame(ipv4)
+    assert nic.guest_ipv4 == ip
+    queue.take(0)
+    assert asyncio.run(announce_self(nic, params)) == 2
+    assert queue.take(0) == rarp_frame(mac)
+    garp = queue.take(0)
+    assert garp == garp_frame(mac, ip)
+    assert garp[:6] == b"\xff" * 6 and garp[12:14] == b"\x08\x06" and garp[20:22] == b"\x00\x01"
+    assert garp[28:32] == ip and garp[38:42] == ip           # sender and target: the guest itself
+    nic.close()

@@ -224,6 +224,16 @@ class QueueBackend:
             self._guest_sent.wait_for(lambda: self._from_guest or self._closed, timeout)
             return self._from_guest.popleft() if self._from_guest else None
 
+    def drop_undelivered(self) -> int:
+        """Drop the frames the guest has not read yet (a COLO checkpoint makes them stale);
+        returns how many."""
+        with self._lock:
+            count = len(self._to_guest)
+            if count:
+                self._to_guest.clear()
+                os.eventfd_read(self._to_guest_fd)
+            return count
+
     def wait_fds(self) -> list[int]:
         return [] if self._closed else [self._to_guest_fd]
 
@@ -274,6 +284,7 @@ class Nic:
         self._lock = threading.Lock()
         self._wait_ended = threading.Condition(self._lock)
         self._waiting_on = None  # the backend whose fds the vCPU thread waits on, if it does
+        self.guest_ipv4: bytes | None = None  # learnt from the guest's frames, for gratuitous ARP
 
     @property
     def backend(self) -> NicBackend:
@@ -344,11 +355,20 @@ class Nic:
 
     def write_frame(self, frame: bytes) -> bool:
         """A frame from the guest: through the hook, then out through the backend."""
+        self._learn_address(frame)
         if self.hook:
             frame = self.hook("tx", frame)
             if frame is None:
                 return True  # held or dropped by the hook: not an error for the guest
         return self.transmit(frame)
+
+    def _learn_address(self, frame: bytes) -> None:
+        """The guest's IPv4 address, as its own IPv4 packets and ARP frames give it."""
+        ethertype = frame[12:14]
+        if ethertype == b"\x08\x00" and len(frame) >= 30:
+            self.guest_ipv4 = frame[26:30]
+        elif ethertype == b"\x08\x06" and len(frame) >= 32:
+            self.guest_ipv4 = frame[28:32]
 
     def transmit(self, frame: bytes) -> bool:
         """Send a frame out through the attached backend, bypassing the hook (from any thread)."""
