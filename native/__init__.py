@@ -26,6 +26,7 @@ bitmap_runs = _impl.bitmap_runs
 gather_pages = _impl.gather_pages
 scatter_pages = _impl.scatter_pages
 copy_pages = _impl.copy_pages
+equal_prefix = _impl.equal_prefix
 
 __all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bitmap_pages",
-           "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "reference", "IMPLEMENTATION"]
+           "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "equal_prefix", "reference", "IMPLEMENTATION"]

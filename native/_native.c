@@ -734,6 +734,31 @@ static PyObject *copy_pages(PyObject *self, PyObject *args)
     return result;
 }
 
+/* equal_prefix(a, b) -> int: how many leading bytes a and b have in common (at most the
+ * shorter length); the COLO comparer's payload check, which also says where they differ.
+ * Payloads are at most a packet long, so the GIL is kept. */
+static PyObject *equal_prefix(PyObject *self, PyObject *args)
+{
+    Py_buffer a, b;
+    if (!PyArg_ParseTuple(args, "y*y*", &a, &b))
+        return NULL;
+    const uint8_t *p = a.buf, *q = b.buf;
+    Py_ssize_t n = a.len < b.len ? a.len : b.len, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x = load_le64(p + i) ^ load_le64(q + i);
+        if (x) {
+            i += first_nonzero_byte(x);
+            goto done;
+        }
+    }
+    while (i < n && p[i] == q[i])
+        i++;
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"zero_pages", (PyCFunction)(void (*)(void))zero_pages, METH_VARARGS | METH_KEYWORDS,
      "One byte per page (or per listed page): 1 when the page is all zero."},
@@ -754,6 +779,8 @@ static PyMethodDef methods[] = {
      "Copy consecutive pages of data into the listed pages of ram; bytes read."},
     {"copy_pages", copy_pages, METH_VARARGS,
      "Copy the listed pages of src to the same pages of dst; bytes copied."},
+    {"equal_prefix", equal_prefix, METH_VARARGS,
+     "How many leading bytes a and b have in common (at most the shorter length)."},
     {"memcmp_bandwidth_probe", memcmp_bandwidth_probe, METH_VARARGS,
      "Benchmark baseline: memcmp every page pair, return how many differ."},
     {NULL, NULL, 0, NULL},

@@ -188,3 +188,12 @@ def copy_pages(dst, src, page_numbers, page_size: int) -> int:
     for p in numbers:
         to[p * page_size:(p + 1) * page_size] = source[p * page_size:(p + 1) * page_size]
     return len(numbers) * page_size
+
+
+def equal_prefix(a, b) -> int:
+    """How many leading bytes ``a`` and ``b`` have in common (at most the shorter length):
+    the COLO comparer's payload check, which also says where they differ."""
+    a, b = memoryview(a).cast("B"), memoryview(b).cast("B")
+    n = min(len(a), len(b))
+    differing = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    return n - (differing.bit_length() + 7) // 8     # whole bytes after the first difference

@@ -396,3 +396,30 @@ def test_bitmap_runs(impl, bitmap):
     assert [p for first, count in pairs for p in range(first, first + count)] == bits
     assert all(a[0] + a[1] < b[0] for a, b in zip(pairs, pairs[1:]))      # maximal runs, ascending
     assert list(runs) == list(reference.bitmap_runs(bitmap))
+
+
+# ---- equal_prefix: the COLO comparer's payload check ---------------------------------
+
+@IMPLS
+def test_equal_prefix(impl):
+    data = os.urandom(100)
+    assert impl.equal_prefix(data, data) == 100
+    assert impl.equal_prefix(b"", b"") == 0 and impl.equal_prefix(b"", data) == 0
+    assert impl.equal_prefix(data[:37], data) == 37                  # at most the shorter length
+    for where in (0, 7, 8, 63, 99):                                  # inside and across 8-byte words
+        changed = bytearray(data)
+        changed[where] ^= 0x80
+        assert impl.equal_prefix(data, changed) == where
+        # Views from offset 5 (unaligned): a change before them is not seen.
+        assert impl.equal_prefix(memoryview(changed)[5:], memoryview(data)[5:]) == (where - 5 if where >= 5 else 95)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80), st.binary(max_size=80), st.integers(0, 3))
+def test_equal_prefix_properties(a, tail, shift):
+    b = a[:len(a) // 2] + tail                                       # a shared prefix, then anything
+    expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    assert native.equal_prefix(a, b) == reference.equal_prefix(a, b) == expected
+    # Unaligned views of the same bytes agree too.
+    assert native.equal_prefix(memoryview(a)[shift:], memoryview(b)[shift:]) \
+        == reference.equal_prefix(memoryview(a)[shift:], memoryview(b)[shift:])
