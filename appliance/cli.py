@@ -3,6 +3,7 @@
     colo-appliance serve [--config FILE] [--name NAME] [--qmp PATH] [--http HOST:PORT] ...
     colo-appliance qmp SOCKET [COMMAND [key=value ...]]   (no COMMAND: interactive, with history)
     colo-appliance migrate SOCKET URI [--cap CAP] [--set key=value]   (with a live progress bar)
+    colo-appliance drill PRIMARY SECONDARY --to URI --method kill|freeze|lost-heartbeat [--reprotect SOCKET ...]
     colo-appliance version
 """
 from __future__ import annotations
@@ -276,6 +277,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             vm.close()
 
 
+def cmd_drill(args: argparse.Namespace) -> int:
+    from .drill import DrillPlan, run_drill
+    return run_drill(DrillPlan(
+        primary=args.primary, secondary=args.secondary, to=args.to, method=args.method,
+        checkpoints=args.checkpoints, checkpoint_delay_ms=args.checkpoint_delay, reprotect=args.reprotect,
+        reprotect_to=args.reprotect_to, keep_frozen=args.keep_frozen, timeout=args.timeout))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colo-appliance", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -326,6 +335,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a migration parameter (repeatable), e.g. --set downtime-limit=100")
     migrate.add_argument("--interval", type=float, default=0.2, help="seconds between progress updates")
     migrate.set_defaults(func=cmd_migrate)
+
+    drill = sub.add_parser("drill", help="COLO failover drill on two running nodes, with a timed report")
+    drill.add_argument("primary", help="the primary's QMP socket path (or HOST:PORT: not with kill or freeze)")
+    drill.add_argument("secondary", help="the secondary's QMP socket path or HOST:PORT (its daemon started "
+                                         "with --incoming tcp:...)")
+    drill.add_argument("--to", required=True, metavar="tcp:HOST:PORT", help="the secondary's migration URI")
+    drill.add_argument("--method", required=True, choices=["kill", "freeze", "lost-heartbeat"],
+                       help="kill: SIGKILL the primary daemon; freeze: SIGSTOP it (killed at the end); "
+                            "lost-heartbeat: stop its guest, x-colo-lost-heartbeat on the secondary, quit it")
+    drill.add_argument("--checkpoints", type=int, default=10, metavar="N", help="checkpoints to wait for (default 10)")
+    drill.add_argument("--checkpoint-delay", dest="checkpoint_delay", type=int, default=200, metavar="MS",
+                       help="x-checkpoint-delay (default 200)")
+    drill.add_argument("--reprotect", metavar="SOCKET", help="a third node's QMP socket: protect the survivor onto it")
+    drill.add_argument("--reprotect-to", dest="reprotect_to", metavar="tcp:HOST:PORT",
+                       help="the third node's migration URI")
+    drill.add_argument("--keep-frozen", dest="keep_frozen", action="store_true",
+                       help="freeze: leave the frozen primary daemon stopped instead of killing it")
+    drill.add_argument("--timeout", type=float, default=60, metavar="SECONDS",
+                       help="longest wait of any step (default 60)")
+    drill.set_defaults(func=cmd_drill)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda a: print(f"colo-appliance {appliance.__version__}") or 0)

@@ -1,10 +1,13 @@
-"""``make demo``: kvstore on a node, loaded with redis-benchmark, live-migrated to another node.
+"""``make demo``: kvstore on a node, loaded with redis-benchmark, live-migrated to another node;
+then a COLO drill.
 
     1. network namespaces: a client and two nodes (appliance.netns)
     2. node A boots the kvstore guest; node B waits for an incoming migration
     3. redis-benchmark from the client namespace measures kvstore
     4. the same benchmark runs again while the guest migrates from A to B
     5. a report: ops/s before and during, the migration's figures, client errors (none)
+    6. a COLO drill on three fresh memdirty nodes (appliance.drill): A protected by B, A killed,
+       B takes over and is protected again onto C
 """
 from __future__ import annotations
 
@@ -19,24 +22,29 @@ import threading
 import time
 
 from .cli import SyncQMPClient, progress_line
+from .drill import DrillPlan, run_drill
 from .netns import Topology
 
 PORT = 4444
+MEMDIRTY = ["--guest", "memdirty", "-m", "64", "--append", "mib=16 rate=40"]
 
 
 def say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
+def kvstore_args(topo: Topology) -> list[str]:
+    return ["--guest", "kvstore", "-m", "64", "--append", f"ip={topo.guest_address}/24 gw={topo.client_address}",
+            "--nic", "tap=tap0,bridge=br0"]
+
+
 class Node:
-    def __init__(self, topo: Topology, name: str, workdir: str, *extra: str):
+    def __init__(self, topo: Topology, name: str, workdir: str, guest: list[str], *extra: str):
         self.name = name
         self.qmp_path = os.path.join(workdir, f"{name}.qmp")
         self.log = open(os.path.join(workdir, f"{name}.log"), "w")
         argv = [sys.executable, "-m", "appliance.cli", "serve", "--name", name, "--qmp", self.qmp_path,
-                "--no-http", "--state-dir", workdir, "--guest", "kvstore", "-m", "64",
-                "--append", f"ip={topo.guest_address}/24 gw={topo.client_address}",
-                "--nic", "tap=tap0,bridge=br0", *extra]
+                "--no-http", "--state-dir", workdir, *guest, *extra]
         self.proc = subprocess.Popen(topo.in_namespace(topo.nodes[name].namespace, argv),
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -84,21 +92,17 @@ def redis_benchmark(topo: Topology, requests: int) -> tuple[dict[str, float], st
     return rates, output
 
 
-def main() -> int:
-    if os.geteuid() != 0:
-        print("make demo needs root (network namespaces, taps)", file=sys.stderr)
-        return 1
-    workdir = tempfile.mkdtemp(prefix="colo-demo-")
+def migration_demo(workdir: str) -> bool:
     say(f"creating network namespaces (logs in {workdir})")
     topo = Topology(f"demo{os.getpid() % 10000}", ["a", "b"])
     nodes: list[Node] = []
     try:
         say("node a: booting the kvstore guest")
-        a = Node(topo, "a", workdir)
+        a = Node(topo, "a", workdir, kvstore_args(topo))
         nodes.append(a)
         a.wait_console("listening")
         say("node b: waiting for an incoming migration")
-        b = Node(topo, "b", workdir, "--incoming", "defer")
+        b = Node(topo, "b", workdir, kvstore_args(topo), "--incoming", "defer")
         nodes.append(b)
         for node in (a, b):
             node.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
@@ -145,11 +149,44 @@ def main() -> int:
             print(f"    {line}")
         print(json.dumps({"before": before, "during": during, "migration": info}), file=open(
             os.path.join(workdir, "report.json"), "w"))
-        return 0 if not errors and where_b == "running" else 1
+        return not errors and where_b == "running"
     finally:
         for node in nodes:
             node.stop()
         topo.close()
+
+
+def drill_demo(workdir: str) -> bool:
+    """The drill an operator runs (colo-appliance drill), on three fresh memdirty nodes."""
+    workdir = os.path.join(workdir, "drill")
+    os.mkdir(workdir)
+    say(f"COLO drill: three memdirty nodes in fresh namespaces (logs in {workdir})")
+    topo = Topology(f"drill{os.getpid() % 10000}", ["a", "b", "c"])
+    nodes: list[Node] = []
+    try:
+        for name in ("a", "b", "c"):
+            incoming = ["--incoming", f"tcp:0.0.0.0:{PORT}"] if name != "a" else []
+            nodes.append(Node(topo, name, workdir, MEMDIRTY, *incoming))
+        nodes[0].wait_console("pass ")
+        a, b, c = (node.qmp_path for node in nodes)
+        to_b, to_c = (f"tcp:{topo.nodes[name].address}:{PORT}" for name in ("b", "c"))
+        say(f"colo-appliance drill {a} {b} --to {to_b} --method kill --reprotect {c} --reprotect-to {to_c}")
+        return run_drill(DrillPlan(primary=a, secondary=b, to=to_b, method="kill", reprotect=c,
+                                   reprotect_to=to_c)) == 0
+    finally:
+        for node in reversed(nodes):    # secondaries first: a COLO primary is slow to stop beside its secondary
+            node.stop()
+        topo.close()
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("make demo needs root (network namespaces, taps)", file=sys.stderr)
+        return 1
+    workdir = tempfile.mkdtemp(prefix="colo-demo-")
+    migrated = migration_demo(workdir)
+    drilled = drill_demo(workdir)
+    return 0 if migrated and drilled else 1
 
 
 if __name__ == "__main__":
