@@ -253,6 +253,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.state_dir = args.state_dir
         if args.http_allow_local_uris:
             config.http_allow_local_uris = True
+        for flag, attr in (("colo_heartbeat_interval", "heartbeat_interval_ms"),
+                           ("colo_heartbeat_timeout", "heartbeat_timeout_ms"),
+                           ("colo_heartbeat_port", "heartbeat_port"), ("colo_failover", "failover")):
+            value = getattr(args, flag)
+            if value is not None:
+                setattr(config.colo, attr, value)
+        if args.verify_ram:
+            config.colo.verify_ram = True
+        for flag, attr in (("colo_compare_timeout", "compare_timeout_ms"),
+                           ("colo_expired_scan_cycle", "expired_scan_cycle_ms"),
+                           ("colo_max_queue_size", "max_queue_size"), ("colo_packet_port", "packet_port")):
+            value = getattr(args, flag)
+            if value is not None:
+                setattr(config.netfilter, attr, value)
+        for entry in args.colo_passthrough or []:
+            proto, _, port = entry.partition(":")
+            if not port.isdigit():
+                raise ConfigError(f"--colo-passthrough: expected tcp:PORT or udp:PORT, not {entry!r}")
+            config.netfilter.passthrough.append((proto, int(port)))
         if args.no_http:
             config.http = None
         config.validate()
@@ -310,6 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration, as QEMU's -incoming")
     serve.add_argument("--state-dir", dest="state_dir",
                        help="directory for the console log and the HTTP token (default /var/lib/colo-appliance/NAME)")
+    colo = serve.add_argument_group("COLO", "fault tolerance of a primary/secondary pair")
+    colo.add_argument("--colo-heartbeat-interval", dest="colo_heartbeat_interval", type=int, metavar="MS",
+                      help="milliseconds between heartbeats to the COLO peer (default 100)")
+    colo.add_argument("--colo-heartbeat-timeout", dest="colo_heartbeat_timeout", type=int, metavar="MS",
+                      help="milliseconds of silence after which the peer counts as lost (default 500)")
+    colo.add_argument("--colo-heartbeat-port", dest="colo_heartbeat_port", type=int, metavar="PORT",
+                      help="UDP port of this node's heartbeat (default: any free port, told to the peer)")
+    colo.add_argument("--colo-failover", dest="colo_failover", choices=["auto", "manual"],
+                      help="auto (default): a lost peer fails over at once; manual: wait for x-colo-lost-heartbeat")
+    colo.add_argument("--colo-compare-timeout", dest="colo_compare_timeout", type=int, metavar="MS",
+                      help="milliseconds a primary frame may wait for the secondary's before a checkpoint (3000)")
+    colo.add_argument("--colo-expired-scan-cycle", dest="colo_expired_scan_cycle", type=int, metavar="MS",
+                      help="milliseconds between scans for frames past the compare timeout (default 1000)")
+    colo.add_argument("--colo-max-queue-size", dest="colo_max_queue_size", type=int, metavar="N",
+                      help="frames held per connection and side while compared (default 1024)")
+    colo.add_argument("--colo-packet-port", dest="colo_packet_port", type=int, metavar="PORT",
+                      help="the secondary's packet channel TCP port (default: any free port, told to the primary)")
+    colo.add_argument("--colo-passthrough", dest="colo_passthrough", action="append", metavar="PROTO:PORT",
+                      help="a flow never compared, e.g. udp:123 (repeatable): for time-varying protocols")
+    colo.add_argument("--verify-ram", dest="verify_ram", action="store_true",
+                      help="compare a digest of ALL guest RAM at every migration switchover and COLO checkpoint")
     guest = serve.add_argument_group("guest", "the VM this node hosts (QEMU-like flags)")
     guest.add_argument("--guest", dest="image", metavar="kvstore|memdirty|PATH", help="guest image")
     guest.add_argument("-m", "--memory", type=int, metavar="MiB", help="guest RAM in MiB (default 64)")

@@ -31,6 +31,13 @@ Example (every key optional; a node starts with no file at all)::
     failover = "auto"                          # auto: a lost peer fails over; manual: wait for x-colo-lost-heartbeat
     verify_ram = false                         # compare a digest of ALL guest RAM at every switchover/checkpoint
 
+    [netfilter]                                # COLO's packet comparison (QEMU colo-compare's defaults)
+    compare_timeout = 3000                     # ms a primary frame may wait for the secondary's
+    expired_scan_cycle = 1000                  # ms between scans for frames past that timeout
+    max_queue_size = 1024                      # frames held per connection and side
+    packet_port = 0                            # the secondary's packet channel port (0: any)
+    passthrough = [["udp", 123]]               # flows never compared (time-varying protocols)
+
     [peers]
     secondary = "10.0.0.3"
 """
@@ -44,6 +51,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from colo import ColoSettings
+from netfilter.settings import NetfilterSettings
 
 # The node's state directory when none is configured, as the systemd unit sets it: ROOT/NAME.
 DEFAULT_STATE_ROOT = "/var/lib/colo-appliance"
@@ -110,6 +118,7 @@ class NodeConfig:
     state_dir: str | None = None
     guest: GuestConfig = field(default_factory=GuestConfig)
     colo: ColoSettings = field(default_factory=ColoSettings)
+    netfilter: NetfilterSettings = field(default_factory=NetfilterSettings)
     peers: dict[str, str] = field(default_factory=dict)
 
     def state_path(self) -> str:
@@ -130,6 +139,7 @@ class NodeConfig:
             split_host_port(self.qmp_tcp, "qmp_tcp")
         try:
             self.colo.validate()
+            self.netfilter.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.guest.image is not None:
@@ -166,6 +176,9 @@ _GUEST_KEYS = {"image", "memory", "append", "nic", "disk", "start_paused", "uuid
 # [colo] key -> ColoSettings attribute
 _COLO_KEYS = {"heartbeat_interval": "heartbeat_interval_ms", "heartbeat_timeout": "heartbeat_timeout_ms",
               "heartbeat_port": "heartbeat_port", "failover": "failover", "verify_ram": "verify_ram"}
+# [netfilter] key -> NetfilterSettings attribute
+_NETFILTER_KEYS = {"compare_timeout": "compare_timeout_ms", "expired_scan_cycle": "expired_scan_cycle_ms",
+                   "max_queue_size": "max_queue_size", "packet_port": "packet_port", "passthrough": "passthrough"}
 
 
 def load_config(path: str | None) -> NodeConfig:
@@ -178,15 +191,16 @@ def load_config(path: str | None) -> NodeConfig:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
-    unknown = set(data) - {"node", "guest", "colo", "peers"}
+    unknown = set(data) - {"node", "guest", "colo", "netfilter", "peers"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: node, guest, colo, peers")
-    colo = data.get("colo", {})
-    bad = set(colo) - set(_COLO_KEYS)
-    if bad:
-        raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [colo]; valid: {sorted(_COLO_KEYS)}")
-    for key, value in colo.items():
-        setattr(config.colo, _COLO_KEYS[key], value)
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: node, guest, colo, netfilter, peers")
+    for section, keys, target in (("colo", _COLO_KEYS, config.colo), ("netfilter", _NETFILTER_KEYS, config.netfilter)):
+        values = data.get(section, {})
+        bad = set(values) - set(keys)
+        if bad:
+            raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; valid: {sorted(keys)}")
+        for key, value in values.items():
+            setattr(target, keys[key], value)
     for section, keys, target in (("node", _NODE_KEYS, config), ("guest", _GUEST_KEYS, config.guest)):
         values = data.get(section, {})
         if section == "node" and "http_token" in values:

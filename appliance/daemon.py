@@ -85,7 +85,7 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * MAX_NESTING))
     loop = asyncio.get_running_loop()
     node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused,
-                colo_settings=config.colo)
+                colo_settings=config.colo, netfilter_settings=config.netfilter)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
     http = None
     try:

@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from netfilter.settings import NetfilterSettings
+
 from .failover import Failover, FailoverStatus
 from .primary import ColoPrimary
 from .protocol import ColoMode, ExitReason
@@ -48,10 +50,11 @@ class ColoSettings:
 
 class ColoManager:
     def __init__(self, settings: ColoSettings, emit: Callable[[str, dict], None],
-                 on_takeover: Callable[[], None] = lambda: None):
+                 on_takeover: Callable[[], None] = lambda: None, netfilter: NetfilterSettings | None = None):
         """``emit(event, data)`` sends a QMP event (from any thread); ``on_takeover`` runs when
         this secondary's guest becomes the service guest (announce it)."""
         self.settings = settings
+        self.netfilter = netfilter or NetfilterSettings()
         self.emit = emit
         self.on_takeover = on_takeover
         self.mode = ColoMode.NONE
@@ -154,6 +157,8 @@ class ColoManager:
             "peer": session.peer_address if session is not None else None,
             "heartbeat-age-ms": round(heartbeat.age() * 1000, 1) if heartbeat and heartbeat.peer else None,
             "verify-ram": self.settings.verify_ram,
+            "netfilter": (session.filters.counters() if session is not None and session.filters is not None
+                          else None),
         })
         status.update(self.stats.as_dict())
         if self.settings.verify_ram:

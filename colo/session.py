@@ -34,6 +34,7 @@ class ColoSession:
         self.loading = False            # the secondary is loading a checkpoint into the SVM
         self.lost: str | None = None    # why the peer is considered lost
         self.held = False               # manual failover stopped the guest to wait for the operator
+        self.filters = None             # the network layer (netfilter/), for guests with a NIC
         self.exit_reason = ExitReason.NONE
         self.stopping = threading.Event()
 

@@ -21,6 +21,7 @@ from appliance.qapi import QMPError, Schema, default_schema
 
 import colo.commands
 from colo import ColoManager, ColoSettings
+from netfilter.settings import NetfilterSettings
 from replication.destination import MigrationDestination
 from replication.source import MigrationSource
 from replication.transport import Listener, TransportError
@@ -46,7 +47,7 @@ class Node:
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, incoming: str | None = None,
                  schema: Schema | None = None, vm=None, autostart: bool = True,
-                 colo_settings: ColoSettings | None = None):
+                 colo_settings: ColoSettings | None = None, netfilter_settings: NetfilterSettings | None = None):
         self.name = name
         self.vm = vm
         self.schema = schema or default_schema()
@@ -62,7 +63,8 @@ class Node:
             if incoming:
                 vm.set_state("prelaunch", "inmigrate")
             vm.add_listener(self._on_vm_event)
-        self.colo = ColoManager(colo_settings or ColoSettings(), self.events.emit, self._colo_takeover)
+        self.colo = ColoManager(colo_settings or ColoSettings(), self.events.emit, self._colo_takeover,
+                                netfilter_settings)
         self.quit_requested = asyncio.Event()
         self.dirty_rate: dict = {"status": "unstarted", "start-time": 0, "calc-time": 0}
         self._console_read = 0          # bytes of console output already read by ringbuf-read
