@@ -65,6 +65,7 @@ class ColoManager:
         self.session: ColoSession | None = None
         self.waiting_for_operator = False
         self.operator_decided = threading.Event()
+        self.shutting_down = False
         self._listeners: list[Callable[[str], None]] = []
 
     # -- hand-overs from the migration engine (on the migration thread) -------------------
@@ -113,6 +114,15 @@ class ColoManager:
         if not session.request_failover(ExitReason.REQUEST):
             raise ColoError("COLO failover is already in progress")
         self.operator_decided.set()
+
+    def shutdown(self) -> None:
+        """The daemon is exiting: leave COLO as a crash would, so the peer goes on alone (a
+        surviving secondary takes over), and wait for no operator."""
+        self.shutting_down = True
+        self.operator_decided.set()
+        session = self.session
+        if session is not None:
+            session.peer_lost("this node is shutting down")
 
     def request_checkpoint(self, reason: str) -> None:
         """A checkpoint as soon as possible (the netfilter comparer, xen-colo-do-checkpoint)."""

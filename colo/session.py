@@ -99,7 +99,7 @@ class ColoSession:
         """After the loop ended: make sure failover is active, asking for it on a lost peer
         (failover auto) or waiting for the operator's x-colo-lost-heartbeat (manual)."""
         if self.failover.status is FailoverStatus.NONE:
-            if self.settings.failover == "auto":
+            if self.settings.failover == "auto" or self.manager.shutting_down:
                 self.request_failover(ExitReason.ERROR)
             else:
                 log.warning("COLO %s: peer lost (%s); failover manual: waiting for x-colo-lost-heartbeat",

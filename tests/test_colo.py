@@ -578,3 +578,22 @@ async def test_xbzrle_sends_checkpoint_pages_as_deltas(topo, guest_images, tmp_p
         await assert_digests_match(pair, 15)
     finally:
         await pair.close()
+
+
+@pytest.mark.parametrize("node", ["a", "b"])
+async def test_sigterm_leaves_colo_at_once_and_the_peer_goes_on(topo, guest_images, tmp_path, node):
+    """Stopping a node's daemon (systemd stop) is a lost peer for the other: a stopped primary's
+    secondary takes over, a stopped secondary's primary runs on; the daemon exits promptly."""
+    pair, a, b = await started_pair(topo, tmp_path)
+    peer = b if node == "a" else a
+    try:
+        with peer.listener() as events:
+            started = time.monotonic()
+            pair.daemons[node].proc.send_signal(signal.SIGTERM)
+            assert pair.daemons[node].proc.wait(10) == 0
+            assert time.monotonic() - started < 5
+            mode = "secondary" if node == "a" else "primary"
+            assert await colo_exit(events) == {"mode": mode, "reason": "error"}
+        await assert_memdirty_runs_on(peer, 1.0)
+    finally:
+        await pair.close()

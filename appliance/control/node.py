@@ -256,6 +256,7 @@ class Node:
 
     async def close(self) -> None:
         """Stop any migration, power the guest off and release it (the daemon is exiting)."""
+        self.colo.shutdown()
         if isinstance(self.migration, MigrationSource):
             self.migration.cancel()
         elif isinstance(self.migration, MigrationDestination):
