@@ -1,0 +1,537 @@
+"""netfilter.compare: the Comparer on crafted frame sequences, with a fake clock."""
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netfilter.compare import COUNTERS, FLOW_CLASSES, Comparer
+from netfilter.packet import ACK, FIN, PSH, RST, SYN
+from test_netfilter_packet import MALFORMED, arp_frame, ether, icmp_frame, ipv4, tcp_frame, udp_frame
+
+PVM_ISN, SVM_ISN, CLIENT_ACK = 5000, 0xFFFFFF00, 777
+
+
+class Harness:
+    """A Comparer whose releases, checkpoint requests and clock the test sees."""
+
+    def __init__(self, **options):
+        self.released: list[bytes] = []
+        self.requests: list[str] = []
+        self.now = 100.0
+        self.comparer = Comparer(self.released.append, self.requests.append, clock=lambda: self.now, **options)
+
+    def count(self, flow: str, name: str) -> int:
+        return self.comparer.counters[flow][name]
+
+    def take(self) -> list[bytes]:
+        released, self.released[:] = list(self.released), []
+        return released
+
+
+@pytest.fixture
+def h():
+    return Harness()
+
+
+def seg(offset: int, payload: bytes = b"", flags: int = ACK | PSH, ack: int = CLIENT_ACK, isn: int = PVM_ISN,
+        **kw) -> bytes:
+    """A segment from the guest (the server), ``offset`` bytes into its stream."""
+    return tcp_frame(seq=(isn + 1 + offset) & 0xFFFFFFFF, ack=ack, flags=flags, payload=payload, **kw)
+
+
+def handshake(h: Harness) -> None:
+    """The guests' SYN-ACKs, PVM's and SVM's ISNs differing (not rewritten yet)."""
+    h.comparer.primary(tcp_frame(seq=PVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))
+    h.comparer.secondary(tcp_frame(seq=SVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))
+    assert len(h.take()) == 1 and not h.requests
+
+
+# ---- TCP payloads ----------------------------------------------------------------------
+
+def test_equal_payloads_are_released_when_the_secondary_sends_them(h):
+    p = seg(0, b"hello")
+    h.comparer.primary(p)
+    assert h.released == [] and h.comparer.held == 1
+    h.comparer.secondary(seg(0, b"hello", ident=99, window=1))      # headers may differ
+    assert h.take() == [p] and h.comparer.held == 0
+    assert h.count("tcp", "matched") == 1 and h.count("tcp", "released") == 1 and not h.requests
+
+
+def test_secondary_first_then_primary(h):
+    h.comparer.secondary(seg(0, b"hello"))
+    p = seg(0, b"hello")
+    h.comparer.primary(p)
+    assert h.take() == [p]
+
+
+def test_unequal_payloads_ask_for_a_checkpoint_and_stay_held(h):
+    p = seg(0, b"hello")
+    h.comparer.primary(p)
+    h.comparer.secondary(seg(0, b"hellO"))
+    assert h.requests == ["mismatch"] and h.released == []
+    assert h.count("tcp", "mismatches") == 1
+    h.comparer.primary(seg(5, b"more"))                              # diverged: held, not asked again
+    h.comparer.secondary(seg(5, b"more"))
+    assert h.requests == ["mismatch"] and h.released == []
+    h.comparer.checkpoint()
+    assert h.take() == [p, seg(5, b"more")]
+    assert h.count("tcp", "dropped") == 2
+
+
+def test_split_and_coalesced_segments(h):
+    handshake(h)
+    small = [seg(0, b"abcde"), seg(5, b"fghij")]
+    for p in small:
+        h.comparer.primary(p)
+    h.comparer.secondary(seg(0, b"abcdefghij"))                     # one segment on the SVM
+    assert h.take() == small
+    big = seg(10, b"0123456789")
+    h.comparer.primary(big)
+    h.comparer.secondary(seg(10, b"0123"))
+    assert h.released == []                                         # half of it seen so far
+    h.comparer.secondary(seg(14, b"456789"))
+    assert h.take() == [big] and not h.requests
+
+
+def test_partial_overlaps(h):
+    handshake(h)
+    primaries = [seg(0, b"0123456789"), seg(10, b"abcdefghij")]
+    for p in primaries:
+        h.comparer.primary(p)
+    h.comparer.secondary(seg(0, b"01234"))
+    h.comparer.secondary(seg(3, b"3456789abcde"))                   # overlaps the last one
+    assert h.take() == primaries[:1]
+    h.comparer.secondary(seg(12, b"cdefghij"))
+    assert h.take() == primaries[1:] and not h.requests
+
+
+def test_retransmits(h):
+    p = seg(0, b"hello")
+    h.comparer.primary(p)
+    h.comparer.secondary(seg(0, b"hello"))
+    assert h.take() == [p]
+    h.comparer.primary(p)                                           # compared before: out at once
+    assert h.take() == [p]
+    assert h.count("tcp", "matched") == 1 and h.count("tcp", "released") == 2
+    h.comparer.secondary(seg(0, b"hello"))                          # the SVM's retransmit: dropped
+    assert h.count("tcp", "dropped") == 1
+    partly_new = seg(3, b"lo world")
+    h.comparer.primary(partly_new)
+    assert h.released == []                                         # " world" is not compared yet
+    h.comparer.secondary(seg(5, b" world"))
+    assert h.take() == [partly_new] and not h.requests
+
+
+def test_a_retransmit_goes_out_ahead_of_held_frames(h):
+    first = seg(0, b"first")
+    h.comparer.primary(first)
+    h.comparer.secondary(seg(0, b"first"))
+    h.take()
+    waiting = seg(5, b"second")
+    h.comparer.primary(waiting)
+    h.comparer.primary(first)                                       # the client lost it: resent
+    assert h.take() == [first] and h.comparer.held == 1
+    newer_ack = seg(0, b"first", ack=CLIENT_ACK + 10)               # acks what the SVM has not acked
+    h.comparer.primary(newer_ack)
+    assert h.released == [] and h.comparer.held == 2
+
+
+def test_frames_of_a_connection_leave_in_the_order_the_pvm_sent_them(h):
+    data, bare_ack = seg(0, b"reply"), seg(5, flags=ACK)
+    h.comparer.primary(data)
+    h.comparer.primary(bare_ack)                                    # ready, but behind the data
+    assert h.released == []
+    h.comparer.secondary(seg(0, b"reply"))
+    assert h.take() == [data, bare_ack]
+
+
+def test_out_of_order_on_both_sides(h):
+    handshake(h)
+    first, second = seg(0, b"aaaa"), seg(4, b"bbbb")
+    h.comparer.primary(second)
+    h.comparer.secondary(seg(4, b"bbbb"))
+    assert h.released == []                                         # nothing at the stream's start yet
+    h.comparer.primary(first)
+    assert h.released == []
+    h.comparer.secondary(seg(0, b"aaaa"))
+    assert h.take() == [second, first] and not h.requests          # in the order they arrived
+
+
+def test_sequence_numbers_wrap(h):
+    isn = 0xFFFFFFF8
+    segments = [seg(0, b"12345678", isn=isn), seg(8, b"abcdefgh", isn=isn)]     # across 2**32
+    for p in segments:
+        h.comparer.primary(p)
+    h.comparer.secondary(seg(0, b"12345678abcdefgh", isn=isn))
+    assert h.take() == segments and not h.requests
+
+
+# ---- SYN, FIN, RST, bare ACKs --------------------------------------------------------------
+
+def test_syn_is_matched_by_flags_not_sequence(h):
+    syn_ack = tcp_frame(seq=PVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK)
+    h.comparer.primary(syn_ack)
+    assert h.released == []
+    h.comparer.secondary(tcp_frame(seq=SVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))
+    assert h.take() == [syn_ack]
+    h.comparer.primary(syn_ack)                                     # a retransmit: out at once
+    assert h.take() == [syn_ack]
+    h.comparer.secondary(tcp_frame(seq=SVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))    # stale
+    assert h.count("tcp", "dropped") == 1
+    p = seg(0, b"banner")                                           # the stream starts at the ISN + 1
+    h.comparer.primary(p)
+    h.comparer.secondary(seg(0, b"banner"))
+    assert h.take() == [p] and not h.requests
+
+
+def test_syn_with_different_flags_is_a_mismatch(h):
+    h.comparer.primary(tcp_frame(seq=PVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))
+    h.comparer.secondary(tcp_frame(seq=SVM_ISN, flags=SYN))
+    assert h.requests == ["mismatch"] and h.released == []
+
+
+def test_active_open_syn(h):
+    syn = tcp_frame(seq=PVM_ISN, flags=SYN, sport=40001, dport=443)
+    h.comparer.primary(syn)
+    h.comparer.secondary(tcp_frame(seq=SVM_ISN, flags=SYN, sport=40001, dport=443))
+    assert h.take() == [syn]
+
+
+def test_fin_is_matched_at_the_same_position(h):
+    handshake(h)
+    last = seg(0, b"bye", flags=ACK | FIN)
+    h.comparer.primary(last)
+    h.comparer.secondary(seg(0, b"bye"))
+    assert h.released == []                                         # the data matched, the FIN not yet
+    h.comparer.secondary(seg(3, flags=ACK | FIN))
+    assert h.take() == [last]
+    h.comparer.primary(last)                                        # a retransmitted FIN
+    assert h.take() == [last] and not h.requests
+
+
+def test_fin_against_data_is_a_mismatch(h):
+    handshake(h)
+    h.comparer.primary(seg(0, b"bye", flags=ACK | FIN))
+    h.comparer.secondary(seg(0, b"bye and more"))
+    assert h.requests == ["mismatch"]
+
+
+def test_rst_is_matched_at_the_same_sequence_number(h):
+    handshake(h)
+    rst = seg(0, flags=RST | ACK)
+    h.comparer.primary(rst)
+    assert h.released == []
+    h.comparer.secondary(seg(0, flags=RST | ACK))
+    assert h.take() == [rst]
+    h.comparer.primary(seg(10, flags=RST, ack=0))
+    h.comparer.secondary(seg(11, flags=RST, ack=0))
+    assert h.requests == ["mismatch"]
+
+
+def test_bare_ack_waits_for_the_secondary_to_ack_as_much(h):
+    p = seg(0, ack=500, flags=ACK)
+    h.comparer.primary(p)
+    h.comparer.secondary(seg(0, ack=400, flags=ACK))
+    assert h.released == []
+    h.comparer.secondary(seg(0, ack=600, flags=ACK))
+    assert h.take() == [p]
+    h.comparer.primary(seg(0, ack=550, flags=ACK))                  # acked by the SVM already
+    assert len(h.take()) == 1 and not h.requests
+
+
+def test_data_waits_for_the_secondary_ack(h):
+    p = seg(0, b"reply", ack=700)
+    h.comparer.primary(p)
+    h.comparer.secondary(seg(0, b"reply", ack=650))                 # same bytes, less acknowledged
+    assert h.released == [] and not h.requests
+    h.comparer.secondary(seg(5, ack=700, flags=ACK))                # the SVM's delayed ACK
+    assert h.take() == [p]
+
+
+# ---- UDP, ICMP, other, non-IP --------------------------------------------------------------
+
+def test_udp_equal_and_unequal(h):
+    p = udp_frame(b"answer")
+    h.comparer.primary(p)
+    h.comparer.secondary(udp_frame(b"answer", ident=4242))          # the IP header may differ
+    assert h.take() == [p] and h.count("udp", "matched") == 1
+    h.comparer.primary(udp_frame(b"answer 2"))
+    h.comparer.secondary(udp_frame(b"answer 3"))
+    assert h.requests == ["mismatch"] and h.count("udp", "mismatches") == 1
+
+
+def test_udp_any_queued_secondary_may_match(h):
+    h.comparer.secondary(udp_frame(b"two"))
+    h.comparer.secondary(udp_frame(b"one"))
+    one, two = udp_frame(b"one"), udp_frame(b"two")
+    h.comparer.primary(one)
+    h.comparer.primary(two)
+    assert h.take() == [one, two] and not h.requests
+
+
+def test_udp_ports_are_compared(h):
+    h.comparer.primary(udp_frame(b"x", sport=53, dport=40000))
+    h.comparer.secondary(udp_frame(b"x", sport=53, dport=40001))     # another connection: no match
+    assert h.released == [] and not h.requests
+
+
+def test_icmp(h):
+    reply = icmp_frame(0, ident=3, sequence=1, payload=b"abc")
+    h.comparer.primary(reply)
+    h.comparer.secondary(icmp_frame(0, ident=3, sequence=1, payload=b"abc", ip_ident=77))
+    assert h.take() == [reply]
+    h.comparer.primary(icmp_frame(0, ident=3, sequence=2, payload=b"abc"))
+    h.comparer.secondary(icmp_frame(0, ident=3, sequence=2, payload=b"abd"))
+    assert h.requests == ["mismatch"] and h.count("icmp", "mismatches") == 1
+
+
+def test_other_protocols_compare_the_whole_ip_packet(h):
+    gre = ether(ipv4(47, b"tunnel", ident=5))
+    h.comparer.primary(gre)
+    h.comparer.secondary(ether(ipv4(47, b"tunnel", ident=5)))
+    assert h.take() == [gre]
+    h.comparer.primary(ether(ipv4(47, b"tunnel", ident=6)))
+    h.comparer.secondary(ether(ipv4(47, b"tunnel", ident=7)))
+    assert h.requests == ["mismatch"] and h.count("other", "mismatches") == 1
+
+
+def test_fragments_compare_as_other(h):
+    fragment = ether(ipv4(17, b"12345678", flags_offset=0x2000))
+    h.comparer.primary(fragment)
+    h.comparer.secondary(ether(ipv4(17, b"12345678", flags_offset=0x2000)))
+    assert h.take() == [fragment] and h.count("other", "matched") == 1 and h.count("udp", "primary") == 0
+
+
+def test_arp_passes_from_the_primary_and_is_dropped_from_the_secondary(h):
+    h.comparer.primary(arp_frame())
+    h.comparer.secondary(arp_frame())
+    assert h.take() == [arp_frame()]
+    assert h.comparer.counters["non-ip"] == {**dict.fromkeys(COUNTERS, 0), "primary": 1, "secondary": 1,
+                                             "released": 1, "dropped": 1}
+
+
+@pytest.mark.parametrize("frame", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_primary_is_released_and_secondary_dropped(h, frame):
+    h.comparer.primary(frame)
+    h.comparer.secondary(frame)
+    assert h.take() == [frame]
+    totals = {name: sum(h.comparer.counters[flow][name] for flow in FLOW_CLASSES) for name in COUNTERS}
+    assert totals == {**dict.fromkeys(COUNTERS, 0), "primary": 1, "secondary": 1, "released": 1, "dropped": 1,
+                      "malformed": 2}
+
+
+# ---- timeouts, queue bounds, passthrough ---------------------------------------------------
+
+def test_timeouts_ask_for_a_checkpoint():
+    h = Harness(compare_timeout_ms=3000)
+    h.comparer.primary(seg(0, b"lonely"))
+    h.now += 2.9
+    assert h.comparer.scan_expired() is False and h.requests == []
+    h.now += 0.2
+    assert h.comparer.scan_expired() is True and h.requests == ["mismatch"]
+    assert h.count("tcp", "timeouts") == 1
+    h.comparer.scan_expired()                                       # asked again, counted once
+    assert h.requests == ["mismatch", "mismatch"] and h.count("tcp", "timeouts") == 1
+    h.comparer.checkpoint()
+    assert len(h.take()) == 1 and h.comparer.scan_expired() is False
+
+
+def test_an_unmatched_secondary_frame_times_out_too():
+    h = Harness(compare_timeout_ms=1000)
+    h.comparer.secondary(udp_frame(b"only the SVM said this"))
+    h.now += 1.5
+    assert h.comparer.scan_expired() and h.count("udp", "timeouts") == 1
+
+
+def test_queue_overflow():
+    h = Harness(max_queue_size=3)
+    frames = [udp_frame(b"%d" % i) for i in range(4)]
+    for frame in frames:
+        h.comparer.primary(frame)
+    assert h.comparer.held == 3 and h.count("udp", "dropped") == 1 and h.requests == ["mismatch"]
+    for i in range(5):
+        h.comparer.secondary(udp_frame(b"svm %d" % i, sport=54))     # another connection, nothing to match
+    assert h.count("udp", "dropped") == 3
+    h.comparer.checkpoint()
+    assert h.take() == frames[:3]
+
+
+def test_tcp_queue_overflow():
+    h = Harness(max_queue_size=2)
+    for i in range(3):
+        h.comparer.primary(seg(i, b"x"))
+    for i in range(3):
+        h.comparer.secondary(seg(10 + i, b"y"))
+    assert h.comparer.held == 2 and h.count("tcp", "dropped") == 2
+
+
+def test_passthrough():
+    h = Harness(passthrough=[("tcp", 22), ("UDP", 123)])
+    ssh, ntp = tcp_frame(sport=22, payload=b"SSH-2.0"), udp_frame(b"time", sport=123)
+    h.comparer.primary(ssh)
+    h.comparer.primary(ntp)
+    h.comparer.secondary(tcp_frame(sport=22, payload=b"SSH-2.0"))
+    h.comparer.secondary(udp_frame(b"time", dport=123))
+    assert h.take() == [ssh, ntp]
+    assert h.count("tcp", "dropped") == 1 and h.count("udp", "dropped") == 1 and h.count("tcp", "matched") == 0
+    h.comparer.primary(tcp_frame(sport=80, payload=b"compared"))
+    assert h.released == []
+
+
+# ---- checkpoint and failover ---------------------------------------------------------------
+
+def test_checkpoint_releases_everything_in_arrival_order_and_starts_afresh(h):
+    frames = [seg(0, b"one"), udp_frame(b"dns"), seg(3, b"two"), icmp_frame(0), arp_frame()]
+    for frame in frames:
+        h.comparer.primary(frame)
+    h.comparer.secondary(seg(0, b"ONE"))                            # a mismatch on the TCP stream
+    h.comparer.secondary(udp_frame(b"other dns", sport=5353))
+    assert h.take() == [arp_frame()] and h.requests == ["mismatch"]
+    h.comparer.checkpoint()
+    assert h.take() == frames[:4] and h.comparer.held == 0
+    assert h.count("tcp", "dropped") == 1 and h.count("udp", "dropped") == 1     # the SVM's frames
+    # Both guests now go on from where the PVM was: the stream compares from offset 6.
+    h.comparer.secondary(seg(3, b"two"))                            # an SVM retransmit of old bytes
+    assert h.count("tcp", "dropped") == 2
+    following = seg(6, b"three")
+    h.comparer.primary(following)
+    h.comparer.secondary(seg(6, b"three"))
+    assert h.take() == [following] and h.requests == ["mismatch"]
+
+
+def test_checkpoint_forgets_idle_connections(h):
+    h.comparer.primary(seg(0, b"a"))
+    h.comparer.secondary(seg(0, b"a"))
+    h.comparer.checkpoint()
+    assert len(h.comparer._connections) == 1
+    h.comparer.checkpoint()
+    assert len(h.comparer._connections) == 0
+
+
+def test_failover_releases_everything_and_stops_comparing(h):
+    held = [seg(0, b"held"), udp_frame(b"held")]
+    for frame in held:
+        h.comparer.primary(frame)
+    h.comparer.failover()
+    assert h.take() == held
+    later = seg(4, b"later")
+    h.comparer.primary(later)
+    h.comparer.secondary(seg(4, b"ignored"))
+    assert h.take() == [later] and not h.requests
+    assert h.count("tcp", "dropped") == 1
+
+
+def test_counters_are_a_plain_copy(h):
+    counters = h.comparer.counters
+    assert set(counters) == set(FLOW_CLASSES) and all(set(c) == set(COUNTERS) for c in counters.values())
+    counters["tcp"]["primary"] = 99
+    assert h.count("tcp", "primary") == 0
+
+
+def test_bad_options():
+    with pytest.raises(ValueError):
+        Comparer(print, print, max_queue_size=0)
+    with pytest.raises(ValueError):
+        Comparer(print, print, compare_timeout_ms=0)
+    with pytest.raises(ValueError):
+        Comparer(print, print, passthrough=[("sctp", 9)])
+
+
+# ---- properties -----------------------------------------------------------------------------
+
+def cuts(data: bytes, points: list[int]) -> list[tuple[int, bytes]]:
+    edges = sorted({0, len(data), *(p % len(data) for p in points)})
+    return [(a, data[a:b]) for a, b in zip(edges, edges[1:])]
+
+
+streams = st.tuples(st.binary(min_size=1, max_size=300), st.lists(st.integers(0, 10**6), max_size=12),
+                    st.lists(st.integers(0, 10**6), max_size=12), st.randoms(use_true_random=False),
+                    st.sampled_from([PVM_ISN, 0xFFFFFF80]))
+
+
+def feed(h: Harness, primaries: list[bytes], secondaries: list[bytes], rng: random.Random) -> None:
+    """Both sides' frames, each side shuffled a little, interleaved at random."""
+    for side in (primaries, secondaries):
+        for _ in range(len(side) // 2):
+            i = rng.randrange(len(side))
+            j = min(i + 1, len(side) - 1)
+            side[i], side[j] = side[j], side[i]
+    p, s = list(primaries), list(secondaries)
+    while p or s:
+        if p and (not s or rng.random() < 0.5):
+            h.comparer.primary(p.pop(0))
+        else:
+            h.comparer.secondary(s.pop(0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams)
+def test_the_same_stream_cut_differently_is_all_released(stream):
+    data, p_points, s_points, rng, isn = stream
+    h = Harness()
+    h.comparer.primary(tcp_frame(seq=isn, ack=CLIENT_ACK, flags=SYN | ACK))
+    h.comparer.secondary(tcp_frame(seq=SVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))
+    primaries = [seg(o, chunk, isn=isn) for o, chunk in cuts(data, p_points)] + [seg(len(data), flags=ACK | FIN, isn=isn)]
+    secondaries = [seg(o, chunk, isn=isn) for o, chunk in cuts(data, s_points)] + [seg(len(data), flags=ACK | FIN, isn=isn)]
+    secondaries += rng.sample(secondaries, min(2, len(secondaries)))            # a few SVM retransmits
+    feed(h, primaries, secondaries, rng)
+    assert sorted(h.released[1:]) == sorted(primaries) and not h.requests
+    assert h.comparer.held == 0 and h.count("tcp", "mismatches") == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams, st.integers(0, 10**6))
+def test_one_changed_byte_is_found(stream, where):
+    data, p_points, s_points, rng, isn = stream
+    where %= len(data)
+    changed = bytearray(data)
+    changed[where] ^= 0x01
+    h = Harness()
+    h.comparer.primary(tcp_frame(seq=isn, ack=CLIENT_ACK, flags=SYN | ACK))
+    h.comparer.secondary(tcp_frame(seq=SVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))
+    pieces = cuts(data, p_points)
+    primaries = [seg(o, chunk, isn=isn) for o, chunk in pieces]
+    feed(h, primaries, [seg(o, chunk, isn=isn) for o, chunk in cuts(bytes(changed), s_points)], rng)
+    assert h.requests == ["mismatch"] and h.count("tcp", "mismatches") == 1
+    covering = next(seg(o, chunk, isn=isn) for o, chunk in pieces if o <= where < o + len(chunk))
+    assert covering not in h.released
+    h.comparer.checkpoint()
+    assert sorted(h.released[1:]) == sorted(primaries)
+
+
+tcp_flags = st.integers(0, 0x3F)
+crafted = st.one_of(
+    st.builds(lambda seq, ack, flags, payload, port: tcp_frame(seq=seq, ack=ack, flags=flags, payload=payload,
+                                                              dport=port),
+              st.integers(0, 2**32 - 1) | st.integers(PVM_ISN - 5, PVM_ISN + 40), st.integers(0, 2**32 - 1),
+              tcp_flags, st.binary(max_size=20), st.sampled_from([40000, 40001])),
+    st.builds(udp_frame, st.binary(max_size=10)),
+    st.builds(icmp_frame, st.integers(0, 20)),
+    st.binary(max_size=80),
+    st.sampled_from(list(MALFORMED.values()) + [arp_frame()]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["primary", "secondary", "scan", "checkpoint", "tick"]), crafted),
+                max_size=40),
+       st.sampled_from([2, 1024]))
+def test_random_input_never_crashes(operations, queue_size):
+    h = Harness(max_queue_size=queue_size, compare_timeout_ms=1000)
+    primaries = 0
+    for operation, frame in operations:
+        if operation in ("primary", "secondary"):
+            getattr(h.comparer, operation)(frame)
+            primaries += operation == "primary"
+        elif operation == "scan":
+            h.comparer.scan_expired()
+        elif operation == "checkpoint":
+            h.comparer.checkpoint()
+        else:
+            h.now += 0.7
+    h.comparer.failover()
+    released = sum(h.comparer.counters[flow]["released"] for flow in FLOW_CLASSES)
+    assert len(h.released) == released and h.comparer.held == 0 and set(h.requests) <= {"mismatch"}
+    if queue_size > len(operations):
+        assert released == primaries            # nothing was lost: every primary frame went out once
