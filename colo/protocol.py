@@ -7,9 +7,10 @@ big-endian u64).  Pages travel as the stream's usual page records, into the
 secondary's colo cache, never straight into the SVM's RAM::
 
     primary (PVM)                                   secondary (SVM)
-      |  <----------- COLO_HELLO (heartbeat port) ----  |  entering COLO
+      |  <----------- COLO_HELLO (heartbeat, packet ports)  entering COLO
       |  <----------- checkpoint-ready (0) ----------   |
       |  ------------ COLO_HELLO (heartbeat port) --->  |
+      |  ------------ packet channel connect -------->  |  (guests with a NIC: netfilter/)
       |                                                 |
       |  ... PVM runs; a trigger: x-checkpoint-delay,   |
       |      a request (netfilter, xen-colo-do-checkpoint)
@@ -21,9 +22,10 @@ secondary's colo cache, never straight into the SVM's RAM::
       |  ------------ pages dirtied since, PASS_END -> |  into the cache
       |  ------------ vmstate-size (4) + u64 N ------>  |
       |  ------------ N bytes: DEVICE records, END --> |  digests checked
-      |  <----------- vmstate-received (5) ----------   |  network layer: checkpoint
-      |  network layer: checkpoint (release held         |  cache -> SVM RAM (pages the
-      |  PVM frames)                                     |  PVM or the SVM dirtied), devices
+      |  <----------- vmstate-received (5) ----------   |  network layer: checkpoint (drop
+      |  network layer: checkpoint (release held         |  stale frames); cache -> SVM RAM
+      |  PVM frames, drop SVM frames)                    |  (pages the PVM or the SVM dirtied),
+      |                                                 |  devices
       |  <----------- vmstate-loaded (6) ------------   |
       |  PVM runs                                       |  SVM runs
       |                                                 |
@@ -135,7 +137,8 @@ def expect(channel, wanted: ColoMessage, first_byte: int | None = None) -> int |
     return size
 
 
-def read_hello(channel) -> int:
+def read_hello(channel) -> tuple[int, int]:
+    """(heartbeat port, packet channel port or 0)."""
     kind = channel.read_exact(1)[0]
     if kind != stream.COLO_HELLO:
         raise ColoProtocolError(f"expected COLO_HELLO, got record type {kind}")

@@ -12,7 +12,11 @@ import logging
 import os
 import time
 
+import socket
+
 from appliance.vmm.devices import QueueBackend
+from netfilter.channel import PacketChannel
+from netfilter.secondary import SecondaryFilters
 from replication import stream
 
 from . import protocol
@@ -34,6 +38,7 @@ class ColoSecondary(ColoSession):
         _, self.ram_size, ram_fd, self.svm_ram = self.vm.ram_regions()[0]
         self.cache = ColoCache(ram_fd, self.svm_ram, self.ram_size)
         self.steps = protocol.Steps("secondary", channel)
+        self.filters: SecondaryFilters | None = None
         self.received: list | None = None     # device sections of a whole checkpoint not yet loaded
         self.planned_exit = False              # the primary left COLO, or we refused its checkpoint
         self.refused: str | None = None
@@ -42,7 +47,7 @@ class ColoSecondary(ColoSession):
 
     def prepare(self) -> None:
         """The SVM's NIC leaves its tap: the service network hears only the primary.  Until
-        the netfilter layer feeds it, the SVM gets no input and its output is dropped."""
+        the packet channel is up, the SVM gets no input and its output is dropped."""
         if self.vm.nic is not None:
             self.vm.nic.attach(QueueBackend())
 
@@ -51,9 +56,15 @@ class ColoSecondary(ColoSession):
             self.dest.retarget(self.cache.map)
             self.dest.received_pages = 0
             self.vm.start_dirty_tracking()
-            self.channel.send(stream.pack_colo_hello(self.new_heartbeat().port))
+            packets = self._packet_listener()
+            self.channel.send(stream.pack_colo_hello(self.new_heartbeat().port,
+                                                     packets.getsockname()[1] if packets else 0))
             self.steps.send(M.CHECKPOINT_READY)
-            self.start_heartbeat(protocol.read_hello(self.channel))
+            self.start_heartbeat(protocol.read_hello(self.channel)[0])
+            if packets is not None:
+                with packets:
+                    self.filters = SecondaryFilters(self.vm.nic, PacketChannel.accept(packets), self.peer_lost)
+                self.filters.start()
             while not self.stopping.is_set():
                 kind = self.channel.read_exact(1)[0]
                 if kind in PAGE_RECORDS:
@@ -75,6 +86,12 @@ class ColoSecondary(ColoSession):
             if not self.stopping.is_set():
                 self.peer_lost(str(e))
         self._end()
+
+    def _packet_listener(self) -> socket.socket | None:
+        """Where the primary connects the packet channel (a guest with a NIC only)."""
+        if self.vm.nic is None:
+            return None
+        return socket.create_server((self.channel.sock.getsockname()[0], self.manager.netfilter.packet_port))
 
     def _checkpoint(self) -> None:
         channel, steps = self.channel, self.steps
@@ -104,6 +121,8 @@ class ColoSecondary(ColoSession):
             raise protocol.ColoProtocolError(f"{vmstate.left} stray bytes after a checkpoint's END")
         self.received = sections
         steps.send(M.VMSTATE_RECEIVED)
+        if self.filters is not None:
+            self.filters.checkpoint(steps.checkpoint)
         self.manager.notify("checkpoint")
         self._load()
         steps.send(M.VMSTATE_LOADED)
@@ -149,6 +168,8 @@ class ColoSecondary(ColoSession):
             self.heartbeat.stop()
         if self.planned_exit and self.failover.status is FailoverStatus.NONE:
             self.vm.pause()                    # no takeover: the primary runs the service
+            if self.filters is not None:
+                self.filters.stop(takeover=False)
             self._close_cache()
             self.manager.finish(self, ExitReason.ERROR if self.refused else ExitReason.REQUEST, takeover=False)
             return
@@ -162,7 +183,9 @@ class ColoSecondary(ColoSession):
         self._close_cache()
         self.manager.stats.failovers += 1
         self.manager.notify("failover")
-        if self.vm.nic is not None:
+        if self.filters is not None:
+            self.filters.stop(takeover=True)
+        elif self.vm.nic is not None:
             self.vm.nic.attach(self.vm.nic.tap_backend).close()
         stopped = self.vm.state             # colo: mid-checkpoint; paused: manual failover held it
         self.manager.finish(self, self.exit_reason, takeover=True)

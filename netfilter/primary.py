@@ -1,0 +1,156 @@
+"""The primary's side of the COLO network layer (QEMU's filter-mirror + colo-compare):
+
+    tap ──► MirroringBackend.receive ──► PVM                (the guest reads client frames)
+                 └─► mirror queue ──► sender thread ──► packet channel ──► secondary
+    PVM ──► MirroringBackend.transmit ──► compare inbox      (the guest's output is held)
+    packet channel ──► receiver thread ──► compare inbox     (the SVM's output, with its epoch)
+    compare inbox ──► comparer thread: Comparer ──► release ──► tap
+                                          └─► mismatch/timeout ──► COLO checkpoint request
+
+Only the comparer thread touches the Comparer; everything reaches it through its
+inbox, in order.  A checkpoint puts a marker there: held PVM frames are released,
+SVM frames dropped, and SVM frames from before the checkpoint (an older epoch)
+are dropped when they arrive.  A broken channel is a lost peer for COLO.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from .channel import ChannelError, PacketChannel
+from .compare import Comparer
+from .settings import NetfilterSettings
+
+log = logging.getLogger(__name__)
+MIRROR_QUEUE = 4096          # client frames waiting to be mirrored; beyond, dropped and counted
+
+
+class MirroringBackend:
+    """The PVM's NIC backend in COLO: the tap, with client frames mirrored and guest frames held."""
+
+    def __init__(self, tap, on_client_frame: Callable[[bytes], None], on_guest_frame: Callable[[bytes], None]):
+        self.tap = tap
+        self.on_client_frame = on_client_frame
+        self.on_guest_frame = on_guest_frame
+
+    def wait_fds(self) -> list[int]:
+        return self.tap.wait_fds()
+
+    def receive(self) -> bytes | None:
+        frame = self.tap.receive()
+        if frame is not None:
+            self.on_client_frame(frame)
+        return frame
+
+    def transmit(self, frame: bytes) -> bool:
+        self.on_guest_frame(frame)
+        return True
+
+    def close(self) -> None:
+        """The tap stays with the NIC."""
+
+
+class PrimaryFilters:
+    def __init__(self, nic, channel: PacketChannel, settings: NetfilterSettings,
+                 request_checkpoint: Callable[[str], None], on_lost: Callable[[str], None]):
+        self.nic = nic
+        self.tap = nic.tap_backend
+        self.channel = channel
+        self.settings = settings
+        self.on_lost = on_lost
+        self.comparer = Comparer(self.tap.transmit, request_checkpoint,
+                                 compare_timeout_ms=settings.compare_timeout_ms,
+                                 max_queue_size=settings.max_queue_size,
+                                 passthrough=[tuple(p) for p in settings.passthrough])
+        self.mirror_dropped = 0
+        self.mirror_epoch = 0           # the checkpoint the PVM's input follows (set while it is stopped)
+        self.stale_dropped = 0          # SVM frames from before the last checkpoint
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._mirror: queue.Queue = queue.Queue(MIRROR_QUEUE)
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=target, name=f"colo-{name}", daemon=True) for name, target in
+                         (("mirror", self._send_mirrored), ("from-svm", self._receive_svm),
+                          ("compare", self._compare))]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+        self.nic.attach(MirroringBackend(self.tap, self._mirror_frame, self._inbox.put))
+
+    def checkpoint(self, epoch: int) -> None:
+        """Both guests are equal as of checkpoint ``epoch`` (the PVM is stopped): release, drop,
+        compare afresh; client frames the PVM reads from now on follow this checkpoint."""
+        self.mirror_epoch = epoch
+        self._inbox.put(("checkpoint", epoch))
+
+    def stop(self) -> None:
+        """COLO ended: release what is held, and the PVM talks to its tap directly again."""
+        self.nic.attach(self.tap)
+        self._inbox.put(("failover",))
+        self._stopping.set()
+        self._mirror.put(None)
+        self.channel.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def counters(self) -> dict:
+        return {**self.comparer.counters, "mirrored": self.channel.frames_sent, "mirror-dropped": self.mirror_dropped,
+                "svm-frames": self.channel.frames_received, "stale-dropped": self.stale_dropped}
+
+    # -- threads ---------------------------------------------------------------------------
+
+    def _mirror_frame(self, frame: bytes) -> None:
+        """On the vCPU thread: never wait."""
+        try:
+            self._mirror.put_nowait((self.mirror_epoch, frame))
+        except queue.Full:
+            self.mirror_dropped += 1
+
+    def _send_mirrored(self) -> None:
+        try:
+            while (item := self._mirror.get()) is not None:
+                self.channel.send(*item)
+        except ChannelError as e:
+            self._lost(str(e))
+
+    def _receive_svm(self) -> None:
+        try:
+            while True:
+                epoch, frame = self.channel.recv()
+                self._inbox.put(("svm", epoch, frame))
+        except ChannelError as e:
+            self._lost(str(e))
+
+    def _lost(self, why: str) -> None:
+        if not self._stopping.is_set():
+            self.on_lost(why)
+
+    def _compare(self) -> None:
+        epoch, scan_every = 0, self.settings.expired_scan_cycle_ms / 1000
+        next_scan = time.monotonic() + scan_every
+        while True:
+            try:
+                item = self._inbox.get(timeout=max(next_scan - time.monotonic(), 0))
+            except queue.Empty:
+                item = None
+            if time.monotonic() >= next_scan:
+                self.comparer.scan_expired()
+                next_scan = time.monotonic() + scan_every
+            if item is None:
+                continue
+            if isinstance(item, bytes):
+                self.comparer.primary(item)
+            elif item[0] == "svm":
+                if item[1] >= epoch:
+                    self.comparer.secondary(item[2])
+                else:
+                    self.stale_dropped += 1
+            elif item[0] == "checkpoint":
+                epoch = item[1]
+                self.comparer.checkpoint()
+            else:
+                self.comparer.failover()
+                return

@@ -1,0 +1,142 @@
+"""The secondary's side of the COLO network layer (QEMU's filter-redirector + filter-rewriter):
+
+    packet channel ──► receiver thread ──► Rewriter.to_guest ──► QueueBackend.deliver ──► SVM
+                         (client frames the PVM read, tagged with the PVM's epoch)
+    SVM ──► QueueBackend ──► sender thread ──► Rewriter.from_guest ──► packet channel (epoch)
+
+The SVM never touches its tap while in COLO.  At a checkpoint (the SVM stopped)
+what it sent but was not yet forwarded is dropped, the epoch becomes the
+checkpoint's number and the rewriter's offsets reset.  At failover the tap comes
+back behind a RewritingBackend, so connections whose sequence numbers were
+offset keep working for as long as they live.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from appliance.vmm.devices import QueueBackend
+
+from .channel import ChannelError, PacketChannel
+from .rewriter import Rewriter
+
+log = logging.getLogger(__name__)
+TX_QUEUE = 4096             # SVM frames waiting for the sender thread
+SCAN_EVERY = 10.0           # seconds between the rewriter's sweeps of closed and idle connections
+
+
+class RewritingBackend:
+    """The tap after failover, with the live connections' sequence numbers still rewritten."""
+
+    def __init__(self, tap, rewriter: Rewriter):
+        self.tap = tap
+        self.rewriter = rewriter
+        self._lock = threading.Lock()
+        self._next_scan = time.monotonic() + SCAN_EVERY
+
+    def wait_fds(self) -> list[int]:
+        return self.tap.wait_fds()
+
+    def receive(self) -> bytes | None:
+        frame = self.tap.receive()
+        if frame is None:
+            return None
+        with self._lock:
+            return self.rewriter.to_guest(frame)
+
+    def transmit(self, frame: bytes) -> bool:
+        with self._lock:
+            frame = self.rewriter.from_guest(frame)
+            if time.monotonic() >= self._next_scan:           # closed and idle connections go
+                self.rewriter.scan_expired()
+                self._next_scan = time.monotonic() + SCAN_EVERY
+        return self.tap.transmit(frame)
+
+    def close(self) -> None:
+        """The tap stays with the NIC."""
+
+
+class SecondaryFilters:
+    def __init__(self, nic, channel: PacketChannel, on_lost: Callable[[str], None]):
+        self.nic = nic
+        self.channel = channel
+        self.on_lost = on_lost
+        self.backend = QueueBackend(tx_limit=TX_QUEUE)
+        self.rewriter = Rewriter()
+        self.epoch = 0
+        self.checkpoint_dropped = 0
+        self._generation = 0            # bumped at each checkpoint: a frame taken before it is stale
+        self._lock = threading.Lock()   # the rewriter and the epoch, between the two threads
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._to_svm, name="colo-to-svm", daemon=True),
+                         threading.Thread(target=self._from_svm, name="colo-from-svm", daemon=True)]
+
+    def start(self) -> None:
+        self.nic.attach(self.backend).close()
+        for thread in self._threads:
+            thread.start()
+
+    def checkpoint(self, epoch: int) -> None:
+        """The SVM is stopped and about to load checkpoint ``epoch``: what it sent and was not
+        forwarded yet, and client frames the PVM read before the checkpoint, are stale now."""
+        with self._lock:
+            while self.backend.take(0) is not None:
+                self.checkpoint_dropped += 1
+            self.checkpoint_dropped += self.backend.drop_undelivered()
+            self._generation += 1
+            self.epoch = epoch
+            self.rewriter.checkpoint()
+
+    def stop(self, takeover: bool) -> None:
+        """COLO ended; with ``takeover`` the SVM is the service guest: back on its tap."""
+        self._stopping.set()
+        self.channel.close()
+        self.backend.close()
+        for thread in self._threads:
+            thread.join(5)
+        if takeover:
+            self.rewriter.failover()
+            self.nic.attach(RewritingBackend(self.nic.tap_backend, self.rewriter))
+        else:
+            self.nic.attach(QueueBackend())
+
+    def counters(self) -> dict:
+        return {**self.rewriter.counters, "from-primary": self.channel.frames_received,
+                "to-primary": self.channel.frames_sent,
+                "checkpoint-dropped": self.checkpoint_dropped, "svm-dropped": self.backend.tx_dropped,
+                "to-svm-dropped": self.backend.rx_dropped}
+
+    def _to_svm(self) -> None:
+        try:
+            while True:
+                epoch, frame = self.channel.recv()
+                with self._lock:
+                    if epoch < self.epoch:          # the PVM read it before the last checkpoint
+                        self.checkpoint_dropped += 1
+                        continue
+                    frame = self.rewriter.to_guest(frame)
+                self.backend.deliver(frame)
+        except ChannelError as e:
+            self._lost(str(e))
+
+    def _from_svm(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                generation = self._generation
+                frame = self.backend.take(0.5)
+                if frame is None:
+                    continue
+                with self._lock:
+                    if generation != self._generation:
+                        self.checkpoint_dropped += 1
+                        continue
+                    frame, epoch = self.rewriter.from_guest(frame), self.epoch
+                self.channel.send(epoch, frame)
+        except ChannelError as e:
+            self._lost(str(e))
+
+    def _lost(self, why: str) -> None:
+        if not self._stopping.is_set():
+            self.on_lost(why)
