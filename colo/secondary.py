@@ -63,7 +63,7 @@ class ColoSecondary(ColoSession):
             self.start_heartbeat(protocol.read_hello(self.channel)[0])
             if packets is not None:
                 with packets:
-                    self.filters = SecondaryFilters(self.vm.nic, PacketChannel.accept(packets), self.peer_lost)
+                    self.filters = SecondaryFilters(self.vm.nic, PacketChannel.accept(packets, self.peer_address), self.peer_lost)
                 self.filters.start()
             while not self.stopping.is_set():
                 kind = self.channel.read_exact(1)[0]

@@ -16,9 +16,13 @@ A bad hello, a frame over MAX_FRAME or a closed connection ends the channel:
 """
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
+import time
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"COLOPKT\0"
 VERSION = 1
@@ -50,13 +54,20 @@ class PacketChannel:
         return cls._greet(sock, timeout)
 
     @classmethod
-    def accept(cls, listener: socket.socket, timeout: float = 10.0) -> "PacketChannel":
-        listener.settimeout(timeout)
-        try:
-            sock, _ = listener.accept()
-        except OSError as e:
-            raise ChannelError(f"packet channel: no connection from the primary ({e})") from e
-        return cls._greet(sock, timeout)
+    def accept(cls, listener: socket.socket, peer_address: str, timeout: float = 10.0) -> "PacketChannel":
+        """The connection from ``peer_address`` (the primary); others are closed unread, so
+        nobody else can take its place."""
+        deadline = time.monotonic() + timeout
+        while True:
+            listener.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                sock, (address, *_) = listener.accept()
+            except OSError as e:
+                raise ChannelError(f"packet channel: no connection from the primary ({e})") from e
+            if address == peer_address:
+                return cls._greet(sock, max(deadline - time.monotonic(), 1.0))
+            log.warning("packet channel: refused a connection from %s (the primary is %s)", address, peer_address)
+            sock.close()
 
     @classmethod
     def _greet(cls, sock: socket.socket, timeout: float) -> "PacketChannel":
