@@ -124,6 +124,32 @@ def _colo_metrics(node: Node) -> list[str]:
               "# HELP colo_appliance_colo_heartbeat_age_seconds Time since the COLO peer was last heard.",
               "# TYPE colo_appliance_colo_heartbeat_age_seconds gauge",
               f'colo_appliance_colo_heartbeat_age_seconds{{{n}}} {age / 1000 if age is not None else "NaN"}']
+    return lines + _netfilter_metrics(n, colo["netfilter"])
+
+
+NETFILTER_COUNTERS = {
+    "matched": "Primary frames released because the secondary's matched.",
+    "released": "Primary frames released to the network (matched, passed through, or at a checkpoint).",
+    "mismatches": "Connections whose two guests' output differed (each forces a checkpoint).",
+    "timeouts": "Frames that waited longer than compare_timeout for their match.",
+    "dropped": "Frames dropped: beyond max_queue_size, or secondary frames not used for a match.",
+    "malformed": "Frames that could not be parsed.",
+}
+
+
+def _netfilter_metrics(n: str, counters: dict | None) -> list[str]:
+    """The primary's comparer, per flow class (tcp, udp, icmp, other, non-ip), while in COLO."""
+    if not counters or "tcp" not in counters:
+        return []
+    flows = [flow for flow, values in counters.items() if isinstance(values, dict)]
+    lines = ["# HELP colo_appliance_netfilter_frames_total Guest frames the comparer received, by side.",
+             "# TYPE colo_appliance_netfilter_frames_total counter"]
+    lines += [f'colo_appliance_netfilter_frames_total{{{n},flow="{flow}",side="{side}"}} {counters[flow][side]}'
+              for flow in flows for side in ("primary", "secondary")]
+    for counter, help_text in NETFILTER_COUNTERS.items():
+        name = f"colo_appliance_netfilter_{counter}_total"
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{{n},flow="{flow}"}} {counters[flow][counter]}' for flow in flows]
     return lines
 
 

@@ -39,6 +39,8 @@ class PacketChannel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        local, peer = sock.getsockname(), sock.getpeername()
+        self.endpoints = f"{local[0]}:{local[1]} <-> {peer[0]}:{peer[1]}"     # for the status page
         self.frames_sent = 0
         self.frames_received = 0
         self._send_lock = threading.Lock()

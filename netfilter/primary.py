@@ -97,7 +97,8 @@ class PrimaryFilters:
             thread.join(5)
 
     def counters(self) -> dict:
-        return {**self.comparer.counters, "mirrored": self.channel.frames_sent, "mirror-dropped": self.mirror_dropped,
+        return {**self.comparer.counters, "channel": self.channel.endpoints,
+                "mirrored": self.channel.frames_sent, "mirror-dropped": self.mirror_dropped,
                 "svm-frames": self.channel.frames_received, "stale-dropped": self.stale_dropped}
 
     # -- threads ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ offset keep working for as long as they live.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -20,11 +21,15 @@ from typing import Callable
 from appliance.vmm.devices import QueueBackend
 
 from .channel import ChannelError, PacketChannel
+from .packet import PacketError, fix_checksums, parse
 from .rewriter import Rewriter
 
 log = logging.getLogger(__name__)
 TX_QUEUE = 4096             # SVM frames waiting for the sender thread
 SCAN_EVERY = 10.0           # seconds between the rewriter's sweeps of closed and idle connections
+# A test hook: the SVM's Nth TCP segment with data leaves with its last byte changed, as if
+# the SVM had diverged, so tests can show the comparer catching it (0: never).
+DIVERGE_AT = int(os.environ.get("COLO_APPLIANCE_TEST_DIVERGE_SVM", "0"))
 
 
 class RewritingBackend:
@@ -67,6 +72,7 @@ class SecondaryFilters:
         self.rewriter = Rewriter()
         self.epoch = 0
         self.checkpoint_dropped = 0
+        self.data_segments = 0          # the SVM's TCP segments with data (for DIVERGE_AT)
         self._generation = 0            # bumped at each checkpoint: a frame taken before it is stale
         self._lock = threading.Lock()   # the rewriter and the epoch, between the two threads
         self._stopping = threading.Event()
@@ -103,7 +109,8 @@ class SecondaryFilters:
             self.nic.attach(QueueBackend())
 
     def counters(self) -> dict:
-        return {**self.rewriter.counters, "from-primary": self.channel.frames_received,
+        return {**self.rewriter.counters, "channel": self.channel.endpoints,
+                "from-primary": self.channel.frames_received,
                 "to-primary": self.channel.frames_sent,
                 "checkpoint-dropped": self.checkpoint_dropped, "svm-dropped": self.backend.tx_dropped,
                 "to-svm-dropped": self.backend.rx_dropped}
@@ -133,9 +140,25 @@ class SecondaryFilters:
                         self.checkpoint_dropped += 1
                         continue
                     frame, epoch = self.rewriter.from_guest(frame), self.epoch
+                if DIVERGE_AT:
+                    frame = self._diverge(frame)
                 self.channel.send(epoch, frame)
         except ChannelError as e:
             self._lost(str(e))
+
+    def _diverge(self, frame: bytes) -> bytes:
+        try:
+            packet = parse(frame)
+        except PacketError:
+            return frame
+        if packet.tcp is None or not len(packet.tcp.payload):
+            return frame
+        self.data_segments += 1
+        if self.data_segments != DIVERGE_AT:
+            return frame
+        log.warning("test hook: the SVM's TCP segment %d diverges", DIVERGE_AT)
+        last = packet.ip_offset + packet.total_length - 1          # the segment's last data byte
+        return fix_checksums(frame[:last] + bytes([frame[last] ^ 0x20]) + frame[last + 1:])
 
     def _lost(self, why: str) -> None:
         if not self._stopping.is_set():

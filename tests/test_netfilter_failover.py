@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_colo import Pair, colo_exit, http_status, topo  # noqa: F401  (the topology fixture)
+from test_colo import Pair, colo_exit, http_get, http_status, topo  # noqa: F401  (the topology fixture)
 from test_migration_nodes import kvstore_args, wait_console
 
 pytestmark = [pytest.mark.kvm, pytest.mark.netns]
@@ -90,4 +90,56 @@ async def test_client_connection_survives_losing_the_primary(topo, guest_images,
     finally:
         if how == "stop":
             pair.daemons["a"].proc.send_signal(signal.SIGCONT)
+        await pair.close()
+
+
+async def test_a_diverging_secondary_forces_a_mismatch_checkpoint(topo, guest_images, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
+    """The SVM's 5th data segment differs from the PVM's (test hook): the comparer holds the
+    primary's, asks for a 'mismatch' checkpoint, and the client only ever sees the primary's."""
+    monkeypatch.setenv("COLO_APPLIANCE_TEST_DIVERGE_SVM", "5")
+    pair = Pair(topo, tmp_path, kvstore_args(topo))
+    try:
+        _, a = await pair.start("a")
+        _, b = await pair.start("b", incoming=True)
+        await wait_console(a, "listening")
+        await pair.enter_colo(delay=60000)          # after the first, checkpoints come from the comparer
+        await pair.wait_checkpoints("a", 1)
+        client = VerifyingClient(topo)
+        for i in range(50):
+            assert client.call(b"SET", b"k%d" % i, b"v%d" % i) == b"+OK"
+            assert client.call(b"GET", b"k%d" % i) == b"v%d" % i      # a diverged reply would read "V..."
+        status = (await http_status(pair.daemons["a"]))["colo"]
+        assert status["checkpoints"]["mismatch"] >= 1 and status["checkpoints"]["periodic"] == 1
+        assert status["netfilter"]["tcp"]["mismatches"] >= 1
+        metrics = (await http_get(pair.daemons["a"], "/metrics")).decode()
+        mismatches = [line for line in metrics.splitlines()
+                      if line.startswith("colo_appliance_netfilter_mismatches_total") and 'flow="tcp"' in line]
+        assert mismatches and float(mismatches[0].split()[-1]) >= 1
+        client.conn.close()
+    finally:
+        await pair.close()
+
+
+async def test_redis_tools_work_unchanged_against_a_protected_guest(topo, guest_images, tmp_path):  # noqa: F811
+    pair = Pair(topo, tmp_path, kvstore_args(topo))
+    try:
+        _, a = await pair.start("a")
+        _, b = await pair.start("b", incoming=True)
+        await wait_console(a, "listening")
+        await pair.enter_colo(delay=500)
+        cli = ["redis-cli", "-h", topo.guest_address]
+        assert topo.run_client(cli + ["SET", "protected", "yes"], capture_output=True, text=True,
+                               timeout=30).stdout.strip() == "OK"
+        assert topo.run_client(cli + ["GET", "protected"], capture_output=True, text=True,
+                               timeout=30).stdout.strip() == "yes"
+        bench = topo.run_client(["redis-benchmark", "-h", topo.guest_address, "-t", "set,get", "-n", "2000",
+                                 "-c", "10", "-q"], capture_output=True, text=True, timeout=120)
+        assert bench.returncode == 0, bench.stderr
+        rates = [line for line in bench.stdout.replace("\r", "\n").splitlines() if "requests per second" in line]
+        assert [r.split(":")[0] for r in rates] == ["SET", "GET"], bench.stdout
+        status = (await http_status(pair.daemons["a"]))["colo"]
+        assert status["netfilter"]["tcp"]["matched"] >= 4000      # every reply was compared and matched
+        assert status["failed-checkpoints"] == 0
+    finally:
         await pair.close()
