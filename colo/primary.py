@@ -15,8 +15,7 @@ import threading
 import time
 
 from replication import stream
-from replication.ram import full_ram_digest
-from replication.source import bitmap_runs
+from replication.source import bitmap_runs, describe
 
 from . import protocol
 from .failover import FailoverStatus
@@ -35,6 +34,8 @@ class ColoPrimary(ColoSession):
     def __init__(self, manager, source):
         super().__init__(manager, source, source.channel)
         self.source = source
+        self.writer = source.writer             # pages onto the connection, the digest of what was sent
+        self.migration_stats = source.stats     # query-migrate's figures go on counting in state colo
         self.steps = protocol.Steps("primary", self.channel)
         self._requested: str | None = None
         self._request_lock = threading.Lock()
@@ -71,7 +72,7 @@ class ColoPrimary(ColoSession):
             self.request_failover(ExitReason.ERROR)      # it is alive and gave up: nothing to wait for
         except Exception as e:
             if not self.stopping.is_set() or self.lost:
-                self.peer_lost(self.lost or self.source._describe(e))
+                self.peer_lost(self.lost or describe(e))
         self._end()
 
     def _wait_for_trigger(self) -> str | None:
@@ -90,16 +91,16 @@ class ColoPrimary(ColoSession):
         return None
 
     def _checkpoint(self, reason: str) -> None:
-        source, vm, steps = self.source, self.vm, self.steps
-        sent_before = source.transferred
+        writer, migration_stats, vm, steps = self.writer, self.migration_stats, self.vm, self.steps
+        sent_before = migration_stats.transferred
         steps.checkpoint += 1
-        source.dirty_sync_count += 1         # as QEMU's query-migrate counts a checkpoint's bitmap sync
+        migration_stats.dirty_sync_count += 1  # as QEMU's query-migrate counts a checkpoint's bitmap sync
         # Live rounds: what the PVM dirtied so far, while it runs, until a round is small.
         for _ in range(MAX_LIVE_ROUNDS):
             runs = bitmap_runs(vm.fetch_dirty_bitmap())
-            source.send_dirty_runs(runs)
-            source.end_pass(steps.checkpoint)
-            source.digest.refresh()
+            writer.send_dirty_runs(runs)
+            writer.end_pass(steps.checkpoint)
+            writer.digest.refresh()
             if sum(count for _, count in runs) < SMALL_ROUND_PAGES:
                 break
         steps.send(M.CHECKPOINT_REQUEST)
@@ -108,15 +109,14 @@ class ColoPrimary(ColoSession):
         was_running = vm.pause_for_checkpoint()
         try:
             steps.send(M.VMSTATE_SEND)
-            source.send_dirty_runs(bitmap_runs(vm.fetch_dirty_bitmap()))
-            source.end_pass(stream.FINAL_PASS)
+            writer.send_dirty_runs(bitmap_runs(vm.fetch_dirty_bitmap()))
+            writer.end_pass(stream.FINAL_PASS)
             sections = vm.save_devices()
-            full = full_ram_digest(source.ram, source.ram_size) if self.settings.verify_ram else None
-            vmstate = b"".join(stream.pack_device(*s) for s in sections) + stream.pack_end(
-                source.digest.digest(), stream.devices_digest(sections), full)
+            full = writer.full_digest() if self.settings.verify_ram else None
+            vmstate = b"".join(stream.pack_device(*s) for s in sections) + writer.end_record(sections, full)
             steps.send(M.VMSTATE_SIZE, len(vmstate))
             steps.send_vmstate(vmstate)
-            source.transferred += len(vmstate)
+            migration_stats.transferred += len(vmstate)
             steps.expect(M.VMSTATE_RECEIVED)
             self.manager.notify("checkpoint")
             steps.expect(M.VMSTATE_LOADED)
@@ -127,7 +127,7 @@ class ColoPrimary(ColoSession):
             vm.resume(announce=False)
         pause = time.monotonic() - pause_start if was_running else None
         self._last_checkpoint = time.monotonic()
-        self.manager.stats.record(reason, pause, source.transferred - sent_before)
+        self.manager.stats.record(reason, pause, migration_stats.transferred - sent_before)
         if full is not None:
             self.manager.stats.digests.append((steps.checkpoint, full.hex()))
 
