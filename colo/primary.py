@@ -14,10 +14,13 @@ import logging
 import threading
 import time
 
+from netfilter.channel import PacketChannel
+from netfilter.primary import PrimaryFilters
 from replication import stream
 from replication.source import bitmap_runs, describe
 
 from . import protocol
+
 from .failover import FailoverStatus
 from .protocol import ColoMessage as M, ExitReason, PeerExited
 from .session import ColoSession
@@ -37,9 +40,14 @@ class ColoPrimary(ColoSession):
         self.writer = source.writer             # pages onto the connection, the digest of what was sent
         self.migration_stats = source.stats     # query-migrate's figures go on counting in state colo
         self.steps = protocol.Steps("primary", self.channel)
+        self.filters: PrimaryFilters | None = None
         self._requested: str | None = None
         self._request_lock = threading.Lock()
         self._last_checkpoint = time.monotonic()
+
+    def request_mismatch(self, reason: str) -> None:
+        """From the comparer: the guests' output differs (or waited too long)."""
+        self.request_checkpoint("mismatch")
 
     def request_checkpoint(self, reason: str) -> None:
         """From any thread: a checkpoint as soon as possible (requests coalesce)."""
@@ -57,11 +65,19 @@ class ColoPrimary(ColoSession):
     def run(self) -> None:
         try:
             self.new_heartbeat()
-            peer_port = protocol.read_hello(self.channel)
+            peer_port, packet_port = protocol.read_hello(self.channel)
             self.steps.expect(M.CHECKPOINT_READY)
             self.channel.send(stream.pack_colo_hello(self.heartbeat.port))
             self.start_heartbeat(peer_port)
-            log.info("COLO primary: secondary ready, heartbeat to port %d", peer_port)
+            if self.vm.nic is not None and packet_port:
+                self.filters = PrimaryFilters(self.vm.nic, PacketChannel.connect(self.peer_address, packet_port),
+                                              self.manager.netfilter, self.request_mismatch, self.peer_lost)
+                self.filters.start()
+                # What the PVM read before the mirror was up never reached the SVM: the first
+                # checkpoint comes at once, so the pair is in step before the first failover can be.
+                self._last_checkpoint = 0.0
+            log.info("COLO primary: secondary ready, heartbeat to port %d, packet channel %s", peer_port,
+                     packet_port or "none")
             while not self.stopping.is_set():
                 reason = self._wait_for_trigger()
                 if reason is not None:
@@ -118,6 +134,8 @@ class ColoPrimary(ColoSession):
             steps.send_vmstate(vmstate)
             migration_stats.transferred += len(vmstate)
             steps.expect(M.VMSTATE_RECEIVED)
+            if self.filters is not None:
+                self.filters.checkpoint(steps.checkpoint)
             self.manager.notify("checkpoint")
             steps.expect(M.VMSTATE_LOADED)
         except BaseException:
@@ -143,6 +161,8 @@ class ColoPrimary(ColoSession):
         self.channel.abort()
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.filters is not None:
+            self.filters.stop()
         self.wait_for_failover()
         if self.vm.state == "colo":
             self.vm.resume(announce=False)      # a checkpoint that failed half-way
