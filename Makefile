@@ -47,6 +47,7 @@ bench: venv guests
 	$(PY) bench/vmm_bench.py --write docs/benchmarks.md
 	$(PY) bench/migration_bench.py --write docs/benchmarks.md
 	$(PY) bench/colo_bench.py --write docs/benchmarks.md
+	$(PY) bench/colo_net_bench.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info
