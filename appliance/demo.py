@@ -1,16 +1,22 @@
 """``make demo``: kvstore on a node, loaded with redis-benchmark, live-migrated to another node;
-then a COLO drill.
+then kvstore under COLO losing its primary under load; then a COLO drill.
 
     1. network namespaces: a client and two nodes (appliance.netns)
     2. node A boots the kvstore guest; node B waits for an incoming migration
     3. redis-benchmark from the client namespace measures kvstore
     4. the same benchmark runs again while the guest migrates from A to B
     5. a report: ops/s before and during, the migration's figures, client errors (none)
-    6. a COLO drill on three fresh memdirty nodes (appliance.drill): A protected by B, A killed,
+    6. kvstore under COLO on two fresh nodes (bench/colo_net_bench.py's steps): redis-benchmark
+       unprotected and under COLO, then the primary daemon killed (SIGKILL) while redis-benchmark
+       and a verifying client (one connection, numbered keys) run; a report: whether the
+       client's connection carried on, the longest silence between two replies, every
+       acknowledged key read back, ops/s unprotected vs under COLO, checkpoints by reason
+    7. a COLO drill on three fresh memdirty nodes (appliance.drill): A protected by B, A killed,
        B takes over and is protected again onto C
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -25,7 +31,10 @@ from .cli import SyncQMPClient, progress_line
 from .drill import DrillPlan, run_drill
 from .netns import Topology
 
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 PORT = 4444
+COLO_DELAY_MS = 1000
+COLO_LOAD_REQUESTS = 20000      # redis-benchmark across the failover: several seconds under COLO
 MEMDIRTY = ["--guest", "memdirty", "-m", "64", "--append", "mib=16 rate=40"]
 
 
@@ -156,6 +165,52 @@ def migration_demo(workdir: str) -> bool:
         topo.close()
 
 
+def kvstore_colo_demo(workdir: str) -> bool:
+    """The COLO network layer at work: a client's connection outlives the primary."""
+    sys.path.insert(0, BENCH)
+    import colo_net_bench as bench      # the benchmark's steps, run once here with a report
+
+    workdir = os.path.join(workdir, "colo")
+    os.mkdir(workdir)
+    say(f"kvstore under COLO: two fresh nodes in fresh namespaces (logs in {workdir})")
+    # pyroute2's namespace calls run their own event loop: the topology is made outside ours.
+    with Topology(f"kvcolo{os.getpid() % 10000}", ["a", "b"]) as topo:
+        say(f"redis-benchmark against kvstore unprotected (node a alone), {bench.REQUESTS} requests")
+        alone = asyncio.run(bench.unprotected(topo, workdir))
+        say(f"node a primary, node b secondary, x-checkpoint-delay {COLO_DELAY_MS} ms: redis-benchmark under COLO, "
+            f"then SIGKILL to node a's daemon {bench.CLIENT_SECONDS:.0f} s into redis-benchmark and a verifying client")
+        colo = asyncio.run(bench.protected(topo, workdir, COLO_DELAY_MS, failover=True,
+                                           load_requests=COLO_LOAD_REQUESTS))
+    failover = colo["failover"]
+    all_present = failover["present"] == failover["acked"]
+
+    print()
+    print("Report")
+    print("------")
+    for test in ("SET", "GET"):
+        unprotected_rps, colo_rps = alone["tests"][test]["rps"], colo["tests"][test]["rps"]
+        print(f"  {test} ops/s        : unprotected {unprotected_rps:>7.0f}   under COLO {colo_rps:>7.0f}   "
+              f"({colo_rps / unprotected_rps:.2f}x)")
+    reasons = ", ".join(f"{reason} {count}" for reason, count in colo["checkpoints"].items())
+    print(f"  checkpoints      : {reasons} (during the benchmark under COLO)")
+    print(f"  takeover         : COLO_EXIT on node b {failover['takeover-s'] * 1000:.0f} ms after the SIGKILL "
+          f"(reason {failover['colo-exit']['reason']})")
+    print(f"  connection       : {'carried on' if failover['carried-on'] else 'BROKE'}"
+          + "".join(f"; {error}" for error in failover["errors"]))
+    print(f"  longest silence  : {failover['gap-s'] * 1000:.0f} ms around the failover, "
+          f"{failover['longest-gap-s'] * 1000:.0f} ms in the whole run")
+    print(f"  acknowledged keys: {failover['present']} of {failover['acked']} present afterwards")
+    load = failover["load"]
+    if isinstance(load, dict):
+        print(f"  redis-benchmark  : finished across the failover (SET {load['SET']['rps']:.0f} ops/s, "
+              f"GET {load['GET']['rps']:.0f} ops/s overall)")
+    else:
+        print(f"  redis-benchmark  : FAILED across the failover: {load.strip().splitlines()[-1]}")
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump({"unprotected": alone, "colo": colo}, f)
+    return failover["carried-on"] and all_present and isinstance(load, dict)
+
+
 def drill_demo(workdir: str) -> bool:
     """The drill an operator runs (colo-appliance drill), on three fresh memdirty nodes."""
     workdir = os.path.join(workdir, "drill")
@@ -185,8 +240,9 @@ def main() -> int:
         return 1
     workdir = tempfile.mkdtemp(prefix="colo-demo-")
     migrated = migration_demo(workdir)
+    protected = kvstore_colo_demo(workdir)
     drilled = drill_demo(workdir)
-    return 0 if migrated and drilled else 1
+    return 0 if migrated and protected and drilled else 1
 
 
 if __name__ == "__main__":
