@@ -142,7 +142,7 @@ class ColoPrimary(ColoSession):
             self.manager.stats.failed_checkpoints += 1
             raise                         # the guest stays stopped until failover decides
         if was_running:
-            vm.resume(announce=False)
+            vm.resume_after_checkpoint()
         pause = time.monotonic() - pause_start if was_running else None
         self._last_checkpoint = time.monotonic()
         self.manager.stats.record(reason, pause, migration_stats.transferred - sent_before)
@@ -165,7 +165,7 @@ class ColoPrimary(ColoSession):
             self.filters.stop()
         self.wait_for_failover()
         if self.vm.state == "colo":
-            self.vm.resume(announce=False)      # a checkpoint that failed half-way
+            self.vm.resume_after_checkpoint()    # a checkpoint that failed half-way
         elif self.held:
             self.vm.resume()
         self.manager.finish(self, self.exit_reason)

@@ -127,7 +127,7 @@ class ColoSecondary(ColoSession):
         self._load()
         steps.send(M.VMSTATE_LOADED)
         if not self.stopping.is_set():
-            self.vm.resume(announce=False)
+            self.vm.resume_after_checkpoint()
 
     def _load(self) -> None:
         """colo_flush_ram_cache, then the devices: the SVM becomes the PVM as of the checkpoint."""

@@ -597,3 +597,24 @@ async def test_sigterm_leaves_colo_at_once_and_the_peer_goes_on(topo, guest_imag
         await assert_memdirty_runs_on(peer, 1.0)
     finally:
         await pair.close()
+
+
+async def test_stop_during_checkpoints_is_not_undone(topo, guest_images, tmp_path):
+    """At x-checkpoint-delay 0 a `stop` lands inside a checkpoint's pause most of the time; the
+    checkpoint's end must leave the guest stopped, and checkpoints go on with it stopped."""
+    pair, a, b = await started_pair(topo, tmp_path, delay=0)
+    try:
+        for _ in range(5):
+            with a.listener() as events:
+                await a.execute("stop")
+                assert await next_event(events) == ("STOP", None)
+            done = await pair.checkpoints("a")
+            await pair.wait_checkpoints("a", done + 3)
+            assert (await a.execute("query-status"))["status"] in ("paused", "colo")
+            await asyncio.sleep(0.2)
+            assert (await a.execute("query-status"))["status"] in ("paused", "colo")
+            await a.execute("cont")
+            await pair.wait_checkpoints("a", done + 6)
+            assert (await a.execute("query-status"))["status"] in ("running", "colo")
+    finally:
+        await pair.close()

@@ -236,7 +236,7 @@ class Node:
             raise QMPError("Resetting the Virtual Machine is required")
         if self.run_state in ("inmigrate", "running"):
             return
-        if self.outgoing_running():
+        if self.outgoing_running() and self.migration_status != "colo":    # a COLO primary's guest may run
             raise QMPError("the guest is being migrated; cancel the migration with migrate_cancel first")
         if isinstance(self.migration, MigrationSource) and self.migration.ram_released:
             raise QMPError("the guest's RAM was released after its migration (release-ram); "

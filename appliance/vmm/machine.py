@@ -313,6 +313,18 @@ class VirtualMachine:
         False if the guest was not running."""
         return self._park(COLO)
 
+    def resume_after_checkpoint(self) -> bool:
+        """Run again after a COLO checkpoint, without RESUME, unless the guest was stopped
+        meanwhile (a `stop` during the checkpoint): then it stays paused.  False if it does."""
+        with self._cond:
+            if self._state != COLO:
+                return False
+            self._state = RUNNING
+            self._clock.run()
+            self._run_requested = True
+            self._cond.notify_all()
+        return True
+
     def _park(self, state: str) -> bool:
         with self._cond:
             if self._state == COLO and state == PAUSED:
