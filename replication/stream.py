@@ -112,14 +112,6 @@ class Header:
         return cls(flags, str(uuidlib.UUID(bytes=raw_uuid)), page_size, ram_size, channels)
 
 
-def devices_digest(sections: list[tuple[str, int, bytes]]) -> bytes:
-    """blake3 over the DEVICE records of ``sections``, exactly as they are sent."""
-    hasher = blake3.blake3()
-    for name, version, payload in sections:
-        hasher.update(pack_device(name, version, payload))
-    return hasher.digest()
-
-
 # -- records: each one's pack and read, side by side -----------------------------------------
 # A reader is anything with read_exact(n) -> bytes (a Channel, or BytesReader over a buffer).
 # Each read_* takes the record's body: its type byte is already read.
