@@ -73,8 +73,7 @@ class SecondaryFilters:
         self.epoch = 0
         self.checkpoint_dropped = 0
         self.data_segments = 0          # the SVM's TCP segments with data (for DIVERGE_AT)
-        self._generation = 0            # bumped at each checkpoint: a frame taken before it is stale
-        self._lock = threading.Lock()   # the rewriter and the epoch, between the two threads
+        self._lock = threading.Lock()   # the rewriter, the epoch and taking the SVM's frames
         self._stopping = threading.Event()
         self._threads = [threading.Thread(target=self._to_svm, name="colo-to-svm", daemon=True),
                          threading.Thread(target=self._from_svm, name="colo-from-svm", daemon=True)]
@@ -91,7 +90,6 @@ class SecondaryFilters:
             while self.backend.take(0) is not None:
                 self.checkpoint_dropped += 1
             self.checkpoint_dropped += self.backend.drop_undelivered()
-            self._generation += 1
             self.epoch = epoch
             self.rewriter.checkpoint()
 
@@ -131,13 +129,13 @@ class SecondaryFilters:
     def _from_svm(self) -> None:
         try:
             while not self._stopping.is_set():
-                generation = self._generation
-                frame = self.backend.take(0.5)
-                if frame is None:
+                # Taken under the lock checkpoint() drains under: a frame is tagged with the
+                # checkpoint that was current when it was taken, never a later one.
+                if not self.backend.wait_sent(0.5):
                     continue
                 with self._lock:
-                    if generation != self._generation:
-                        self.checkpoint_dropped += 1
+                    frame = self.backend.take(0)
+                    if frame is None:
                         continue
                     frame, epoch = self.rewriter.from_guest(frame), self.epoch
                 if DIVERGE_AT:

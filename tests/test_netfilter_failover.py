@@ -143,3 +143,30 @@ async def test_redis_tools_work_unchanged_against_a_protected_guest(topo, guest_
         assert status["failed-checkpoints"] == 0
     finally:
         await pair.close()
+
+
+async def test_checkpoints_do_not_stall_a_client(topo, guest_images, tmp_path):  # noqa: F811
+    """A checkpoint costs a client a pause of milliseconds, not a TCP retransmission (200 ms):
+    the SVM's first reply after a checkpoint must reach the comparer."""
+    pair = Pair(topo, tmp_path, kvstore_args(topo))
+    try:
+        _, a = await pair.start("a")
+        _, b = await pair.start("b", incoming=True)
+        await wait_console(a, "listening")
+        await pair.enter_colo(delay=100)
+        await pair.wait_checkpoints("a", 2)
+        client = VerifyingClient(topo)
+        client.start()
+        start = await pair.checkpoints("a")
+        await asyncio.sleep(3)
+        client.stopping.set()
+        client.join(10)
+        assert not client.errors, client.errors
+        checkpoints = await pair.checkpoints("a") - start
+        assert checkpoints >= 10
+        # Each reply is released when the SVM's matches, not at the next checkpoint.
+        assert len(client.acked) > 20 * checkpoints, (len(client.acked), checkpoints)
+        assert client.longest_gap < 0.08, client.longest_gap
+        client.check_every_acked_key()
+    finally:
+        await pair.close()

@@ -234,6 +234,13 @@ class QueueBackend:
                 os.eventfd_read(self._to_guest_fd)
             return count
 
+    def wait_sent(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` until the guest has sent a frame (or close()), without taking
+        it: the caller takes it under a lock of its own.  True if one is waiting."""
+        with self._guest_sent:
+            self._guest_sent.wait_for(lambda: self._from_guest or self._closed, timeout)
+            return bool(self._from_guest)
+
     def wait_fds(self) -> list[int]:
         return [] if self._closed else [self._to_guest_fd]
 
