@@ -1,5 +1,5 @@
 # colo-appliance: every set-up step, idempotent, for a fresh Debian 12 machine as root.
-#   make demo   boot the kvstore guest and load it with redis-benchmark (the main job)
+#   make demo   kvstore migrated and then protected by COLO under load, its primary killed; a COLO drill
 #   make test   the whole test suite
 #   make bench  benchmarks; results go to docs/benchmarks.md
 
