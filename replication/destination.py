@@ -244,7 +244,8 @@ class MigrationDestination(MigrationRun):
 
     def verify_guest_ram(self) -> None:
         """--verify-ram: ALL of the guest's RAM, hashed from scratch, equals the sender's."""
-        if self.full_digest is not None and full_ram_digest(self.vm.ram_regions()[0][3], self.ram_size) \
+        _, _, fd, guest_ram = self.vm.ram_regions()[0]
+        if self.full_digest is not None and full_ram_digest(guest_ram, self.ram_size, fd) \
                 != self.full_digest:
             raise stream.StreamError("whole-RAM verification failed: the guest's memory differs from the "
                                      "sender's (a page was missed)")

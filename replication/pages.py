@@ -42,11 +42,13 @@ MULTIFD_QUEUE = 8                 # batches waiting for each multifd sender
 
 class PageWriter:
     def __init__(self, main: Channel, ram: memoryview, digest: RamDigest, stats: MigrationStats, params: dict, *,
-                 xbzrle: XbzrleCache | None, compress: bool, check: Callable[[], None]):
+                 xbzrle: XbzrleCache | None, compress: bool, check: Callable[[], None], memfd: int | None = None):
         """``params`` live, as the migration's; ``digest`` a RamDigest of ``ram`` with nothing
-        marked yet (all zero, as the receiver's RAM starts); ``xbzrle`` the page cache, or None."""
+        marked yet (all zero, as the receiver's RAM starts); ``xbzrle`` the page cache, or None;
+        ``memfd`` the file behind ``ram`` (None: a plain buffer, read whole by full_digest)."""
         self.main = main
         self.ram = ram
+        self.memfd = memfd
         self.digest = digest
         self.stats = stats
         self.params = params
@@ -90,7 +92,7 @@ class PageWriter:
 
     def full_digest(self) -> bytes:
         """A digest of ALL of RAM from scratch, trusting no dirty log (--verify-ram)."""
-        return full_ram_digest(self.ram, self.ram.nbytes)
+        return full_ram_digest(self.ram, self.ram.nbytes, self.memfd)
 
     def end_record(self, sections: list[tuple[str, int, bytes]], full: bytes | None) -> bytes:
         """END for the RAM as sent (the guest stopped), the device ``sections`` and the whole-RAM

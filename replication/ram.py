@@ -66,10 +66,11 @@ class RamDigest:
         return blake3.blake3(b"".join(self.chunks)).digest()
 
 
-def full_ram_digest(ram, size: int) -> bytes:
+def full_ram_digest(ram, size: int, fd: int | None) -> bytes:
     """The stream's two-level digest computed from scratch over ALL of ``ram``, trusting no
-    dirty log (--verify-ram)."""
-    digest = RamDigest(ram, size, [(0, size)])
+    dirty log (--verify-ram).  With ``fd``, the memfd behind ``ram``, its holes are not read
+    (which would allocate them): they are zero by the kernel's own account, not the dirty log's."""
+    digest = RamDigest(ram, size, data_extents(fd, size) if fd is not None else [(0, size)])
     try:
         return digest.digest()
     finally:

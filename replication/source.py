@@ -273,7 +273,7 @@ class MigrationSource(MigrationRun):
         main = self._open_channel()
         main.send(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, channels).pack())
         self.writer = PageWriter(main, self.ram, self.digest, self.stats, self.params, xbzrle=self.xbzrle,
-                                 compress=self.caps["compress"], check=self._check_cancel)
+                                 compress=self.caps["compress"], check=self._check_cancel, memfd=self.memfd)
         for number in range(channels):
             channel = self._open_channel()
             channel.send(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, number).pack())
