@@ -642,96 +642,79 @@ static int check_transfer(Py_buffer *ram, Py_ssize_t page_size, const page_list 
     return 0;
 }
 
-/* gather_pages(ram, page_numbers, page_size, out) -> int: copies the listed pages
- * of ram back to back into out; returns the bytes written.  Nothing is written
- * unless every page number is valid. */
-static PyObject *gather_pages(PyObject *self, PyObject *args)
+/* How a transfer moves page k of the list (page number v[k]): to or from slot k of a
+ * packed buffer, or between the same page of two RAM-sized buffers. */
+enum transfer { GATHER, SCATTER, SAME_PAGE };
+
+/* The shared part of gather, scatter and copy: take the page list, check it against
+ * `ram` (the buffer the page numbers index) and `other`, then move the pages with the
+ * GIL released.  Nothing is written unless every page number is valid. */
+static PyObject *transfer_pages(Py_buffer *ram, Py_buffer *other, PyObject *numbers, Py_ssize_t page_size,
+                                uint8_t *dst, const uint8_t *src, enum transfer how, const char *too_small)
 {
-    Py_buffer ram, out;
-    PyObject *numbers;
-    Py_ssize_t page_size;
     page_list pl;
-    if (!PyArg_ParseTuple(args, "y*Onw*", &ram, &numbers, &page_size, &out))
-        return NULL;
     PyObject *result = NULL;
     if (page_list_get(numbers, &pl) == 0) {
-        if (check_transfer(&ram, page_size, &pl, &out, "out is too small for the pages") == 0) {
-            const uint8_t *src = ram.buf;
-            uint8_t *dst = out.buf;
+        if (check_transfer(ram, page_size, &pl, other, too_small) == 0) {
             Py_BEGIN_ALLOW_THREADS
-            /* memmove: out may be a view of ram. */
-            for (Py_ssize_t k = 0; k < pl.n; k++)
-                memmove(dst + k * page_size, src + (Py_ssize_t)pl.v[k] * page_size, page_size);
-            Py_END_ALLOW_THREADS
-            result = PyLong_FromSsize_t(pl.n * page_size);
-        }
-        page_list_release(&pl);
-    }
-    PyBuffer_Release(&ram);
-    PyBuffer_Release(&out);
-    return result;
-}
-
-/* scatter_pages(ram, page_numbers, page_size, data) -> int: copies consecutive
- * pages of data into the listed pages of the writable ram; returns the bytes read.
- * Nothing is written unless every page number is valid. */
-static PyObject *scatter_pages(PyObject *self, PyObject *args)
-{
-    Py_buffer ram, data;
-    PyObject *numbers;
-    Py_ssize_t page_size;
-    page_list pl;
-    if (!PyArg_ParseTuple(args, "w*Ony*", &ram, &numbers, &page_size, &data))
-        return NULL;
-    PyObject *result = NULL;
-    if (page_list_get(numbers, &pl) == 0) {
-        if (check_transfer(&ram, page_size, &pl, &data, "data is too short for the pages") == 0) {
-            const uint8_t *src = data.buf;
-            uint8_t *dst = ram.buf;
-            Py_BEGIN_ALLOW_THREADS
-            for (Py_ssize_t k = 0; k < pl.n; k++)
-                memmove(dst + (Py_ssize_t)pl.v[k] * page_size, src + k * page_size, page_size);
-            Py_END_ALLOW_THREADS
-            result = PyLong_FromSsize_t(pl.n * page_size);
-        }
-        page_list_release(&pl);
-    }
-    PyBuffer_Release(&ram);
-    PyBuffer_Release(&data);
-    return result;
-}
-
-/* copy_pages(dst, src, page_numbers, page_size) -> int: copies the listed pages of src
- * to the same pages of the writable dst (the COLO cache flushed into guest RAM);
- * returns the bytes copied.  Nothing is written unless every page number is valid. */
-static PyObject *copy_pages(PyObject *self, PyObject *args)
-{
-    Py_buffer dst, src;
-    PyObject *numbers;
-    Py_ssize_t page_size;
-    page_list pl;
-    if (!PyArg_ParseTuple(args, "w*y*On", &dst, &src, &numbers, &page_size))
-        return NULL;
-    PyObject *result = NULL;
-    if (dst.len != src.len) {
-        PyErr_SetString(PyExc_ValueError, "dst and src differ in size");
-    } else if (page_list_get(numbers, &pl) == 0) {
-        if (check_transfer(&dst, page_size, &pl, &src, "src is too small for the pages") == 0) {
-            uint8_t *to = dst.buf;
-            const uint8_t *from = src.buf;
-            Py_BEGIN_ALLOW_THREADS
+            /* memmove: a packed buffer may be a view of the RAM. */
             for (Py_ssize_t k = 0; k < pl.n; k++) {
-                Py_ssize_t offset = (Py_ssize_t)pl.v[k] * page_size;
-                memmove(to + offset, from + offset, page_size);
+                Py_ssize_t page = (Py_ssize_t)pl.v[k] * page_size, slot = k * page_size;
+                memmove(dst + (how == GATHER ? slot : page), src + (how == SCATTER ? slot : page), page_size);
             }
             Py_END_ALLOW_THREADS
             result = PyLong_FromSsize_t(pl.n * page_size);
         }
         page_list_release(&pl);
     }
-    PyBuffer_Release(&dst);
-    PyBuffer_Release(&src);
+    PyBuffer_Release(ram);
+    PyBuffer_Release(other);
     return result;
+}
+
+/* gather_pages(ram, page_numbers, page_size, out) -> int: copies the listed pages
+ * of ram back to back into out; returns the bytes written. */
+static PyObject *gather_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer ram, out;
+    PyObject *numbers;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "y*Onw*", &ram, &numbers, &page_size, &out))
+        return NULL;
+    return transfer_pages(&ram, &out, numbers, page_size, out.buf, ram.buf, GATHER, "out is too small for the pages");
+}
+
+/* scatter_pages(ram, page_numbers, page_size, data) -> int: copies consecutive
+ * pages of data into the listed pages of the writable ram; returns the bytes read. */
+static PyObject *scatter_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer ram, data;
+    PyObject *numbers;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "w*Ony*", &ram, &numbers, &page_size, &data))
+        return NULL;
+    return transfer_pages(&ram, &data, numbers, page_size, ram.buf, data.buf, SCATTER,
+                          "data is too short for the pages");
+}
+
+/* copy_pages(dst, src, page_numbers, page_size) -> int: copies the listed pages of src
+ * to the same pages of the writable dst (the COLO cache flushed into guest RAM);
+ * returns the bytes copied. */
+static PyObject *copy_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer dst, src;
+    PyObject *numbers;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "w*y*On", &dst, &src, &numbers, &page_size))
+        return NULL;
+    if (dst.len != src.len) {
+        PyErr_SetString(PyExc_ValueError, "dst and src differ in size");
+        PyBuffer_Release(&dst);
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    return transfer_pages(&dst, &src, numbers, page_size, dst.buf, src.buf, SAME_PAGE,
+                          "src is too small for the pages");
 }
 
 /* equal_prefix(a, b) -> int: how many leading bytes a and b have in common (at most the
