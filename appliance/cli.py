@@ -227,6 +227,16 @@ def _migrate_with_progress(client: SyncQMPClient, args: argparse.Namespace) -> i
     return 0
 
 
+# serve's COLO flags: (config section, flag, setting)
+COLO_FLAGS = (("colo", "colo_heartbeat_interval", "heartbeat_interval_ms"),
+              ("colo", "colo_heartbeat_timeout", "heartbeat_timeout_ms"),
+              ("colo", "colo_heartbeat_port", "heartbeat_port"), ("colo", "colo_failover", "failover"),
+              ("netfilter", "colo_compare_timeout", "compare_timeout_ms"),
+              ("netfilter", "colo_expired_scan_cycle", "expired_scan_cycle_ms"),
+              ("netfilter", "colo_max_queue_size", "max_queue_size"),
+              ("netfilter", "colo_packet_port", "packet_port"))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import create_vm, serve, setup_logging
     from .http_api import load_token
@@ -253,20 +263,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.state_dir = args.state_dir
         if args.http_allow_local_uris:
             config.http_allow_local_uris = True
-        for flag, attr in (("colo_heartbeat_interval", "heartbeat_interval_ms"),
-                           ("colo_heartbeat_timeout", "heartbeat_timeout_ms"),
-                           ("colo_heartbeat_port", "heartbeat_port"), ("colo_failover", "failover")):
+        for target, flag, attr in COLO_FLAGS:
             value = getattr(args, flag)
             if value is not None:
-                setattr(config.colo, attr, value)
+                setattr(getattr(config, target), attr, value)
         if args.verify_ram:
             config.colo.verify_ram = True
-        for flag, attr in (("colo_compare_timeout", "compare_timeout_ms"),
-                           ("colo_expired_scan_cycle", "expired_scan_cycle_ms"),
-                           ("colo_max_queue_size", "max_queue_size"), ("colo_packet_port", "packet_port")):
-            value = getattr(args, flag)
-            if value is not None:
-                setattr(config.netfilter, attr, value)
         for entry in args.colo_passthrough or []:
             proto, _, port = entry.partition(":")
             if not port.isdigit():

@@ -618,3 +618,26 @@ async def test_stop_during_checkpoints_is_not_undone(topo, guest_images, tmp_pat
             assert (await a.execute("query-status"))["status"] in ("running", "colo")
     finally:
         await pair.close()
+
+
+def test_colo_flags_reach_the_settings(tmp_path, monkeypatch):
+    """serve's COLO and netfilter flags land in the node's settings (and are checked)."""
+    from appliance import cli
+    seen = {}
+
+    async def serve(config, vm, token):
+        seen["config"] = config
+        return 0
+    monkeypatch.setattr("appliance.daemon.serve", serve)
+    argv = ["serve", "--no-http", "--state-dir", str(tmp_path), "--colo-heartbeat-interval", "50",
+            "--colo-heartbeat-timeout", "400", "--colo-heartbeat-port", "7001", "--colo-failover", "manual",
+            "--verify-ram", "--colo-compare-timeout", "2000", "--colo-expired-scan-cycle", "500",
+            "--colo-max-queue-size", "64", "--colo-packet-port", "7002", "--colo-passthrough", "udp:123"]
+    args = cli.build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    config = seen["config"]
+    assert (config.colo.heartbeat_interval_ms, config.colo.heartbeat_timeout_ms, config.colo.heartbeat_port,
+            config.colo.failover, config.colo.verify_ram) == (50, 400, 7001, "manual", True)
+    assert (config.netfilter.compare_timeout_ms, config.netfilter.expired_scan_cycle_ms,
+            config.netfilter.max_queue_size, config.netfilter.packet_port,
+            config.netfilter.passthrough) == (2000, 500, 64, 7002, [("udp", 123)])

@@ -6,38 +6,24 @@ the secondary's guest is fed and heard only through the primary (mirror, compare
 redirector, rewriter)."""
 import asyncio
 import signal
-import socket
-import threading
 import time
 
 import pytest
 
 from test_colo import Pair, colo_exit, http_get, http_status, topo  # noqa: F401  (the topology fixture)
-from test_migration_nodes import kvstore_args, wait_console
+from test_migration_nodes import RedisLoad, kvstore_args, wait_console
 
 pytestmark = [pytest.mark.kvm, pytest.mark.netns]
 
 
-class VerifyingClient(threading.Thread):
+class VerifyingClient(RedisLoad):
     """One TCP connection writing numbered keys; records every acknowledgement and the
     longest silence between two replies."""
 
     def __init__(self, topo):
-        super().__init__(daemon=True)
-        with topo.client_sockets():
-            self.conn = socket.create_connection((topo.guest_address, 6379), timeout=10)
-        self.file = self.conn.makefile("rb")
+        super().__init__(topo)
         self.acked: list[int] = []
-        self.errors: list[str] = []
         self.longest_gap = 0.0
-        self.stopping = threading.Event()
-
-    def call(self, *words: bytes) -> bytes:
-        self.conn.sendall(b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words))
-        line = self.file.readline()
-        if line.startswith(b"$") and line != b"$-1\r\n":
-            return self.file.read(int(line[1:]) + 2)[:-2]
-        return line.rstrip(b"\r\n")
 
     def run(self):
         last = time.monotonic()
