@@ -88,12 +88,17 @@ class PacketChannel:
         return channel
 
     def send(self, epoch: int, frame: bytes) -> None:
+        self.send_many([(epoch, frame)])
+
+    def send_many(self, frames: list[tuple[int, bytes]]) -> None:
+        """Several (epoch, frame) records in one write: one system call for a burst."""
+        data = b"".join(FRAME_HEAD.pack(epoch, len(frame)) + frame for epoch, frame in frames)
         with self._send_lock:
             try:
-                self.sock.sendall(FRAME_HEAD.pack(epoch, len(frame)) + frame)
+                self.sock.sendall(data)
             except OSError as e:
                 raise ChannelError(f"packet channel: {e.strerror or e}") from e
-            self.frames_sent += 1
+            self.frames_sent += len(frames)
 
     def recv(self) -> tuple[int, bytes]:
         epoch, length = FRAME_HEAD.unpack(self._read(FRAME_HEAD.size))

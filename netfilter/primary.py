@@ -26,6 +26,7 @@ from .settings import NetfilterSettings
 
 log = logging.getLogger(__name__)
 MIRROR_QUEUE = 4096          # client frames waiting to be mirrored; beyond, dropped and counted
+BURST = 64                   # frames in one write to the packet channel
 
 
 class MirroringBackend:
@@ -113,7 +114,17 @@ class PrimaryFilters:
     def _send_mirrored(self) -> None:
         try:
             while (item := self._mirror.get()) is not None:
-                self.channel.send(*item)
+                burst = [item]
+                while len(burst) < BURST:          # what queued meanwhile goes in the same write
+                    try:
+                        item = self._mirror.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self.channel.send_many(burst)
+                        return
+                    burst.append(item)
+                self.channel.send_many(burst)
         except ChannelError as e:
             self._lost(str(e))
 

@@ -26,6 +26,7 @@ from .rewriter import Rewriter
 
 log = logging.getLogger(__name__)
 TX_QUEUE = 4096             # SVM frames waiting for the sender thread
+BURST = 64                  # frames in one write to the packet channel
 SCAN_EVERY = 10.0           # seconds between the rewriter's sweeps of closed and idle connections
 # A test hook: the SVM's Nth TCP segment with data leaves with its last byte changed, as if
 # the SVM had diverged, so tests can show the comparer catching it (0: never).
@@ -133,14 +134,13 @@ class SecondaryFilters:
                 # checkpoint that was current when it was taken, never a later one.
                 if not self.backend.wait_sent(0.5):
                     continue
+                burst = []
                 with self._lock:
-                    frame = self.backend.take(0)
-                    if frame is None:
-                        continue
-                    frame, epoch = self.rewriter.from_guest(frame), self.epoch
-                if DIVERGE_AT:
-                    frame = self._diverge(frame)
-                self.channel.send(epoch, frame)
+                    while len(burst) < BURST and (frame := self.backend.take(0)) is not None:
+                        frame = self.rewriter.from_guest(frame)
+                        burst.append((self.epoch, self._diverge(frame) if DIVERGE_AT else frame))
+                if burst:
+                    self.channel.send_many(burst)
         except ChannelError as e:
             self._lost(str(e))
 
