@@ -21,12 +21,15 @@ class ColoCache:
         """A copy of guest RAM ``ram`` (backed by memfd ``ram_fd``; its holes stay holes)."""
         self.size = size
         self.fd = os.memfd_create("colo-cache", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        view = memoryview(ram)
-        for start, end in data_extents(ram_fd, size):
-            self.map[start:end] = view[start:end]
-        view.release()
+        try:
+            os.ftruncate(self.fd, size)
+            self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        with memoryview(ram) as view:
+            for start, end in data_extents(ram_fd, size):
+                self.map[start:end] = view[start:end]
 
     def flush(self, ram, bitmap: bytes) -> int:
         """Copy the pages set in ``bitmap`` (KVM layout) from the cache into ``ram``; bytes copied."""

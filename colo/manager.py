@@ -86,6 +86,8 @@ class ColoManager:
         try:
             session.prepare()
             enter()
+            if self.shutting_down:          # the daemon began to exit before the session existed
+                session.peer_lost("this node is shutting down")
             session.run()
         except Exception:       # a bug here must not let the engine treat the running guest as failed
             log.exception("COLO %s session failed", mode.value)

@@ -14,10 +14,11 @@ import logging
 import threading
 import time
 
-from netfilter.channel import PacketChannel
+from netfilter.channel import ChannelError, PacketChannel
 from netfilter.primary import PrimaryFilters
 from replication import stream
 from replication.source import bitmap_runs, describe
+from replication.transport import TransportError
 
 from . import protocol
 
@@ -41,6 +42,8 @@ class ColoPrimary(ColoSession):
         self.migration_stats = source.stats     # query-migrate's figures go on counting in state colo
         self.steps = protocol.Steps("primary", self.channel)
         self.filters: PrimaryFilters | None = None
+        self.tell_secondary: str | None = None   # the ABORT message for a secondary that is alive
+        self.local_error: str | None = None      # this node failed: its guest must stay stopped
         self._requested: str | None = None
         self._request_lock = threading.Lock()
         self._last_checkpoint = time.monotonic()
@@ -55,12 +58,9 @@ class ColoPrimary(ColoSession):
             self._requested = self._requested or reason
 
     def stop_loop(self) -> None:
-        """A checkpoint under way may finish (then the loop tells the secondary: a planned
-        exit); one that hangs on a silent secondary is cut after a second."""
+        """A checkpoint under way finishes, then the loop tells the secondary (a planned exit);
+        a secondary that hangs meanwhile is found by the heartbeat, which cuts the connection."""
         self.stopping.set()
-        cut = threading.Timer(1.0, self.channel.abort)
-        cut.daemon = True
-        cut.start()
 
     def run(self) -> None:
         try:
@@ -86,9 +86,19 @@ class ColoPrimary(ColoSession):
             self.lost = f"the secondary left COLO: {e}"
             log.warning("COLO primary: %s", self.lost)
             self.request_failover(ExitReason.ERROR)      # it is alive and gave up: nothing to wait for
-        except Exception as e:
+        except protocol.ColoProtocolError as e:
+            # The secondary is alive but broke the transaction: tell it to stop, and run on.
+            self.tell_secondary = f"the primary refused the secondary's message: {e}"
+            log.error("COLO primary: %s", e)
+            self.request_failover(ExitReason.ERROR)
+        except (TransportError, ChannelError) as e:
             if not self.stopping.is_set() or self.lost:
                 self.peer_lost(self.lost or describe(e))
+        except Exception as e:
+            # A fault of this node: its guest must not run on beside a secondary that takes over.
+            self.local_error = describe(e)
+            log.exception("COLO primary: this node failed; its guest stays stopped, the secondary takes over")
+            self.peer_lost(f"this node failed: {self.local_error}")
         self._end()
 
     def _wait_for_trigger(self) -> str | None:
@@ -141,8 +151,7 @@ class ColoPrimary(ColoSession):
         except BaseException:
             self.manager.stats.failed_checkpoints += 1
             raise                         # the guest stays stopped until failover decides
-        if was_running:
-            vm.resume_after_checkpoint()
+        vm.end_checkpoint(run=True)
         pause = time.monotonic() - pause_start if was_running else None
         self._last_checkpoint = time.monotonic()
         self.manager.stats.record(reason, pause, migration_stats.transferred - sent_before)
@@ -150,22 +159,30 @@ class ColoPrimary(ColoSession):
             self.manager.stats.digests.append((steps.checkpoint, full.hex()))
 
     def _end(self) -> None:
-        """Failover on the primary: the PVM runs on, unprotected (QEMU's primary_vm_do_failover)."""
-        planned = self.failover.status is not FailoverStatus.NONE and not self.lost
-        if planned:
-            try:        # a planned exit: the secondary stops its SVM instead of taking over
-                self.channel.send(stream.pack_abort("planned exit: the primary left COLO"), timeout=1.0)
+        """Failover on the primary (QEMU's primary_vm_do_failover): the PVM runs on, unprotected,
+        unless this node failed or is going away: then it stays stopped, and the secondary, which
+        sees the connection close, takes over.  Exactly one copy runs either way."""
+        self.vm.end_checkpoint(run=False)           # a checkpoint cut short: still stopped for now
+        if self.failover.status is not FailoverStatus.NONE and not self.lost and not self.tell_secondary:
+            self.tell_secondary = "planned exit: the primary left COLO"
+        if self.tell_secondary:
+            try:        # between checkpoints: the secondary stops its SVM instead of taking over
+                self.channel.send(stream.pack_abort(self.tell_secondary), timeout=1.0)
                 self.channel.linger(1.0)
-            except Exception:
+            except TransportError:
                 pass
         self.channel.abort()
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        self.wait_for_failover()                    # manual: the guest is held first
+        step_down = self.local_error is not None or self.manager.shutting_down
         if self.filters is not None:
-            self.filters.stop()
-        self.wait_for_failover()
-        if self.vm.state == "colo":
-            self.vm.resume_after_checkpoint()    # a checkpoint that failed half-way
+            self.filters.stop(release=not step_down)    # what the SVM may never have said stays unsaid
+        self.manager.notify("failover")
+        if step_down:
+            self.vm.pause()
+        elif self.vm.state == "colo":
+            self.vm.end_checkpoint(run=True)
         elif self.held:
             self.vm.resume()
         self.manager.finish(self, self.exit_reason)

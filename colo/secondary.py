@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 
-import socket
-
 from appliance.vmm.devices import QueueBackend
-from netfilter.channel import PacketChannel
+from appliance.vmm.errors import StateFileError
+from netfilter.channel import ChannelError, PacketChannel
 from netfilter.secondary import SecondaryFilters
 from replication import stream
+from replication.transport import TransportError
 
 from . import protocol
 from .cache import ColoCache
@@ -40,30 +41,46 @@ class ColoSecondary(ColoSession):
         self.steps = protocol.Steps("secondary", channel)
         self.filters: SecondaryFilters | None = None
         self.received: list | None = None     # device sections of a whole checkpoint not yet loaded
+        self.packet_listener: socket.socket | None = None
         self.planned_exit = False              # the primary left COLO, or we refused its checkpoint
         self.refused: str | None = None
         # A test hook: widen the load window so failover can be asked for inside it (relaunch).
         self.load_delay = float(os.environ.get("COLO_APPLIANCE_TEST_LOAD_DELAY_MS", "0")) / 1000
 
     def prepare(self) -> None:
-        """The SVM's NIC leaves its tap: the service network hears only the primary.  Until
-        the packet channel is up, the SVM gets no input and its output is dropped."""
+        """Before the SVM runs: its dirty log starts (a page it writes from its first instruction
+        on is flushed at the first checkpoint), and its NIC leaves its tap: the service network
+        hears only the primary.  Until the packet channel is up, the SVM gets no input and its
+        output is dropped."""
+        self.vm.start_dirty_tracking()
         if self.vm.nic is not None:
             self.vm.nic.attach(QueueBackend())
+
+    def peer_lost(self, why: str) -> None:
+        super().peer_lost(why)
+        self._close_listener()
+
+    def stop_loop(self) -> None:
+        super().stop_loop()
+        self._close_listener()
 
     def run(self) -> None:
         try:
             self.dest.retarget(self.cache.map)
             self.dest.received_pages = 0
-            self.vm.start_dirty_tracking()
-            packets = self._packet_listener()
-            self.channel.send(stream.pack_colo_hello(self.new_heartbeat().port,
-                                                     packets.getsockname()[1] if packets else 0))
+            self.packet_listener = self._packet_listener()
+            self.channel.send(stream.pack_colo_hello(
+                self.new_heartbeat().port, self.packet_listener.getsockname()[1] if self.packet_listener else 0))
             self.steps.send(M.CHECKPOINT_READY)
             self.start_heartbeat(protocol.read_hello(self.channel)[0])
-            if packets is not None:
-                with packets:
-                    self.filters = SecondaryFilters(self.vm.nic, PacketChannel.accept(packets, self.peer_address), self.peer_lost)
+            if self.packet_listener is not None:
+                try:
+                    channel = PacketChannel.accept(self.packet_listener, self.peer_address)
+                except ChannelError as e:           # the primary is alive: it just cannot reach us
+                    raise protocol.ColoProtocolError(str(e)) from e
+                finally:
+                    self._close_listener()
+                self.filters = SecondaryFilters(self.vm.nic, channel, self.peer_lost)
                 self.filters.start()
             while not self.stopping.is_set():
                 kind = self.channel.read_exact(1)[0]
@@ -79,13 +96,21 @@ class ColoSecondary(ColoSession):
         except PeerExited as e:
             self.planned_exit = True
             log.info("COLO secondary: %s", e)
-        except (stream.StreamError, protocol.ColoProtocolError) as e:
-            if not self.stopping.is_set():
-                self._refuse(str(e))
-        except Exception as e:
+        except TransportError as e:
             if not self.stopping.is_set():
                 self.peer_lost(str(e))
+        except Exception as e:
+            # A checkpoint we cannot take, or a fault of this node: the SVM no longer follows
+            # the primary, so it must not take over; the primary (alive) runs on.
+            if not self.stopping.is_set():
+                if not isinstance(e, (stream.StreamError, protocol.ColoProtocolError, StateFileError)):
+                    log.exception("COLO secondary: this node failed")
+                self._refuse(str(e))
         self._end()
+
+    def _close_listener(self) -> None:
+        if self.packet_listener is not None:
+            self.packet_listener.close()
 
     def _packet_listener(self) -> socket.socket | None:
         """Where the primary connects the packet channel (a guest with a NIC only)."""
@@ -119,6 +144,7 @@ class ColoSecondary(ColoSession):
         self.dest.check_end(vmstate, sections)
         if vmstate.left:
             raise protocol.ColoProtocolError(f"{vmstate.left} stray bytes after a checkpoint's END")
+        self.vm.check_sections(sections)      # refused now, before vmstate-received, not half-loaded
         self.received = sections
         steps.send(M.VMSTATE_RECEIVED)
         if self.filters is not None:
@@ -126,8 +152,7 @@ class ColoSecondary(ColoSession):
         self.manager.notify("checkpoint")
         self._load()
         steps.send(M.VMSTATE_LOADED)
-        if not self.stopping.is_set():
-            self.vm.resume_after_checkpoint()
+        self.vm.end_checkpoint(run=not self.stopping.is_set())
 
     def _load(self) -> None:
         """colo_flush_ram_cache, then the devices: the SVM becomes the PVM as of the checkpoint."""
@@ -164,22 +189,32 @@ class ColoSecondary(ColoSession):
 
     def _end(self) -> None:
         self.channel.abort()
+        self._close_listener()
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        if self.planned_exit and self.failover.status is FailoverStatus.NONE:
-            self.vm.pause()                    # no takeover: the primary runs the service
+        self.vm.end_checkpoint(run=False)      # a checkpoint cut short: still stopped for now
+        no_takeover = self.planned_exit or self.manager.shutting_down
+        if no_takeover and self.failover.status is FailoverStatus.NONE:
+            self.vm.pause()                    # the primary runs the service, or this node goes away
             if self.filters is not None:
                 self.filters.stop(takeover=False)
             self._close_cache()
-            self.manager.finish(self, ExitReason.ERROR if self.refused else ExitReason.REQUEST, takeover=False)
+            reason = ExitReason.REQUEST if self.planned_exit and not self.refused else ExitReason.ERROR
+            self.manager.finish(self, reason, takeover=False)
             return
         self.wait_for_failover()
         if self.received is not None:          # arrived whole: load it before taking over
             try:
                 self._load()
             except Exception:
+                # Its sections were checked before vmstate-received: this is a fault of this
+                # node, and a half-loaded SVM must not run.
                 log.exception("COLO secondary: the last whole checkpoint could not be loaded; "
-                              "the SVM runs on from its own state")
+                              "the SVM stays stopped")
+                self.vm.pause()
+                self._close_cache()
+                self.manager.finish(self, ExitReason.ERROR, takeover=False)
+                return
         self._close_cache()
         self.manager.stats.failovers += 1
         self.manager.notify("failover")
@@ -189,8 +224,10 @@ class ColoSecondary(ColoSession):
             self.vm.nic.attach(self.vm.nic.tap_backend).close()
         stopped = self.vm.state             # colo: mid-checkpoint; paused: manual failover held it
         self.manager.finish(self, self.exit_reason, takeover=True)
-        if stopped in ("colo", "paused"):
-            self.vm.resume(announce=stopped == "paused")      # QEMU: COLO_EXIT, then the SVM runs
+        if stopped == "colo":                  # QEMU: COLO_EXIT, then the SVM runs
+            self.vm.end_checkpoint(run=True)
+        elif stopped == "paused":
+            self.vm.resume()
 
     def _close_cache(self) -> None:
         self.vm.stop_dirty_tracking()

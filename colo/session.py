@@ -106,9 +106,11 @@ class ColoSession:
                             self.mode, self.lost)
                 self.manager.waiting_for_operator = True
                 self.hold_guest()
-                while self.failover.status is not FailoverStatus.ACTIVE:
+                while self.failover.status is not FailoverStatus.ACTIVE and not self.manager.shutting_down:
                     self.manager.operator_decided.wait(0.1)
                 self.manager.waiting_for_operator = False
+                if self.failover.status is FailoverStatus.NONE:       # shutting down: nobody decides
+                    self.request_failover(ExitReason.ERROR)
         self.after_relaunch()
 
     def hold_guest(self) -> None:

@@ -58,7 +58,7 @@ class PrimaryFilters:
     def __init__(self, nic, channel: PacketChannel, settings: NetfilterSettings,
                  request_checkpoint: Callable[[str], None], on_lost: Callable[[str], None]):
         self.nic = nic
-        self.tap = nic.tap_backend
+        self.tap = nic.backend          # the tap, or a survivor's rewriter in front of it: kept as it is
         self.channel = channel
         self.settings = settings
         self.on_lost = on_lost
@@ -72,9 +72,9 @@ class PrimaryFilters:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._mirror: queue.Queue = queue.Queue(MIRROR_QUEUE)
         self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=target, name=f"colo-{name}", daemon=True) for name, target in
-                         (("mirror", self._send_mirrored), ("from-svm", self._receive_svm),
-                          ("compare", self._compare))]
+        self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"colo-{name}", daemon=True)
+                         for name, loop in (("mirror", self._mirror_loop), ("from-svm", self._receive_loop),
+                                            ("compare", self._compare_loop))]
 
     def start(self) -> None:
         for thread in self._threads:
@@ -87,13 +87,17 @@ class PrimaryFilters:
         self.mirror_epoch = epoch
         self._inbox.put(("checkpoint", epoch))
 
-    def stop(self) -> None:
-        """COLO ended: release what is held, and the PVM talks to its tap directly again."""
+    def stop(self, release: bool = True) -> None:
+        """COLO ended: the PVM talks to its backend directly again; what is held is released,
+        or with ``release=False`` (this node steps down) dropped.  Never waits on the peer."""
         self.nic.attach(self.tap)
-        self._inbox.put(("failover",))
         self._stopping.set()
-        self._mirror.put(None)
-        self.channel.close()
+        self.channel.close()                # a sender stuck on a frozen peer fails at once
+        self._inbox.put(("failover",) if release else ("drop",))
+        try:
+            self._mirror.put_nowait(None)
+        except queue.Full:
+            pass                            # the sender exits on the closed channel instead
         for thread in self._threads:
             thread.join(5)
 
@@ -111,36 +115,40 @@ class PrimaryFilters:
         except queue.Full:
             self.mirror_dropped += 1
 
-    def _send_mirrored(self) -> None:
+    def _guarded(self, loop) -> None:
+        """A thread's loop: a broken channel, or any failure, is a lost peer, never a silent end."""
         try:
-            while (item := self._mirror.get()) is not None:
-                burst = [item]
-                while len(burst) < BURST:          # what queued meanwhile goes in the same write
-                    try:
-                        item = self._mirror.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        self.channel.send_many(burst)
-                        return
-                    burst.append(item)
-                self.channel.send_many(burst)
+            loop()
         except ChannelError as e:
             self._lost(str(e))
+        except Exception as e:
+            log.exception("netfilter: %s failed", loop.__name__)
+            self._lost(f"netfilter failed: {e!r}")
 
-    def _receive_svm(self) -> None:
-        try:
-            while True:
-                epoch, frame = self.channel.recv()
-                self._inbox.put(("svm", epoch, frame))
-        except ChannelError as e:
-            self._lost(str(e))
+    def _mirror_loop(self) -> None:
+        while (item := self._mirror.get()) is not None:
+            burst = [item]
+            while len(burst) < BURST:          # what queued meanwhile goes in the same write
+                try:
+                    item = self._mirror.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.channel.send_many(burst)
+                    return
+                burst.append(item)
+            self.channel.send_many(burst)
+
+    def _receive_loop(self) -> None:
+        while True:
+            epoch, frame = self.channel.recv()
+            self._inbox.put(("svm", epoch, frame))
 
     def _lost(self, why: str) -> None:
         if not self._stopping.is_set():
             self.on_lost(why)
 
-    def _compare(self) -> None:
+    def _compare_loop(self) -> None:
         epoch, scan_every = 0, self.settings.expired_scan_cycle_ms / 1000
         next_scan = time.monotonic() + scan_every
         while True:
@@ -164,5 +172,6 @@ class PrimaryFilters:
                 epoch = item[1]
                 self.comparer.checkpoint()
             else:
-                self.comparer.failover()
+                if item[0] == "failover":
+                    self.comparer.failover()
                 return

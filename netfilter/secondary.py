@@ -76,8 +76,8 @@ class SecondaryFilters:
         self.data_segments = 0          # the SVM's TCP segments with data (for DIVERGE_AT)
         self._lock = threading.Lock()   # the rewriter, the epoch and taking the SVM's frames
         self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=self._to_svm, name="colo-to-svm", daemon=True),
-                         threading.Thread(target=self._from_svm, name="colo-from-svm", daemon=True)]
+        self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"colo-{name}", daemon=True)
+                         for name, loop in (("to-svm", self._to_svm_loop), ("from-svm", self._from_svm_loop))]
 
     def start(self) -> None:
         self.nic.attach(self.backend).close()
@@ -114,35 +114,39 @@ class SecondaryFilters:
                 "checkpoint-dropped": self.checkpoint_dropped, "svm-dropped": self.backend.tx_dropped,
                 "to-svm-dropped": self.backend.rx_dropped}
 
-    def _to_svm(self) -> None:
+    def _guarded(self, loop) -> None:
+        """A thread's loop: a broken channel, or any failure, is a lost peer, never a silent end."""
         try:
-            while True:
-                epoch, frame = self.channel.recv()
-                with self._lock:
-                    if epoch < self.epoch:          # the PVM read it before the last checkpoint
-                        self.checkpoint_dropped += 1
-                        continue
-                    frame = self.rewriter.to_guest(frame)
-                self.backend.deliver(frame)
+            loop()
         except ChannelError as e:
             self._lost(str(e))
+        except Exception as e:
+            log.exception("netfilter: %s failed", loop.__name__)
+            self._lost(f"netfilter failed: {e!r}")
 
-    def _from_svm(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                # Taken under the lock checkpoint() drains under: a frame is tagged with the
-                # checkpoint that was current when it was taken, never a later one.
-                if not self.backend.wait_sent(0.5):
+    def _to_svm_loop(self) -> None:
+        while True:
+            epoch, frame = self.channel.recv()
+            with self._lock:
+                if epoch < self.epoch:          # the PVM read it before the last checkpoint
+                    self.checkpoint_dropped += 1
                     continue
-                burst = []
-                with self._lock:
-                    while len(burst) < BURST and (frame := self.backend.take(0)) is not None:
-                        frame = self.rewriter.from_guest(frame)
-                        burst.append((self.epoch, self._diverge(frame) if DIVERGE_AT else frame))
-                if burst:
-                    self.channel.send_many(burst)
-        except ChannelError as e:
-            self._lost(str(e))
+                frame = self.rewriter.to_guest(frame)
+            self.backend.deliver(frame)
+
+    def _from_svm_loop(self) -> None:
+        while not self._stopping.is_set():
+            # Taken under the lock checkpoint() drains under: a frame is tagged with the
+            # checkpoint that was current when it was taken, never a later one.
+            if not self.backend.wait_sent(0.5):
+                continue
+            burst = []
+            with self._lock:
+                while len(burst) < BURST and (frame := self.backend.take(0)) is not None:
+                    frame = self.rewriter.from_guest(frame)
+                    burst.append((self.epoch, self._diverge(frame) if DIVERGE_AT else frame))
+            if burst:
+                self.channel.send_many(burst)
 
     def _diverge(self, frame: bytes) -> bytes:
         try:

@@ -218,6 +218,8 @@ class MigrationSource(MigrationRun):
         run ours too.  COLO handles its own failures from here on (the guest keeps running)."""
         def enter() -> None:
             self._expect_state("device", "colo")
+            if self.stats.throttle_pct:            # auto-converge's job ended with the copy
+                self.vm.throttle(0)
             if paused_here:
                 self.vm.resume()
         self.colo_handover(self, enter)

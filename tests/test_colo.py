@@ -595,6 +595,8 @@ async def test_sigterm_leaves_colo_at_once_and_the_peer_goes_on(topo, guest_imag
             mode = "secondary" if node == "a" else "primary"
             assert await colo_exit(events) == {"mode": mode, "reason": "error"}
         await assert_memdirty_runs_on(peer, 1.0)
+        # A node that goes away never takes over on its way out.
+        assert "took over" not in pair.daemons[node].log()
     finally:
         await pair.close()
 
@@ -616,6 +618,32 @@ async def test_stop_during_checkpoints_is_not_undone(topo, guest_images, tmp_pat
             await a.execute("cont")
             await pair.wait_checkpoints("a", done + 6)
             assert (await a.execute("query-status"))["status"] in ("running", "colo")
+        # stop and cont back to back, landing inside checkpoints: the capture never runs the guest.
+        for _ in range(30):
+            await a.execute("stop")
+            await a.execute("cont")
+        done = await pair.checkpoints("a")
+        await pair.wait_checkpoints("a", done + 5)
+        status = (await http_status(pair.daemons["a"]))["colo"]
+        assert status["failed-checkpoints"] == 0 and status["mode"] == "primary"
+        assert (await b.execute("query-colo-status"))["mode"] == "secondary"
+    finally:
+        await pair.close()
+
+
+async def test_planned_exit_waits_for_a_long_checkpoint(topo, guest_images, tmp_path, monkeypatch):
+    """x-colo-lost-heartbeat on the primary while the secondary takes 1.5 s to load: the exit
+    comes after that checkpoint, so the secondary stops instead of taking over."""
+    monkeypatch.setenv("COLO_APPLIANCE_TEST_LOAD_DELAY_MS", "1500")
+    pair, a, b = await started_pair(topo, tmp_path, delay=0, checkpoints=1)
+    try:
+        with a.listener() as a_events, b.listener() as b_events:
+            await a.execute("x-colo-lost-heartbeat")
+            assert await colo_exit(a_events) == {"mode": "primary", "reason": "request"}
+            assert await colo_exit(b_events, timeout=15) == {"mode": "secondary", "reason": "request"}
+        assert (await http_status(pair.daemons["b"]))["colo"]["failover-history"] == ["none"]
+        assert (await b.execute("query-status"))["status"] == "paused"
+        await assert_memdirty_runs_on(a, 0.5)
     finally:
         await pair.close()
 

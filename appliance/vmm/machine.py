@@ -155,6 +155,7 @@ class VirtualMachine:
         self._listeners = []
         self._run_requested = False
         self._parked = False
+        self._checkpointing = False  # a COLO checkpoint holds the vCPU (pause_for_checkpoint)
         self._quit = False
         self._closed = False
         self._throttle_pct = 0
@@ -287,11 +288,15 @@ class VirtualMachine:
             self.resume()
 
     def resume(self, announce: bool = True):
-        """Run the vCPU; ``announce=False`` skips RESUME (the end of a COLO checkpoint)."""
+        """Run the vCPU; ``announce=False`` skips RESUME.  During a COLO checkpoint the guest
+        only becomes due to run (state colo): end_checkpoint() runs it."""
         with self._cond:
             if self._state not in _RESUMABLE:
                 raise VMError(f"cannot resume a VM in state {self._state}")
-            self._state = RUNNING
+            if self._checkpointing:
+                self._state = COLO
+            else:
+                self._state = RUNNING
         # Emitted before the vCPU runs, so listeners never see the guest's own
         # SHUTDOWN or GUEST_PANICKED ahead of RESUME.
         if announce:
@@ -310,14 +315,19 @@ class VirtualMachine:
     def pause_for_checkpoint(self) -> bool:
         """Stop the vCPU in state ``colo`` without announcing STOP, as QEMU's
         vm_stop_force_state(RUN_STATE_COLO): a checkpoint is not a stop the user asked for.
-        False if the guest was not running."""
+        Until end_checkpoint() the vCPU stays parked whatever `stop`/`cont` say meanwhile (they
+        only set whether it runs then).  False if the guest was not running."""
+        with self._cond:
+            self._checkpointing = True
         return self._park(COLO)
 
-    def resume_after_checkpoint(self) -> bool:
-        """Run again after a COLO checkpoint, without RESUME, unless the guest was stopped
-        meanwhile (a `stop` during the checkpoint): then it stays paused.  False if it does."""
+    def end_checkpoint(self, run: bool) -> bool:
+        """The checkpoint's capture or load is over: with ``run``, the guest runs again without
+        RESUME, unless it was stopped meanwhile (state paused: then it stays paused).  True if
+        it runs."""
         with self._cond:
-            if self._state != COLO:
+            self._checkpointing = False
+            if not run or self._state != COLO:
                 return False
             self._state = RUNNING
             self._clock.run()
@@ -594,7 +604,7 @@ class VirtualMachine:
         return ({name: 1 for name in self.vcpu.section_names()} | {"vm.clock": 1}
                 | {d.SECTION: d.VERSION for d in self._devices()})
 
-    def _check_sections(self, sections):
+    def check_sections(self, sections):
         expected = self._expected_sections()
         names = [name for name, _, _ in sections]
         if len(set(names)) != len(names):
@@ -612,7 +622,7 @@ class VirtualMachine:
         with self._lock:
             if self._state == RUNNING or not self._parked:
                 raise VMError("cannot load state into a running VM")
-            self._check_sections(sections)
+            self.check_sections(sections)
             payloads = {name: payload for name, _, payload in sections}
             device_states = {
                 Console.SECTION: ConsoleState, Nic.SECTION: NicState, BlockDevice.SECTION: BlockState}
@@ -634,7 +644,7 @@ class VirtualMachine:
         with self._lock:
             if self._state not in _RESUMABLE or not self._parked:
                 raise VMError(f"cannot load state into a VM in state {self._state}")
-            sections = read_state_file(path, self.memory.mmap, self._check_sections)
+            sections = read_state_file(path, self.memory.mmap, self.check_sections)
             self.load_devices(sections)
             self._state = PAUSED
 
