@@ -155,7 +155,8 @@ class VirtualMachine:
         self._listeners = []
         self._run_requested = False
         self._parked = False
-        self._checkpointing = False  # a COLO checkpoint holds the vCPU (pause_for_checkpoint)
+        self._checkpointing = False  # a COLO checkpoint holds the vCPU (pause_for_checkpoint)...
+        self._checkpoint_lock = threading.Lock()  # ...and this, which user pause/resume wait for
         self._quit = False
         self._closed = False
         self._throttle_pct = 0
@@ -288,15 +289,16 @@ class VirtualMachine:
             self.resume()
 
     def resume(self, announce: bool = True):
-        """Run the vCPU; ``announce=False`` skips RESUME.  During a COLO checkpoint the guest
-        only becomes due to run (state colo): end_checkpoint() runs it."""
+        """Run the vCPU; ``announce=False`` skips RESUME.  Waits for a COLO checkpoint's pause
+        to end first (a checkpoint captures a stopped guest)."""
+        with self._checkpoint_lock:
+            self._resume(announce)
+
+    def _resume(self, announce: bool):
         with self._cond:
             if self._state not in _RESUMABLE:
                 raise VMError(f"cannot resume a VM in state {self._state}")
-            if self._checkpointing:
-                self._state = COLO
-            else:
-                self._state = RUNNING
+            self._state = RUNNING
         # Emitted before the vCPU runs, so listeners never see the guest's own
         # SHUTDOWN or GUEST_PANICKED ahead of RESUME.
         if announce:
@@ -308,32 +310,36 @@ class VirtualMachine:
                 self._cond.notify_all()
 
     def pause(self):
-        """Stop the vCPU; returns once it is parked outside KVM_RUN with no I/O pending."""
-        if self._park(PAUSED):
+        """Stop the vCPU; returns once it is parked outside KVM_RUN with no I/O pending.  During
+        a COLO checkpoint it waits for the pause to end, so the checkpoint's end cannot undo it."""
+        with self._checkpoint_lock:
+            stopped = self._park(PAUSED)
+        if stopped:
             self._emit("STOP", {})
 
     def pause_for_checkpoint(self) -> bool:
         """Stop the vCPU in state ``colo`` without announcing STOP, as QEMU's
         vm_stop_force_state(RUN_STATE_COLO): a checkpoint is not a stop the user asked for.
-        Until end_checkpoint() the vCPU stays parked whatever `stop`/`cont` say meanwhile (they
-        only set whether it runs then).  False if the guest was not running."""
+        Until end_checkpoint() a `stop` or `cont` waits.  False if the guest was not running."""
+        self._checkpoint_lock.acquire()
         with self._cond:
             self._checkpointing = True
         return self._park(COLO)
 
     def end_checkpoint(self, run: bool) -> bool:
-        """The checkpoint's capture or load is over: with ``run``, the guest runs again without
-        RESUME, unless it was stopped meanwhile (state paused: then it stays paused).  True if
-        it runs."""
+        """The checkpoint's capture or load is over (idempotent): with ``run``, a guest stopped
+        by it runs again without RESUME.  True if it runs."""
         with self._cond:
-            self._checkpointing = False
-            if not run or self._state != COLO:
-                return False
-            self._state = RUNNING
-            self._clock.run()
-            self._run_requested = True
-            self._cond.notify_all()
-        return True
+            held, self._checkpointing = self._checkpointing, False
+            running = run and self._state == COLO
+            if running:
+                self._state = RUNNING
+                self._clock.run()
+                self._run_requested = True
+                self._cond.notify_all()
+        if held:
+            self._checkpoint_lock.release()
+        return running
 
     def _park(self, state: str) -> bool:
         with self._cond:
