@@ -514,6 +514,20 @@ static PyObject *bitmap_count(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(n);
 }
 
+/* array('Q', 8 zero bytes) * n: an n-entry array to fill in place, its buffer taken in *ab
+ * (released by the caller once filled); NULL with an exception set on failure. */
+static PyObject *u64_array(Py_ssize_t n, Py_buffer *ab)
+{
+    PyObject *arr = NULL, *one = PyObject_CallFunction(array_type, "sy#", "Q", "\0\0\0\0\0\0\0\0", (Py_ssize_t)8);
+    if (one) {
+        arr = PySequence_Repeat(one, n);
+        Py_DECREF(one);
+    }
+    if (arr && PyObject_GetBuffer(arr, ab, PyBUF_WRITABLE) < 0)
+        Py_CLEAR(arr);
+    return arr;
+}
+
 /* bitmap_pages(bitmap, start_page=0, limit=None) -> array('Q'): the set bits
  * from start_page on, ascending, at most limit of them. */
 static PyObject *bitmap_pages(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -539,15 +553,8 @@ static PyObject *bitmap_pages(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_BEGIN_ALLOW_THREADS
     n = bitmap_scan(p, bm.len, start, max, NULL);
     Py_END_ALLOW_THREADS
-    /* array('Q', 8 zero bytes) * n: an n-entry array, filled in place. */
-    PyObject *arr = NULL, *one = PyObject_CallFunction(array_type, "sy#", "Q", "\0\0\0\0\0\0\0\0", (Py_ssize_t)8);
-    if (one) {
-        arr = PySequence_Repeat(one, n);
-        Py_DECREF(one);
-    }
     Py_buffer ab;
-    if (arr && PyObject_GetBuffer(arr, &ab, PyBUF_WRITABLE) < 0)
-        Py_CLEAR(arr);
+    PyObject *arr = u64_array(n, &ab);
     if (arr) {
         uint64_t *dst = ab.buf;
         Py_BEGIN_ALLOW_THREADS
@@ -602,14 +609,8 @@ static PyObject *bitmap_runs(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     n = bitmap_run_scan(p, bm.len, PY_SSIZE_T_MAX, NULL);
     Py_END_ALLOW_THREADS
-    PyObject *arr = NULL, *one = PyObject_CallFunction(array_type, "sy#", "Q", "\0\0\0\0\0\0\0\0", (Py_ssize_t)8);
-    if (one) {
-        arr = PySequence_Repeat(one, 2 * n);
-        Py_DECREF(one);
-    }
     Py_buffer ab;
-    if (arr && PyObject_GetBuffer(arr, &ab, PyBUF_WRITABLE) < 0)
-        Py_CLEAR(arr);
+    PyObject *arr = u64_array(2 * n, &ab);
     if (arr) {
         uint64_t *dst = ab.buf;
         Py_BEGIN_ALLOW_THREADS

@@ -21,6 +21,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,18 @@ MAX_FRAME = 65536
 
 class ChannelError(Exception):
     """The packet channel failed or carried something that is not ours."""
+
+
+def guarded(loop: Callable[[], None], lost: Callable[[str], None]) -> None:
+    """A filter thread's loop: a broken channel, or any failure, is a lost peer for COLO,
+    never a thread that ends in silence."""
+    try:
+        loop()
+    except ChannelError as e:
+        lost(str(e))
+    except Exception as e:
+        log.exception("netfilter: %s failed", loop.__name__)
+        lost(f"netfilter failed: {e!r}")
 
 
 class PacketChannel:

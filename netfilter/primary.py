@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable
 
-from .channel import ChannelError, PacketChannel
+from .channel import PacketChannel, guarded
 from .compare import Comparer
 from .settings import NetfilterSettings
 
@@ -72,7 +72,7 @@ class PrimaryFilters:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._mirror: queue.Queue = queue.Queue(MIRROR_QUEUE)
         self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"colo-{name}", daemon=True)
+        self._threads = [threading.Thread(target=guarded, args=(loop, self._lost), name=f"colo-{name}", daemon=True)
                          for name, loop in (("mirror", self._mirror_loop), ("from-svm", self._receive_loop),
                                             ("compare", self._compare_loop))]
 
@@ -114,16 +114,6 @@ class PrimaryFilters:
             self._mirror.put_nowait((self.mirror_epoch, frame))
         except queue.Full:
             self.mirror_dropped += 1
-
-    def _guarded(self, loop) -> None:
-        """A thread's loop: a broken channel, or any failure, is a lost peer, never a silent end."""
-        try:
-            loop()
-        except ChannelError as e:
-            self._lost(str(e))
-        except Exception as e:
-            log.exception("netfilter: %s failed", loop.__name__)
-            self._lost(f"netfilter failed: {e!r}")
 
     def _mirror_loop(self) -> None:
         while (item := self._mirror.get()) is not None:

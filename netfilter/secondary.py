@@ -20,7 +20,7 @@ from typing import Callable
 
 from appliance.vmm.devices import QueueBackend
 
-from .channel import ChannelError, PacketChannel
+from .channel import PacketChannel, guarded
 from .packet import PacketError, fix_checksums, parse
 from .rewriter import Rewriter
 
@@ -76,7 +76,7 @@ class SecondaryFilters:
         self.data_segments = 0          # the SVM's TCP segments with data (for DIVERGE_AT)
         self._lock = threading.Lock()   # the rewriter, the epoch and taking the SVM's frames
         self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=self._guarded, args=(loop,), name=f"colo-{name}", daemon=True)
+        self._threads = [threading.Thread(target=guarded, args=(loop, self._lost), name=f"colo-{name}", daemon=True)
                          for name, loop in (("to-svm", self._to_svm_loop), ("from-svm", self._from_svm_loop))]
 
     def start(self) -> None:
@@ -113,16 +113,6 @@ class SecondaryFilters:
                 "to-primary": self.channel.frames_sent,
                 "checkpoint-dropped": self.checkpoint_dropped, "svm-dropped": self.backend.tx_dropped,
                 "to-svm-dropped": self.backend.rx_dropped}
-
-    def _guarded(self, loop) -> None:
-        """A thread's loop: a broken channel, or any failure, is a lost peer, never a silent end."""
-        try:
-            loop()
-        except ChannelError as e:
-            self._lost(str(e))
-        except Exception as e:
-            log.exception("netfilter: %s failed", loop.__name__)
-            self._lost(f"netfilter failed: {e!r}")
 
     def _to_svm_loop(self) -> None:
         while True:
