@@ -25,6 +25,16 @@ from dataclasses import dataclass
 from pyroute2 import NetNS, netns
 
 
+@contextmanager
+def inside(namespace: str):
+    """Sockets (and taps) created inside this block belong to ``namespace``; this thread only."""
+    netns.pushns(namespace)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
 @dataclass
 class NodeNet:
     name: str
@@ -91,14 +101,9 @@ class Topology:
     def run_client(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self.in_namespace(self.client_ns, argv), **kwargs)
 
-    @contextmanager
     def client_sockets(self):
         """Sockets created inside this block live in the client namespace."""
-        netns.pushns(self.client_ns)
-        try:
-            yield
-        finally:
-            netns.popns()
+        return inside(self.client_ns)
 
     def close(self) -> None:
         for name in reversed(self._created):

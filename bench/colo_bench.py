@@ -26,10 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from pyroute2 import netns  # noqa: E402
 from qemu.qmp import QMPClient  # noqa: E402
 
-from appliance.netns import Topology  # noqa: E402
+from appliance.netns import Topology, inside  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 HEADING = "## COLO"
@@ -72,13 +71,9 @@ class Node:
         headers = {}
         if os.path.exists(token_path):
             headers["Authorization"] = "Bearer " + open(token_path).read().strip()
-        netns.pushns(self.namespace)
-        try:
-            request = urllib.request.Request(f"http://{self.http}/api/v1/status", headers=headers)
-            with urllib.request.urlopen(request, timeout=10) as r:
-                return json.loads(r.read())
-        finally:
-            netns.popns()
+        request = urllib.request.Request(f"http://{self.http}/api/v1/status", headers=headers)
+        with inside(self.namespace), urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
 
     async def close(self) -> None:
         try:

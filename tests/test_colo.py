@@ -16,10 +16,9 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from pyroute2 import netns
 from qemu.qmp import ExecuteError, QMPClient
 
-from appliance.netns import Topology
+from appliance.netns import Topology, inside
 from conftest import start_daemon, stop_daemon
 from test_migration_nodes import RedisLoad, events_until, kvstore_args, wait_console
 
@@ -36,12 +35,9 @@ def topo():
 
 
 def _get_in_namespace(namespace: str, url: str, headers: dict) -> bytes:
-    netns.pushns(namespace)          # this thread only: the daemon's loopback is its namespace's
-    try:
+    with inside(namespace):          # this thread only: the daemon's loopback is its namespace's
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
             return r.read()
-    finally:
-        netns.popns()
 
 
 async def http_get(daemon, path: str) -> bytes:

@@ -19,13 +19,14 @@ import socket
 import struct
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("pyroute2")
 from pyroute2 import NetNS, netns  # noqa: E402
+
+from appliance.netns import inside  # noqa: E402
 
 pytestmark = pytest.mark.netns
 
@@ -113,14 +114,9 @@ class Topology:
         r = self.run("redis-cli", "-h", GUEST_IP, *args, input=input)
         return r.stdout
 
-    @contextmanager
     def in_client(self):
         """Sockets created inside this block live in the client namespace."""
-        netns.pushns(self.cns)
-        try:
-            yield
-        finally:
-            netns.popns()
+        return inside(self.cns)
 
     def connect(self, timeout=10):
         with self.in_client():

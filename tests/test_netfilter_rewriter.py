@@ -5,13 +5,13 @@ import select
 import socket
 import struct
 import time
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyroute2 import NetNS, netns
 
+from appliance.netns import inside
 from netfilter.compare import Comparer
 from netfilter.packet import ACK, FIN, PSH, RST, SYN, parse
 from netfilter.rewriter import Rewriter
@@ -216,16 +216,6 @@ def test_random_input_never_crashes_and_keeps_checksums_valid(operations):
 
 NEAR_MAC = bytes.fromhex("02000000aa01")
 ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
-
-
-@contextmanager
-def inside(namespace: str):
-    """Sockets created in this block belong to ``namespace`` (this thread only)."""
-    netns.pushns(namespace)
-    try:
-        yield
-    finally:
-        netns.popns()
 
 
 @pytest.fixture

@@ -9,13 +9,11 @@ import struct
 import threading
 import time
 import types
-from contextlib import contextmanager
 
 import pytest
-from pyroute2 import netns
 
 from appliance.announce import announce_self, garp_frame, rarp_frame
-from appliance.netns import Topology
+from appliance.netns import Topology, inside
 from appliance.vmm import NicState, VirtualMachine, VMConfig
 from appliance.vmm.devices import Nic, QueueBackend
 from appliance.vmm.devices import nic as nic_module
@@ -250,16 +248,6 @@ def take_matching(queue: QueueBackend, matches, timeout: float = 5.0):
         if frame is not None and matches(frame):
             return frame
     return None
-
-
-@contextmanager
-def inside(namespace: str):
-    """Taps and sockets created in this block belong to `namespace` (this thread only)."""
-    netns.pushns(namespace)
-    try:
-        yield
-    finally:
-        netns.popns()
 
 
 def redis_cli(topo, *args) -> str:
