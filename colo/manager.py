@@ -3,8 +3,8 @@
 The node hands the manager to the migration engine as its COLO hand-over
 (``run_primary`` / ``run_secondary``, called on the migration thread), and
 asks it for query-colo-status, x-colo-lost-heartbeat and on-demand
-checkpoints.  The network layer subscribes to checkpoint and failover
-notifications with ``add_listener``.
+checkpoints.  Each session drives its own network layer (netfilter/) at
+checkpoints and failover.
 """
 from __future__ import annotations
 
@@ -66,7 +66,6 @@ class ColoManager:
         self.waiting_for_operator = False
         self.operator_decided = threading.Event()
         self.shutting_down = False
-        self._listeners: list[Callable[[str], None]] = []
 
     # -- hand-overs from the migration engine (on the migration thread) -------------------
 
@@ -134,18 +133,6 @@ class ColoManager:
         if not isinstance(session, ColoPrimary):
             raise ColoError("this node is not a COLO primary: only the primary takes checkpoints")
         session.request_checkpoint(reason)
-
-    def add_listener(self, listener: Callable[[str], None]) -> None:
-        """``listener(event)`` with event "checkpoint" (release held primary frames, drop
-        secondary frames) or "failover"; called on the COLO thread, must not block."""
-        self._listeners.append(listener)
-
-    def notify(self, event: str) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("COLO %s listener failed", event)
 
     # -- reports -------------------------------------------------------------------------------
 

@@ -146,7 +146,6 @@ class ColoPrimary(ColoSession):
             steps.expect(M.VMSTATE_RECEIVED)
             if self.filters is not None:
                 self.filters.checkpoint(steps.checkpoint)
-            self.manager.notify("checkpoint")
             steps.expect(M.VMSTATE_LOADED)
         except BaseException:
             self.manager.stats.failed_checkpoints += 1
@@ -178,7 +177,6 @@ class ColoPrimary(ColoSession):
         step_down = self.local_error is not None or self.manager.shutting_down
         if self.filters is not None:
             self.filters.stop(release=not step_down)    # what the SVM may never have said stays unsaid
-        self.manager.notify("failover")
         if step_down:
             self.vm.pause()
         elif self.vm.state == "colo":

@@ -149,7 +149,6 @@ class ColoSecondary(ColoSession):
         steps.send(M.VMSTATE_RECEIVED)
         if self.filters is not None:
             self.filters.checkpoint(steps.checkpoint)
-        self.manager.notify("checkpoint")
         self._load()
         steps.send(M.VMSTATE_LOADED)
         self.vm.end_checkpoint(run=not self.stopping.is_set())
@@ -217,7 +216,6 @@ class ColoSecondary(ColoSession):
                 return
         self._close_cache()
         self.manager.stats.failovers += 1
-        self.manager.notify("failover")
         if self.filters is not None:
             self.filters.stop(takeover=True)
         elif self.vm.nic is not None:
