@@ -2,11 +2,13 @@
 
     packet channel ──► receiver thread ──► Rewriter.to_guest ──► QueueBackend.deliver ──► SVM
                          (client frames the PVM read, tagged with the PVM's epoch)
-    SVM ──► QueueBackend ──► sender thread ──► Rewriter.from_guest ──► packet channel (epoch)
+    SVM ──► RedirectingBackend ──► sender thread ──► Rewriter.from_guest ──► packet channel
+              (tagged with the epoch it follows)
 
 The SVM never touches its tap while in COLO.  At a checkpoint (the SVM stopped)
-what it sent but was not yet forwarded is dropped, the epoch becomes the
-checkpoint's number and the rewriter's offsets reset.  At failover the tap comes
+client frames it has not read are dropped, the epoch becomes the checkpoint's
+number and the rewriter's offsets reset; what the SVM sent before carries the
+older epoch and is dropped unrewritten by the sender thread.  At failover the tap comes
 back behind a RewritingBackend, so connections whose sequence numbers were
 offset keep working for as long as they live.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from typing import Callable
@@ -64,12 +67,42 @@ class RewritingBackend:
         """The tap stays with the NIC."""
 
 
+class RedirectingBackend:
+    """The SVM's NIC backend in COLO: client frames from the primary, output to the sender
+    thread through a C-level queue (the cheapest hand-off for the vCPU thread)."""
+
+    def __init__(self, inbound: QueueBackend, outbox: queue.SimpleQueue, epoch: Callable[[], int]):
+        self.inbound = inbound
+        self.outbox = outbox
+        self.epoch = epoch
+        self.queued = 0                 # roughly what outbox holds (two threads count it, without a lock)
+        self.dropped = 0
+
+    def wait_fds(self) -> list[int]:
+        return self.inbound.wait_fds()
+
+    def receive(self) -> bytes | None:
+        return self.inbound.receive()
+
+    def transmit(self, frame: bytes) -> bool:
+        if self.queued >= TX_QUEUE:
+            self.dropped += 1
+            return False
+        self.queued += 1
+        self.outbox.put((self.epoch(), frame))
+        return True
+
+    def close(self) -> None:
+        self.inbound.close()
+        self.outbox.put(None)
+
+
 class SecondaryFilters:
     def __init__(self, nic, channel: PacketChannel, on_lost: Callable[[str], None]):
         self.nic = nic
         self.channel = channel
         self.on_lost = on_lost
-        self.backend = QueueBackend(tx_limit=TX_QUEUE)
+        self.backend = RedirectingBackend(QueueBackend(), queue.SimpleQueue(), lambda: self.epoch)
         self.rewriter = Rewriter()
         self.epoch = 0
         self.checkpoint_dropped = 0
@@ -88,9 +121,7 @@ class SecondaryFilters:
         """The SVM is stopped and about to load checkpoint ``epoch``: what it sent and was not
         forwarded yet, and client frames the PVM read before the checkpoint, are stale now."""
         with self._lock:
-            while self.backend.take(0) is not None:
-                self.checkpoint_dropped += 1
-            self.checkpoint_dropped += self.backend.drop_undelivered()
+            self.checkpoint_dropped += self.backend.inbound.drop_undelivered()
             self.epoch = epoch
             self.rewriter.checkpoint()
 
@@ -111,8 +142,8 @@ class SecondaryFilters:
         return {**self.rewriter.counters, "channel": self.channel.endpoints,
                 "from-primary": self.channel.frames_received,
                 "to-primary": self.channel.frames_sent,
-                "checkpoint-dropped": self.checkpoint_dropped, "svm-dropped": self.backend.tx_dropped,
-                "to-svm-dropped": self.backend.rx_dropped}
+                "checkpoint-dropped": self.checkpoint_dropped, "svm-dropped": self.backend.dropped,
+                "to-svm-dropped": self.backend.inbound.rx_dropped}
 
     def _to_svm_loop(self) -> None:
         while True:
@@ -122,21 +153,33 @@ class SecondaryFilters:
                     self.checkpoint_dropped += 1
                     continue
                 frame = self.rewriter.to_guest(frame)
-            self.backend.deliver(frame)
+            self.backend.inbound.deliver(frame)
 
     def _from_svm_loop(self) -> None:
-        while not self._stopping.is_set():
-            # Taken under the lock checkpoint() drains under: a frame is tagged with the
-            # checkpoint that was current when it was taken, never a later one.
-            if not self.backend.wait_sent(0.5):
-                continue
+        outbox = self.backend.outbox
+        while (item := outbox.get()) is not None:
+            items = [item]
+            while len(items) < BURST:              # what queued meanwhile goes in the same write
+                try:
+                    items.append(outbox.get_nowait())
+                except queue.Empty:
+                    break
+            self.backend.queued -= len(items)
             burst = []
-            with self._lock:
-                while len(burst) < BURST and (frame := self.backend.take(0)) is not None:
+            with self._lock:                        # the rewriter learns only from the current epoch
+                for item in items:
+                    if item is None:
+                        break
+                    epoch, frame = item
+                    if epoch < self.epoch:
+                        self.checkpoint_dropped += 1
+                        continue
                     frame = self.rewriter.from_guest(frame)
-                    burst.append((self.epoch, self._diverge(frame) if DIVERGE_AT else frame))
+                    burst.append((epoch, self._diverge(frame) if DIVERGE_AT else frame))
             if burst:
                 self.channel.send_many(burst)
+            if None in items:
+                return
 
     def _diverge(self, frame: bytes) -> bytes:
         try:
