@@ -27,6 +27,8 @@ gather_pages = _impl.gather_pages
 scatter_pages = _impl.scatter_pages
 copy_pages = _impl.copy_pages
 equal_prefix = _impl.equal_prefix
+parse_headers = _impl.parse_headers
 
 __all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bitmap_pages",
-           "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "equal_prefix", "reference", "IMPLEMENTATION"]
+           "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "equal_prefix", "parse_headers",
+           "reference", "IMPLEMENTATION"]

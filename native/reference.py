@@ -3,6 +3,8 @@ the reference in tests and wherever the extension is unavailable or disabled."""
 import itertools
 import operator
 import re
+import socket
+import struct
 from array import array
 
 
@@ -197,3 +199,83 @@ def equal_prefix(a, b) -> int:
     n = min(len(a), len(b))
     differing = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
     return n - (differing.bit_length() + 7) // 8     # whole bytes after the first difference
+
+
+# Ethernet/IPv4 header decoding for the COLO network layer (netfilter.packet draws the layouts).
+_VLAN_ETHERTYPES = (0x8100, 0x88A8)
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_UDP = struct.Struct("!HHHH")
+_ICMP = struct.Struct("!BBHHH")
+
+
+def parse_headers(frame) -> tuple:
+    """The headers of an Ethernet frame as a flat tuple::
+
+        (ethertype, ip_offset, ihl, total_length, protocol, src, dst, ident, flags_offset,
+         kind, t0 .. t7)
+
+    ``src``/``dst`` dotted quads; ``kind`` the transport decoded: 6 TCP (sport, dport, seq,
+    ack, header length, flags, window, checksum), 17 UDP (sport, dport, length, checksum),
+    1 ICMP (type, code, checksum, ident, sequence), 0 none (a fragment, another protocol);
+    unused t fields are 0.  A frame that is not IPv4 has only ethertype and ip_offset set.
+    Malformed: ValueError(reason, flow class reached).  The C twin returns None for anything
+    but a well-formed IPv4 frame, and the caller asks this function why."""
+    frame = bytes(frame)
+    if len(frame) < 14:
+        raise ValueError(f"frame of {len(frame)} bytes is shorter than an Ethernet header", "non-ip")
+    offset = 12
+    ethertype = int.from_bytes(frame[12:14], "big")
+    for _ in range(2):
+        if ethertype not in _VLAN_ETHERTYPES:
+            break
+        offset += 4
+        if len(frame) < offset + 2:
+            raise ValueError("frame ends inside its VLAN tag", "non-ip")
+        ethertype = int.from_bytes(frame[offset:offset + 2], "big")
+    ip_offset = offset + 2
+    if ethertype != 0x0800:
+        return (ethertype, ip_offset) + (0,) * 16
+    available = len(frame) - ip_offset
+    if available < _IPV4.size:
+        raise ValueError(f"IPv4 header truncated: {available} of 20 bytes", "non-ip")
+    (version_ihl, _tos, total_length, ident, flags_offset, _ttl, protocol, _checksum,
+     src, dst) = _IPV4.unpack_from(frame, ip_offset)
+    version, ihl = version_ihl >> 4, (version_ihl & 0x0F) * 4
+    if version != 4:
+        raise ValueError(f"IP version {version} in an IPv4 frame", "non-ip")
+    if ihl < _IPV4.size:
+        raise ValueError(f"bad IHL: a {ihl}-byte IPv4 header", "non-ip")
+    if ihl > available:
+        raise ValueError(f"IPv4 header of {ihl} bytes goes past the frame ({available} bytes)", "non-ip")
+    if total_length < ihl:
+        raise ValueError(f"IPv4 total length {total_length} is shorter than its header ({ihl})", "non-ip")
+    if total_length > available:
+        raise ValueError(f"IPv4 total length {total_length} goes past the frame ({available} bytes)", "non-ip")
+    head = (ethertype, ip_offset, ihl, total_length, protocol, socket.inet_ntoa(src), socket.inet_ntoa(dst),
+            ident, flags_offset)
+    start, end = ip_offset + ihl, ip_offset + total_length
+    if flags_offset & 0x3FFF:                   # MF or a fragment offset: no transport header to read
+        return head + (0,) * 9
+    if protocol == 6:
+        if end - start < _TCP.size:
+            raise ValueError(f"TCP header truncated: {end - start} of 20 bytes", "tcp")
+        sport, dport, seq, ack, doff, flags, window, checksum, _urgent = _TCP.unpack_from(frame, start)
+        header_length = (doff >> 4) * 4
+        if header_length < _TCP.size:
+            raise ValueError(f"bad TCP data offset: a {header_length}-byte header", "tcp")
+        if header_length > end - start:
+            raise ValueError(f"TCP data offset {header_length} goes past the segment ({end - start} bytes)", "tcp")
+        return head + (6, sport, dport, seq, ack, header_length, flags, window, checksum)
+    if protocol == 17:
+        if end - start < _UDP.size:
+            raise ValueError(f"UDP header truncated: {end - start} of 8 bytes", "udp")
+        sport, dport, length, checksum = _UDP.unpack_from(frame, start)
+        if not _UDP.size <= length <= end - start:
+            raise ValueError(f"UDP length {length} does not fit the IP payload ({end - start} bytes)", "udp")
+        return head + (17, sport, dport, length, checksum, 0, 0, 0, 0)
+    if protocol == 1:
+        if end - start < _ICMP.size:
+            raise ValueError(f"ICMP header truncated: {end - start} of 8 bytes", "icmp")
+        return head + (1, *_ICMP.unpack_from(frame, start), 0, 0, 0)
+    return head + (0,) * 9

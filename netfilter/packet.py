@@ -29,15 +29,12 @@ fragment carries no transport header, and the comparer compares fragments whole.
 """
 from __future__ import annotations
 
-import socket
 import struct
 from dataclasses import dataclass
 
-ETH_HEADER = 14
+import native
+
 ETHERTYPE_IPV4 = 0x0800
-ETHERTYPE_ARP = 0x0806
-VLAN_ETHERTYPES = (0x8100, 0x88A8)
-MAX_VLAN_TAGS = 2
 
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
 IP_MF, IP_DF, IP_OFFSET_MASK = 0x2000, 0x4000, 0x1FFF
@@ -45,11 +42,7 @@ IP_MF, IP_DF, IP_OFFSET_MASK = 0x2000, 0x4000, 0x1FFF
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
 
-_ETHERTYPE = struct.Struct("!H")
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
-_TCP = struct.Struct("!HHIIBBHHH")
-_UDP = struct.Struct("!HHHH")
-_ICMP = struct.Struct("!BBHHH")
+UDP_HEADER = ICMP_HEADER = 8
 
 
 class PacketError(ValueError):
@@ -177,71 +170,29 @@ class Packet:
 
 
 def parse(frame: bytes) -> Packet:
-    """The frame's headers; PacketError (never IndexError or struct.error) when malformed."""
+    """The frame's headers; PacketError (never IndexError or struct.error) when malformed.
+    Decoded by native.parse_headers (the reference says why a frame is malformed)."""
     frame = bytes(frame)
-    if len(frame) < ETH_HEADER:
-        raise PacketError(f"frame of {len(frame)} bytes is shorter than an Ethernet header")
-    offset = 12
-    (ethertype,) = _ETHERTYPE.unpack_from(frame, offset)
-    for _ in range(MAX_VLAN_TAGS):
-        if ethertype not in VLAN_ETHERTYPES:
-            break
-        offset += 4
-        if len(frame) < offset + 2:
-            raise PacketError("frame ends inside its VLAN tag")
-        (ethertype,) = _ETHERTYPE.unpack_from(frame, offset)
-    ip_offset = offset + 2
+    try:
+        headers = native.parse_headers(frame) or native.reference.parse_headers(frame)
+    except ValueError as e:
+        raise PacketError(*e.args) from None
+    (ethertype, ip_offset, ihl, total_length, protocol, src, dst, ident, flags_offset, kind,
+     t0, t1, t2, t3, t4, t5, t6, t7) = headers
     if ethertype != ETHERTYPE_IPV4:
         return Packet(frame, ethertype)
-    available = len(frame) - ip_offset
-    if available < _IPV4.size:
-        raise PacketError(f"IPv4 header truncated: {available} of 20 bytes")
-    (version_ihl, _tos, total_length, ident, flags_offset, _ttl, protocol, _checksum,
-     src, dst) = _IPV4.unpack_from(frame, ip_offset)
-    version, ihl = version_ihl >> 4, (version_ihl & 0x0F) * 4
-    if version != 4:
-        raise PacketError(f"IP version {version} in an IPv4 frame")
-    if ihl < _IPV4.size:
-        raise PacketError(f"bad IHL: a {ihl}-byte IPv4 header")
-    if ihl > available:
-        raise PacketError(f"IPv4 header of {ihl} bytes goes past the frame ({available} bytes)")
-    if total_length < ihl:
-        raise PacketError(f"IPv4 total length {total_length} is shorter than its header ({ihl})")
-    if total_length > available:
-        raise PacketError(f"IPv4 total length {total_length} goes past the frame ({available} bytes)")
-    packet = Packet(frame, ethertype, ip_offset, ihl, total_length, protocol, socket.inet_ntoa(src),
-                    socket.inet_ntoa(dst), ident, bool(flags_offset & IP_MF), bool(flags_offset & IP_DF),
-                    (flags_offset & IP_OFFSET_MASK) * 8, ip_offset + ihl)
-    if packet.is_fragment:
-        return packet
-    start, end = packet.transport_offset, packet.ip_end
-    view = memoryview(frame)
-    if protocol == IPPROTO_TCP:
-        if end - start < _TCP.size:
-            raise PacketError(f"TCP header truncated: {end - start} of 20 bytes", "tcp")
-        sport, dport, seq, ack, doff, flags, window, checksum, _urgent = _TCP.unpack_from(frame, start)
-        header_length = (doff >> 4) * 4
-        if header_length < _TCP.size:
-            raise PacketError(f"bad TCP data offset: a {header_length}-byte header", "tcp")
-        if header_length > end - start:
-            raise PacketError(f"TCP data offset {header_length} goes past the segment ({end - start} bytes)",
-                              "tcp")
-        packet.tcp = Tcp(sport, dport, seq, ack, header_length, flags, window, checksum,
-                         view[start + header_length:end])
-    elif protocol == IPPROTO_UDP:
-        if end - start < _UDP.size:
-            raise PacketError(f"UDP header truncated: {end - start} of 8 bytes", "udp")
-        sport, dport, length, checksum = _UDP.unpack_from(frame, start)
-        if not _UDP.size <= length <= end - start:
-            raise PacketError(f"UDP length {length} does not fit the IP payload ({end - start} bytes)", "udp")
-        packet.udp = Udp(sport, dport, length, checksum, view[start + _UDP.size:start + length])
-    elif protocol == IPPROTO_ICMP:
-        if end - start < _ICMP.size:
-            raise PacketError(f"ICMP header truncated: {end - start} of 8 bytes", "icmp")
-        icmp_type, code, checksum, ident, sequence = _ICMP.unpack_from(frame, start)
-        echo = icmp_type in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
-        packet.icmp = Icmp(icmp_type, code, checksum, ident if echo else None, sequence if echo else None,
-                           view[start + _ICMP.size:end])
+    start, end = ip_offset + ihl, ip_offset + total_length
+    packet = Packet(frame, ethertype, ip_offset, ihl, total_length, protocol, src, dst, ident,
+                    bool(flags_offset & IP_MF), bool(flags_offset & IP_DF), (flags_offset & IP_OFFSET_MASK) * 8,
+                    start)
+    if kind == IPPROTO_TCP:
+        packet.tcp = Tcp(t0, t1, t2, t3, t4, t5, t6, t7, memoryview(frame)[start + t4:end])
+    elif kind == IPPROTO_UDP:
+        packet.udp = Udp(t0, t1, t2, t3, memoryview(frame)[start + UDP_HEADER:start + t2])
+    elif kind == IPPROTO_ICMP:
+        echo = t0 in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+        packet.icmp = Icmp(t0, t1, t2, t3 if echo else None, t4 if echo else None,
+                           memoryview(frame)[start + ICMP_HEADER:end])
     return packet
 
 
