@@ -21,6 +21,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
 #include <poll.h>
@@ -59,6 +60,26 @@ static uint64_t mono_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* libc's malloc has no fixed heap; under ASan its allocator keeps the count. */
+#if defined(__SANITIZE_ADDRESS__)
+size_t __sanitizer_get_current_allocated_bytes(void);   /* sanitizer/allocator_interface.h */
+size_t plat_heap_used(void)
+{
+    return __sanitizer_get_current_allocated_bytes();
+}
+#else
+size_t plat_heap_used(void)
+{
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+}
+#endif
+
+size_t plat_heap_size(void)
+{
+    return 0;
 }
 
 uint64_t plat_now_ns(void)

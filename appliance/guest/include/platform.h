@@ -24,6 +24,12 @@ void *calloc(size_t count, size_t size);
 void *realloc(void *p, size_t n);
 void free(void *p);
 
+/* The heap behind malloc: bytes in blocks handed out now (with their
+ * headers), and the heap's whole size (0 when the runtime has no fixed
+ * heap).  kvstore's INFO memory and its maxmemory limit read them. */
+size_t plat_heap_used(void);
+size_t plat_heap_size(void);
+
 /* Time in nanoseconds: monotonic (never goes back, continuous across a
  * save/restore or migration) and wall clock (Unix epoch). */
 uint64_t plat_now_ns(void);

@@ -1,11 +1,13 @@
 /* Hash table in guest RAM.  FNV-1a without a seed keeps bucket order, and so
- * everything the server does, identical on the COLO primary and secondary. */
+ * everything the server does, identical on the COLO primary and secondary.
+ * Expired keys are invisible at once and reclaimed lazily (on access) and by
+ * db_sweep (kvstore's periodic active expiry). */
 #include "platform.h"
 #include "db.h"
 #include "net.h"
 
 static struct kv_entry **buckets;
-static size_t nbuckets, count;
+static size_t nbuckets, count, volatile_count, sweep_pos;
 
 static uint64_t hash_key(const uint8_t *k, size_t n)
 {
@@ -46,6 +48,7 @@ static void unlink_free(struct kv_entry **pp)
 {
     struct kv_entry *e = *pp;
     *pp = e->next;
+    volatile_count -= e->expire_ns != 0;
     free(e->val);
     free(e);
     count--;
@@ -110,8 +113,25 @@ struct kv_entry *db_set(const uint8_t *key, size_t klen, const uint8_t *val, siz
     e->val = v;
     e->vlen = vlen;
     if (!keep_ttl)
-        e->expire_ns = 0;
+        db_set_expire(e, 0);
     return e;
+}
+
+bool db_append(struct kv_entry *e, const uint8_t *p, size_t n)
+{
+    uint8_t *v = realloc(e->val, e->vlen + n ? e->vlen + n : 1);
+    if (!v)
+        return false;
+    memcpy(v + e->vlen, p, n);
+    e->val = v;
+    e->vlen += n;
+    return true;
+}
+
+void db_set_expire(struct kv_entry *e, uint64_t deadline_ns)
+{
+    volatile_count += (deadline_ns != 0) - (e->expire_ns != 0);
+    e->expire_ns = deadline_ns;
 }
 
 bool db_del(const uint8_t *key, size_t klen)
@@ -131,22 +151,82 @@ void db_flush(void)
             unlink_free(&buckets[i]);
 }
 
-size_t db_size(size_t *with_ttl)
+/* Reclaims the expired keys of bucket b; returns how many. */
+static size_t purge_bucket(size_t b, uint64_t now)
 {
-    uint64_t now = net_clock();
-    size_t ttl = 0;
-    for (size_t i = 0; i < nbuckets; i++) {
-        struct kv_entry **pp = &buckets[i];
-        while (*pp) {
-            if (expired(*pp, now)) {
-                unlink_free(pp);
-                continue;
-            }
-            ttl += (*pp)->expire_ns != 0;
+    size_t n = 0;
+    struct kv_entry **pp = &buckets[b];
+    while (*pp) {
+        if (expired(*pp, now)) {
+            unlink_free(pp);
+            n++;
+        } else {
             pp = &(*pp)->next;
         }
     }
+    return n;
+}
+
+size_t db_size(size_t *with_ttl)
+{
+    uint64_t now = net_clock();
+    for (size_t i = 0; i < nbuckets && volatile_count; i++)
+        purge_bucket(i, now);
     if (with_ttl)
-        *with_ttl = ttl;
+        *with_ttl = volatile_count;
     return count;
+}
+
+size_t db_volatile(void)
+{
+    return volatile_count;
+}
+
+size_t db_buckets(void)
+{
+    return nbuckets;
+}
+
+void db_foreach(db_visit_fn fn, void *arg)
+{
+    uint64_t now = net_clock();
+    for (size_t i = 0; i < nbuckets; i++) {
+        purge_bucket(i, now);
+        for (struct kv_entry *e = buckets[i]; e; e = e->next)
+            fn(e, arg);
+    }
+}
+
+static uint64_t reverse_bits(uint64_t v)
+{
+    uint64_t r = 0;
+    for (int i = 0; i < 64; i++, v >>= 1)
+        r = (r << 1) | (v & 1);
+    return r;
+}
+
+uint64_t db_scan(uint64_t cursor, db_visit_fn fn, void *arg)
+{
+    if (!nbuckets)
+        return 0;
+    uint64_t mask = nbuckets - 1;
+    size_t b = (size_t)(cursor & mask);
+    purge_bucket(b, net_clock());
+    for (struct kv_entry *e = buckets[b]; e; e = e->next)
+        fn(e, arg);
+    /* Increment the reversed cursor: set the bits above the mask so the
+     * carry runs off the top once every bucket was visited. */
+    cursor |= ~mask;
+    return reverse_bits(reverse_bits(cursor) + 1);
+}
+
+size_t db_sweep(size_t nb)
+{
+    uint64_t now = net_clock();
+    size_t reclaimed = 0;
+    for (size_t i = 0; i < nb && volatile_count && nbuckets; i++) {
+        sweep_pos = (sweep_pos + 1) & (nbuckets - 1);
+        reclaimed += purge_bucket(sweep_pos, now);
+    }
+    return reclaimed;
 }

@@ -23,8 +23,15 @@ struct arg {
     size_t len;
 };
 
+struct multi_state;
+
 struct client {
     tcp_conn *conn;
+    uint64_t id;          /* CLIENT ID: accept order, the same on both COLO copies */
+    char *name;           /* CLIENT SETNAME; NULL when unnamed */
+    struct multi_state *multi;  /* commands queued since MULTI; NULL outside one */
+    size_t watching;      /* keys this client WATCHes */
+    bool watch_dirty;     /* a watched key was written: the next EXEC answers nil */
     struct buf in;
     size_t in_off;        /* parsed prefix of in */
     struct buf out;
@@ -53,7 +60,15 @@ bool parse_ll(const uint8_t *p, size_t n, long long *out);
 size_t fmt_ll(char *buf, long long v);
 
 /* commands.c */
-void kv_init(void);
+int kv_init(void);
+/* Numbers a new client (before its first command). */
+void kv_client_init(struct client *cl);
+/* Drops a departing client's transaction, watches and name. */
+void kv_client_gone(struct client *cl);
 void kv_execute(struct client *cl, size_t argc);
+/* Active expiry: when the next sweep is due (UINT64_MAX when no key has a
+ * TTL), and the sweep itself, run from the main loop after net_poll(). */
+uint64_t kv_sweep_deadline(void);
+void kv_sweep(void);
 
 #endif

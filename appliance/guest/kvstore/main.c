@@ -7,6 +7,7 @@
 
 static void client_free(struct client *cl)
 {
+    kv_client_gone(cl);
     free(cl->in.p);
     free(cl->out.p);
     free(cl->argv);
@@ -103,6 +104,7 @@ static void on_accept(tcp_conn *c, void *arg)
         return;
     }
     cl->conn = c;
+    kv_client_init(cl);
     tcp_set_handler(c, on_event, cl);
 }
 
@@ -119,14 +121,17 @@ int guest_main(void)
         net_log("kvstore: need ip=A.B.C.D/len on the command line");
         return 1;
     }
-    kv_init();
+    if (kv_init() < 0)
+        return 1;
     if (tcp_listen(KV_PORT, on_accept, NULL) < 0 || udp_bind(ECHO_PORT, on_echo, NULL) < 0) {
         net_log("kvstore: cannot listen");
         return 1;
     }
     net_log("kvstore: listening on %I:%u", net_ip(), KV_PORT);
     for (;;) {
-        plat_poll(net_next_deadline());
+        uint64_t net_due = net_next_deadline(), sweep_due = kv_sweep_deadline();
+        plat_poll(sweep_due < net_due ? sweep_due : net_due);
         net_poll();
+        kv_sweep();
     }
 }

@@ -18,14 +18,25 @@ struct header {                 /* 16 bytes before every block */
     struct header *next;        /* free-list link while free */
 };
 
-static uintptr_t heap_next, heap_limit;
+static uintptr_t heap_base, heap_next, heap_limit;
+static size_t heap_in_use;      /* bytes of blocks handed out, headers included */
 static struct header *class_free[MAX_CLASS + 1];
 static struct header *large_free;
 
 void heap_init(uint64_t start, uint64_t end)
 {
-    heap_next = (start + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
+    heap_base = heap_next = (start + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1);
     heap_limit = end;
+}
+
+size_t plat_heap_used(void)
+{
+    return heap_in_use;
+}
+
+size_t plat_heap_size(void)
+{
+    return heap_limit - heap_base;
 }
 
 static struct header *carve(size_t size)
@@ -85,7 +96,10 @@ void *malloc(size_t n)
     } else {
         h = alloc_large(n);
     }
-    return h ? h + 1 : NULL;
+    if (!h)
+        return NULL;
+    heap_in_use += sizeof *h + h->size;
+    return h + 1;
 }
 
 void free(void *p)
@@ -93,6 +107,7 @@ void free(void *p)
     if (!p)
         return;
     struct header *h = (struct header *)p - 1;
+    heap_in_use -= sizeof *h + h->size;
     if (h->size <= ((size_t)1 << MAX_CLASS)) {
         int c = size_class(h->size);
         h->next = class_free[c];
