@@ -721,6 +721,14 @@ def test_replay_is_deterministic(fresh_topo, binary, tmp_path):
         assert cli("GET", "k") == b"v\n"
         assert cli("INCR", "ctr") == b"1\n"
         assert cli("INCR", "ctr") == b"2\n"
+        # Clock-dependent commands: TTLs, expiry (lazy and the periodic sweep), a transaction.
+        assert cli("SET", "ttl", "v", "PX", "100000") == b"OK\n"
+        assert cli("PEXPIRE", "gone", "1") == b"0\n"
+        assert cli("SET", "short", "v", "PX", "150") == b"OK\n"
+        assert 0 < int(cli("PTTL", "ttl")) <= 100000
+        assert fresh_topo.cli(input=b"MULTI\nINCR ctr\nKEYS ct*\nEXEC\n") == b"OK\nQUEUED\nQUEUED\n3\nctr\n"
+        time.sleep(0.4)  # "short" expires; the sweep's wake-ups are part of the recording
+        assert cli("GET", "short") == b"\n"
         big_roundtrip(fresh_topo, "blob", 200_000, seed=3)
         time.sleep(0.3)  # let the last ACKs and FINs settle
     finally:
@@ -733,7 +741,8 @@ def test_replay_is_deterministic(fresh_topo, binary, tmp_path):
     assert len(replayed) > 20
     assert replayed == live
     payload_bytes = _tcp_payloads(replayed)
-    for reply in (b"+PONG\r\n", b"+OK\r\n", b"$1\r\nv\r\n", b":1\r\n", b":2\r\n"):
+    for reply in (b"+PONG\r\n", b"+OK\r\n", b"$1\r\nv\r\n", b":1\r\n", b":2\r\n", b"+QUEUED\r\n",
+                  b"*2\r\n:3\r\n*1\r\n$3\r\nctr\r\n"):
         assert reply in payload_bytes
 
     # The same frames at the same times, but every frame read in its own
