@@ -121,6 +121,8 @@ static void touch_arg(const struct arg *key)
 
 static void unwatch_all(struct client *cl)
 {
+    if (!cl->watching)
+        return;
     size_t kept = 0;
     for (size_t i = 0; i < nwatches; i++) {
         if (watches[i]->cl == cl)
@@ -203,88 +205,6 @@ static size_t fmt_human(char *buf, size_t cap, unsigned long long n)
         return fmt_sn(buf, cap, "%lluB", n);
     unsigned long long hundredths = n / scale * 100 + (n % scale * 100 + scale / 2) / scale;
     return fmt_sn(buf, cap, "%llu.%02llu%c", hundredths / 100, hundredths % 100, units[u]);
-}
-
-/* ---- glob matching (Redis's stringmatchlen: * ? [a-z] [^abc] \x) ---- */
-
-static uint8_t fold(uint8_t c, bool nocase)
-{
-    return nocase && c >= 'A' && c <= 'Z' ? (uint8_t)(c + 32) : c;
-}
-
-/* Matches one pattern element other than '*' at *pp against c, moving *pp past it. */
-static bool match_element(const uint8_t **pp, const uint8_t *end, uint8_t c, bool nocase)
-{
-    const uint8_t *p = *pp;
-    bool ok;
-    c = fold(c, nocase);
-    if (*p == '?') {
-        ok = true;
-        p++;
-    } else if (*p == '[') {
-        p++;
-        bool negate = p < end && *p == '^', hit = false;
-        p += negate;
-        while (p < end && *p != ']') {
-            if (*p == '\\' && end - p >= 2) {
-                hit |= fold(p[1], nocase) == c;
-                p += 2;
-            } else if (end - p >= 3 && p[1] == '-') {
-                uint8_t lo = fold(p[0], nocase), hi = fold(p[2], nocase);
-                if (lo > hi) {
-                    uint8_t t = lo;
-                    lo = hi, hi = t;
-                }
-                hit |= c >= lo && c <= hi;
-                p += 3;
-            } else {
-                hit |= fold(*p, nocase) == c;
-                p++;
-            }
-        }
-        p += p < end; /* the ']'; an unclosed class ends with the pattern */
-        ok = hit != negate;
-    } else if (*p == '\\' && end - p >= 2) {
-        ok = fold(p[1], nocase) == c;
-        p += 2;
-    } else {
-        ok = fold(*p, nocase) == c;
-        p++;
-    }
-    *pp = p;
-    return ok;
-}
-
-/* Iterative glob: on a mismatch, retry from the last '*' one byte further,
- * so no pattern takes more than O(pattern * string) steps. */
-static bool glob_match(const uint8_t *pat, size_t plen, const uint8_t *s, size_t slen, bool nocase)
-{
-    const uint8_t *p = pat, *pend = pat + plen, *send = s + slen;
-    const uint8_t *star_p = NULL, *star_s = NULL;
-    while (s < send) {
-        if (p < pend && *p == '*') {
-            while (p < pend && *p == '*')
-                p++;
-            if (p == pend)
-                return true;
-            star_p = p;
-            star_s = s;
-            continue;
-        }
-        const uint8_t *q = p;
-        if (p < pend && match_element(&q, pend, *s, nocase)) {
-            p = q;
-            s++;
-        } else if (star_p) {
-            p = star_p;
-            s = ++star_s;
-        } else {
-            return false;
-        }
-    }
-    while (p < pend && *p == '*')
-        p++;
-    return p == pend;
 }
 
 static void cmd_set(struct client *cl, struct arg *argv, size_t argc)
@@ -1198,7 +1118,7 @@ int kv_init(void)
      * answering, -OOM included, once the data fills maxmemory. */
     size_t reserve = heap / 8 > (2u << 20) ? heap / 8 : (2u << 20);
     maxmemory = heap > 2 * reserve ? heap - reserve : heap / 2;
-    char text[32];
+    char text[64];
     if (cmdline_get(plat_cmdline(), "maxmemory", text, sizeof text) >= 0 &&
         !parse_memory(text, &maxmemory)) {
         net_log("kvstore: bad maxmemory=%s (bytes, or with k, kb, m, mb, g, gb)", text);

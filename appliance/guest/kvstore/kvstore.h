@@ -59,6 +59,10 @@ long resp_parse(struct client *cl, size_t *used);
 bool parse_ll(const uint8_t *p, size_t n, long long *out);
 size_t fmt_ll(char *buf, long long v);
 
+/* glob.c: does the whole of s match the pattern?  Never worse than
+ * O(pattern * s): a mismatch backtracks only to the last '*'. */
+bool glob_match(const uint8_t *pat, size_t plen, const uint8_t *s, size_t slen, bool nocase);
+
 /* commands.c */
 int kv_init(void);
 /* Numbers a new client (before its first command). */
