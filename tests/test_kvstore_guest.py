@@ -258,6 +258,25 @@ def test_redis_py_client(shared):
         assert r.config_get("maxmemory") == {"maxmemory": str(memory["maxmemory"])}
 
 
+def test_scan_spanning_a_table_growth_returns_every_key(shared):
+    """SCAN's guarantee: keys present for the whole scan are all returned,
+    although the hash table doubles (at least twice) half way through."""
+    r = redis_client(shared)
+    with shared.client_sockets():
+        r.mset({f"grow:old:{i}": i for i in range(900)})
+        seen, cursor, calls = set(), 0, 0
+        while True:
+            cursor, keys = r.scan(cursor, match="grow:*", count=50)
+            seen.update(keys)
+            calls += 1
+            if calls == 3:
+                assert cursor != 0
+                r.mset({f"grow:new:{i}": i for i in range(4000)})
+            if cursor == 0:
+                break
+        assert {f"grow:old:{i}".encode() for i in range(900)} <= seen
+
+
 def test_redis_py_over_resp3_is_refused(shared):
     """redis-py 8's default handshake is HELLO 3: a RESP2 server answers NOPROTO."""
     import redis
@@ -341,6 +360,8 @@ SAME_AS_REDIS = [
      ("HELLO", "2", "SETNAME", "a b"), ("HELLO", "2", "AUTH", "bob", "pw"), ("HELLO", "2", "BOGUS"), ("PING",)],
     [("MSET", "k1", "a", "k2", "b", "x1", "c", "[k]", "d"), ("KEYS", "k[0-9]"), ("KEYS", "[^k]*"), ("KEYS", "*1"),
      ("KEYS", "nomatch*"), ("KEYS", "\\k1"), ("KEYS", "\\[k]"), ("KEYS", "[a-c-x]1"), ("KEYS", "[x"),
+     ("KEYS", "[z-a]?"), ("KEYS", "*[1-2]*"), ("KEYS", "**k*1"), ("KEYS", "[\\]]*"), ("KEYS", "[^]k]*"),
+     ("KEYS", "?"), ("KEYS", "[K]1"), ("KEYS", "[]"),
      ("SCAN", "0", "MATCH"), ("SCAN", "0", "COUNT", "x"), ("SCAN", "0", "COUNT", "0"), ("SCAN", "abc"),
      ("SCAN", "0", "FOO", "bar")],
     [("WATCH", "gone"), ("SET", "gone", "1"), ("UNWATCH",), ("MULTI",), ("EXEC",)],
