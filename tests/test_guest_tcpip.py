@@ -126,7 +126,7 @@ class Topology:
 class Guest:
     """kvstore-hosted in the guest namespace; stopped by PID."""
 
-    def __init__(self, topo, binary, tmp_path, env=None):
+    def __init__(self, topo, binary, tmp_path, env=None, args=()):
         self.log_path = tmp_path / f"guest-{topo.gns}.log"
         self.log = open(self.log_path, "wb")
         full_env = dict(os.environ, HOSTED_MAC=GUEST_MAC, ASAN_OPTIONS="detect_leaks=0",
@@ -134,7 +134,7 @@ class Guest:
         # `ip netns exec` execs the program, so this PID is kvstore's own.
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", topo.gns, str(binary),
-             f"ip={GUEST_IP}/24", f"gw={CLIENT_IP}", "tap=tap0"],
+             f"ip={GUEST_IP}/24", f"gw={CLIENT_IP}", "tap=tap0", *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
         deadline = time.monotonic() + 10
         while topo.cli("PING") != b"PONG\n":
@@ -649,6 +649,38 @@ def test_random_commands_under_asan(fresh_topo, binary, tmp_path):
         assert fresh_topo.cli("PING") == b"PONG\n"
     finally:
         g.stop()
+
+
+def test_maxmemory_from_the_command_line(fresh_topo, binary, tmp_path):
+    """maxmemory=3mb: CONFIG GET and INFO show it, and writes past it get -OOM
+    while reads, DEL and the connection carry on (here under ASan)."""
+    g = Guest(fresh_topo, binary, tmp_path, args=["maxmemory=3mb"])
+    try:
+        assert fresh_topo.cli("CONFIG", "GET", "maxmemory") == b"maxmemory\n3145728\n"
+        assert b"maxmemory:3145728\r\n" in fresh_topo.cli("INFO", "memory")
+        s = fresh_topo.connect()
+        try:
+            value = b"v" * 262144
+            for i in range(12):
+                s.sendall(resp("SET", f"big{i}", value))
+                reply = read_exact(s, 5)
+                if reply != b"+OK\r\n":
+                    break
+            oom = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+            assert reply + read_exact(s, len(oom) - 5) == oom and i >= 8
+            s.sendall(resp("STRLEN", "big0") + resp("DEL", "big0", "big1", "big2") + resp("SET", "small", "ok"))
+            assert read_exact(s, 18) == b":262144\r\n:3\r\n+OK\r\n"
+        finally:
+            s.close()
+    finally:
+        g.stop()
+    # A value it cannot read stops the guest at boot, saying why.
+    empty = tmp_path / "empty.rec"
+    empty.write_bytes(b"HREC0002" + struct.pack("=Q", 0))
+    bad = subprocess.run([str(binary), f"ip={GUEST_IP}/24", "maxmemory=3xb"],
+                         env=dict(os.environ, HOSTED_REPLAY=str(empty), ASAN_OPTIONS="detect_leaks=0"),
+                         capture_output=True, timeout=30)
+    assert bad.returncode == 1 and b"kvstore: bad maxmemory=3xb" in bad.stdout + bad.stderr
 
 
 # ---- loss, reordering, determinism ----
