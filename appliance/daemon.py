@@ -6,6 +6,7 @@ and removes its QMP socket file.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from .control.node import PACKAGE, QEMU_VERSION
 from .http_api import HTTPAPI
 
 log = logging.getLogger("appliance")
+
+GC_YOUNG_THRESHOLD = 20000     # allocations between collections of the youngest generation (Python's default: 700)
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -57,6 +60,15 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _quiet_collector() -> None:
+    """Frame paths allocate a few objects per frame and free them at once (reference counting
+    does); the cyclic collector only rescans what lives on.  Objects made at start-up live for
+    good: frozen out of its view, and its youngest generation collected less often (profiled
+    under a COLO pair's load: about 3 % of the CPU went to collections)."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def create_vm(config: NodeConfig, log_dir: str | None):
@@ -101,6 +113,7 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
             log.info("HTTP API listening on http://%s", http.address)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_quit, "host-signal")
+        _quiet_collector()
         if config.incoming and config.incoming != "defer":
             node.start_incoming(config.incoming)
         elif vm is not None:

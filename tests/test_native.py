@@ -440,7 +440,9 @@ def test_parse_headers_on_crafted_frames():
     from test_netfilter_packet import MALFORMED, arp_frame, ether, icmp_frame, ipv4, tcp_frame, udp_frame
     well_formed = [tcp_frame(seq=0xFFFFFFF0, ack=5, payload=b"x" * 40), udp_frame(b"dns"), icmp_frame(),
                    icmp_frame(icmp_type=3), ether(ipv4(47, b"gre")), ether(ipv4(6, b"", flags_offset=0x2000)),
-                   ether(ipv4(17, bytes.fromhex("0001000200080000")), vlan=5) + bytes(10)]
+                   ether(ipv4(17, bytes.fromhex("0001000200080000")), vlan=5) + bytes(10),
+                   *(ether(ipv4(47, b"", src=a, dst=b)) for a, b in (("0.0.0.0", "255.255.255.255"),
+                                                                     ("10.9.0.1", "100.20.3.199")))]
     for frame in well_formed:
         assert native.parse_headers(frame) == reference.parse_headers(frame)
         assert native.parse_headers(frame)[0] == 0x0800
