@@ -27,7 +27,7 @@ import uuid as uuid_module
 from dataclasses import dataclass
 
 from . import abi, kvm
-from .devices import BlockDevice, BlockState, Console, ConsoleState, Nic, NicState, TapBackend
+from .devices import BlockDevice, BlockState, Console, ConsoleState, Nic, NicState, TapBackend, tap_mac
 from .elf import load_elf
 from .errors import GuestError, GuestImageError, KVMUnavailableError, StateFileError, VMError
 from .memory import GuestMemory
@@ -177,7 +177,7 @@ class VirtualMachine:
             self._closers.append(self.vcpu.close)
             self.console = Console(config.console_log)
             self._closers.append(self.console.close)
-            self.nic = Nic(config.mac, TapBackend(config.tap, config.bridge)) if config.tap else None
+            self.nic = Nic(config.mac, TapBackend(config.tap, config.bridge, tap_mac(config.mac))) if config.tap else None
             if self.nic:
                 self._closers.append(self.nic.close)
             self.disk = BlockDevice(config.disk) if config.disk else None

@@ -6,7 +6,7 @@ dataclass with save() -> bytes and State.restore(bytes).
 
 from .block import BlockDevice, BlockState
 from .console import Console, ConsoleState
-from .nic import Nic, NicBackend, NicState, QueueBackend, TapBackend
+from .nic import Nic, NicBackend, NicState, QueueBackend, TapBackend, tap_mac
 
 __all__ = ["BlockDevice", "BlockState", "Console", "ConsoleState", "Nic", "NicBackend", "NicState",
-           "QueueBackend", "TapBackend"]
+           "QueueBackend", "TapBackend", "tap_mac"]

@@ -118,33 +118,60 @@ class NicBackend(Protocol):
         """Release what the backend holds; idempotent."""
 
 
+def tap_mac(guest_mac: str) -> str:
+    """The host side's MAC for a tap: the guest's with its first byte made 0xFE (0xFA if it
+    already is), libvirt's rule.  A bridge takes the lowest MAC of its ports unless one is
+    set; 0xFE sorts above every real NIC's, so a tap joining or leaving never changes the
+    bridge's MAC (and the peers' ARP caches stay right), and the host side never carries
+    the guest's own MAC."""
+    first = 0xFA if parse_mac(guest_mac)[0] == 0xFE else 0xFE
+    return f"{first:02x}:" + guest_mac.lower().partition(":")[2]
+
+
 class TapBackend:
     """A Linux tap device, one whole Ethernet frame per read/write."""
 
-    def __init__(self, name: str, bridge: str | None = None):
+    def __init__(self, name: str, bridge: str | None = None, mac: str | None = None):
+        """``mac``: the host side's address for a tap this backend creates (see tap_mac)."""
         self.name = name
         self.created = False  # close() deletes the tap only if this backend made it
         self._fd = -1
         try:
-            self._set_up_tap(bridge)
+            self._set_up_tap(bridge, mac)
             self._fd = self._open_tap()
         except BaseException:
             self.close()
             raise
 
-    def _set_up_tap(self, bridge: str | None):
-        """Create the tap if missing, attach it to `bridge`, bring it up."""
+    def _set_up_tap(self, bridge: str | None, mac: str | None):
+        """Create the tap if missing (with ``mac``), attach it to `bridge`, bring it up.
+        The bridge is looked up first, so a missing one leaves nothing behind."""
         with IPRoute() as ipr:
+            bridge_index = self._bridge_index(ipr, bridge) if bridge else None
             if not ipr.link_lookup(ifname=self.name):
                 ipr.link("add", ifname=self.name, kind="tuntap", mode="tap")
                 self.created = True
             index = ipr.link_lookup(ifname=self.name)[0]
-            if bridge:
-                bridges = ipr.link_lookup(ifname=bridge)
-                if not bridges:
-                    raise VMError(f"bridge {bridge} does not exist")
-                ipr.link("set", index=index, master=bridges[0])
+            if self.created and mac:
+                ipr.link("set", index=index, address=mac)
+            if bridge_index is not None:
+                ipr.link("set", index=index, master=bridge_index)
             ipr.link("set", index=index, state="up")
+
+    @staticmethod
+    def _bridge_index(ipr: IPRoute, bridge: str) -> int:
+        found = ipr.link_lookup(ifname=bridge)
+        if not found:
+            raise VMError(f"bridge {bridge} does not exist: create it first, e.g. "
+                          f"'ip link add {bridge} type bridge && ip link set {bridge} up' "
+                          "(docs/operations.md)")
+        (link,) = ipr.get_links(found[0])
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        if kind != "bridge":
+            raise VMError(f"{bridge} is not a bridge (its kind is {kind or 'a plain device'}): "
+                          "--nic bridge= names a Linux bridge")
+        return found[0]
 
     def _open_tap(self) -> int:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
