@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shlex
 import socket
@@ -227,14 +228,28 @@ def _migrate_with_progress(client: SyncQMPClient, args: argparse.Namespace) -> i
     return 0
 
 
-# serve's COLO flags: (config section, flag, setting)
-COLO_FLAGS = (("colo", "colo_heartbeat_interval", "heartbeat_interval_ms"),
-              ("colo", "colo_heartbeat_timeout", "heartbeat_timeout_ms"),
-              ("colo", "colo_heartbeat_port", "heartbeat_port"), ("colo", "colo_failover", "failover"),
-              ("netfilter", "colo_compare_timeout", "compare_timeout_ms"),
-              ("netfilter", "colo_expired_scan_cycle", "expired_scan_cycle_ms"),
-              ("netfilter", "colo_max_queue_size", "max_queue_size"),
-              ("netfilter", "colo_packet_port", "packet_port"))
+# serve's flags that stand for a config key: (argparse dest, section, key, the flag as written)
+SERVE_FLAGS = (("name", "node", "name", "--name"), ("qmp", "node", "qmp", "--qmp"),
+               ("qmp_tcp", "node", "qmp_tcp", "--qmp-tcp"), ("http", "node", "http", "--http"),
+               ("http_token_file", "node", "http_token_file", "--http-token-file"),
+               ("http_allowed_hosts", "node", "http_allowed_hosts", "--http-allowed-host"),
+               ("log_format", "node", "log_format", "--log-format"), ("incoming", "node", "incoming", "--incoming"),
+               ("state_dir", "node", "state_dir", "--state-dir"),
+               ("image", "guest", "image", "--guest"), ("memory", "guest", "memory", "-m"),
+               ("append", "guest", "append", "--append"), ("nic", "guest", "nic", "--nic"),
+               ("disk", "guest", "disk", "--disk"), ("uuid", "guest", "uuid", "--uuid"),
+               ("colo_heartbeat_interval", "colo", "heartbeat_interval", "--colo-heartbeat-interval"),
+               ("colo_heartbeat_timeout", "colo", "heartbeat_timeout", "--colo-heartbeat-timeout"),
+               ("colo_heartbeat_port", "colo", "heartbeat_port", "--colo-heartbeat-port"),
+               ("colo_failover", "colo", "failover", "--colo-failover"),
+               ("colo_compare_timeout", "netfilter", "compare_timeout", "--colo-compare-timeout"),
+               ("colo_expired_scan_cycle", "netfilter", "expired_scan_cycle", "--colo-expired-scan-cycle"),
+               ("colo_max_queue_size", "netfilter", "max_queue_size", "--colo-max-queue-size"),
+               ("colo_packet_port", "netfilter", "packet_port", "--colo-packet-port"))
+# serve's on/off flags: (argparse dest, section, key, the flag as written); given, they set the key true
+SERVE_SWITCHES = (("start_paused", "guest", "start_paused", "-S"),
+                  ("http_allow_local_uris", "node", "http_allow_local_uris", "--http-allow-local-uris"),
+                  ("verify_ram", "colo", "verify_ram", "--verify-ram"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -247,37 +262,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError("--http-token is no longer accepted: every local user can read the command line; "
                               "use --http-token-file PATH or COLO_APPLIANCE_HTTP_TOKEN")
         config = load_config(args.config)
-        for flag, attr in (("name", "name"), ("qmp", "qmp"), ("qmp_tcp", "qmp_tcp"), ("http", "http"),
-                           ("http_token_file", "http_token_file"), ("http_allowed_hosts", "http_allowed_hosts"),
-                           ("log_format", "log_format"), ("incoming", "incoming")):
-            value = getattr(args, flag)
+        for dest, section, key, flag in SERVE_FLAGS:
+            value = getattr(args, dest)
             if value is not None:
-                setattr(config, attr, value)
-        for flag in ("image", "memory", "append", "nic", "disk", "uuid"):
-            value = getattr(args, flag)
-            if value is not None:
-                setattr(config.guest, flag, value)
-        if args.start_paused:
-            config.guest.start_paused = True
-        if args.state_dir is not None:
-            config.state_dir = args.state_dir
-        if args.http_allow_local_uris:
-            config.http_allow_local_uris = True
-        for target, flag, attr in COLO_FLAGS:
-            value = getattr(args, flag)
-            if value is not None:
-                setattr(getattr(config, target), attr, value)
-        if args.verify_ram:
-            config.colo.verify_ram = True
+                config.set_from_flag(section, key, flag, value)
+        for dest, section, key, flag in SERVE_SWITCHES:
+            if getattr(args, dest):
+                config.set_from_flag(section, key, flag, True)
         for entry in args.colo_passthrough or []:
             proto, _, port = entry.partition(":")
             if not port.isdigit():
                 raise ConfigError(f"--colo-passthrough: expected tcp:PORT or udp:PORT, not {entry!r}")
             config.netfilter.passthrough.append((proto, int(port)))
         if args.no_http:
-            config.http = None
+            config.set_from_flag("node", "http", "--no-http", None)
         config.validate()
+        config.make_state_dir()
         setup_logging(config.log_format)
+        for warning in config.warnings:
+            logging.getLogger("appliance.config").warning("%s", warning)
         http_token = load_token(config) if config.http else None
     except ConfigError as e:
         print(f"colo-appliance: {e}", file=sys.stderr)
@@ -292,6 +295,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     except QMPError as e:
         print(f"colo-appliance: {e.desc}", file=sys.stderr)
+        return 1
+    except OSError as e:                # a socket that cannot be bound, a path that cannot be created
+        print(f"colo-appliance: cannot start: {e}", file=sys.stderr)
         return 1
     finally:
         if vm is not None:

@@ -1,11 +1,15 @@
 """Node configuration: a TOML file, overridden by QEMU-like command-line flags.
 
+Unknown sections and keys, and values of the wrong type, are errors that name the valid
+keys; a flag that overrides a different value of the file is logged as a warning naming
+both; two settings that would listen on the same TCP port are an error naming both.
+
 Example (every key optional; a node starts with no file at all)::
 
     [node]
     name = "node-a"
     qmp = "/run/colo-appliance/node-a.qmp"    # UNIX socket, created 0600
-    qmp_tcp = "127.0.0.1:4444"                 # optional TCP listener
+    qmp_tcp = "127.0.0.1:4445"                 # optional TCP listener (not 4444: migrations use it)
     http = "127.0.0.1:8080"                    # HTTP API bind address
     http_token_file = "/etc/colo-appliance/node-a.token"  # the API's bearer token, mode 0600 (or
                                                # $COLO_APPLIANCE_HTTP_TOKEN; neither: STATE_DIR/http-token)
@@ -37,9 +41,6 @@ Example (every key optional; a node starts with no file at all)::
     max_queue_size = 1024                      # frames held per connection and side
     packet_port = 0                            # the secondary's packet channel port (0: any)
     passthrough = [["udp", 123]]               # flows never compared (time-varying protocols)
-
-    [peers]
-    secondary = "10.0.0.3"
 """
 from __future__ import annotations
 
@@ -119,11 +120,60 @@ class NodeConfig:
     guest: GuestConfig = field(default_factory=GuestConfig)
     colo: ColoSettings = field(default_factory=ColoSettings)
     netfilter: NetfilterSettings = field(default_factory=NetfilterSettings)
-    peers: dict[str, str] = field(default_factory=dict)
+    source: str | None = None              # the file the settings were read from, if any
+    # (section, key) -> value, for every key the file set: a flag that overrides one is reported
+    file_values: dict[tuple[str, str], object] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)   # for the log, once it is set up
 
     def state_path(self) -> str:
         """The node's own directory: state_dir, else DEFAULT_STATE_ROOT/NAME."""
         return self.state_dir or os.path.join(DEFAULT_STATE_ROOT, self.name)
+
+    def set_from_flag(self, section: str, key: str, flag: str, value) -> None:
+        """A command-line flag wins over the file; when the file set that key to something else,
+        both are reported (a warning), never overridden in silence."""
+        attr, _ = _KEYS[section][key]
+        in_file = self.file_values.get((section, key), value)
+        if in_file != value:
+            self.warnings.append(f"{flag} {_shown(value)} overrides [{section}] {key} = {_shown(in_file)} "
+                                 f"of {self.source}")
+        setattr(_settings_of(self, section), attr, value)
+
+    def make_state_dir(self) -> None:
+        """Create the configured state directory (mode 0700) if it is missing."""
+        if self.state_dir:
+            try:
+                os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot create the state directory {self.state_dir}: {e.strerror}") from None
+            if not os.path.isdir(self.state_dir):
+                raise ConfigError(f"state_dir {self.state_dir} is not a directory")
+
+    def tcp_listeners(self) -> list[tuple[str, str, str, int]]:
+        """(setting, as written, host, port) of every TCP port this node listens on by name."""
+        listeners = []
+        for setting, value in (("qmp_tcp (--qmp-tcp)", self.qmp_tcp), ("http (--http)", self.http)):
+            if value:
+                listeners.append((setting, value, *split_host_port(value, setting)))
+        if self.incoming and self.incoming.startswith("tcp:"):
+            try:
+                listeners.append(("incoming (--incoming)", self.incoming,
+                                  *split_host_port(self.incoming[4:].partition(",")[0], "incoming")))
+            except ConfigError:
+                pass                    # the listener itself says what is wrong with the URI
+        if self.netfilter.packet_port:
+            listeners.append(("[netfilter] packet_port (--colo-packet-port)", str(self.netfilter.packet_port),
+                              "0.0.0.0", self.netfilter.packet_port))
+        return listeners
+
+    def _check_port_collisions(self) -> None:
+        listeners = self.tcp_listeners()
+        for i, (setting, value, host, port) in enumerate(listeners):
+            for other, other_value, other_host, other_port in listeners[i + 1:]:
+                wildcard = {"0.0.0.0", "::", ""}
+                if port and port == other_port and (host == other_host or {host, other_host} & wildcard):
+                    raise ConfigError(f"{setting} {value} and {other} {other_value} both listen on TCP port {port}: "
+                                      "give each its own port")
 
     def validate(self) -> None:
         if self.log_format not in ("text", "json"):
@@ -137,6 +187,7 @@ class NodeConfig:
                 raise ConfigError(f"http_allow_local_uris: expected true or false, got {self.http_allow_local_uris!r}")
         if self.qmp_tcp:
             split_host_port(self.qmp_tcp, "qmp_tcp")
+        self._check_port_collisions()
         try:
             self.colo.validate()
             self.netfilter.validate()
@@ -152,6 +203,10 @@ class NodeConfig:
                     raise ConfigError(f"--uuid: {self.guest.uuid!r} is not a UUID") from None
             if self.guest.disk and not os.path.isfile(self.guest.disk):
                 raise ConfigError(f"disk image {self.guest.disk} does not exist")
+
+
+def _shown(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
 def is_loopback(host: str) -> bool:
@@ -170,47 +225,57 @@ def split_host_port(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-_NODE_KEYS = {"name", "qmp", "qmp_tcp", "http", "http_token_file", "http_allowed_hosts", "http_allow_local_uris",
-              "log_format", "incoming", "state_dir"}
-_GUEST_KEYS = {"image", "memory", "append", "nic", "disk", "start_paused", "uuid"}
-# [colo] key -> ColoSettings attribute
-_COLO_KEYS = {"heartbeat_interval": "heartbeat_interval_ms", "heartbeat_timeout": "heartbeat_timeout_ms",
-              "heartbeat_port": "heartbeat_port", "failover": "failover", "verify_ram": "verify_ram"}
-# [netfilter] key -> NetfilterSettings attribute
-_NETFILTER_KEYS = {"compare_timeout": "compare_timeout_ms", "expired_scan_cycle": "expired_scan_cycle_ms",
-                   "max_queue_size": "max_queue_size", "packet_port": "packet_port", "passthrough": "passthrough"}
+# Every key of the file: section -> key -> (attribute of that section's settings, its type).
+_KEYS: dict[str, dict[str, tuple[str, type]]] = {
+    "node": {"name": ("name", str), "qmp": ("qmp", str), "qmp_tcp": ("qmp_tcp", str), "http": ("http", str),
+             "http_token_file": ("http_token_file", str), "http_allowed_hosts": ("http_allowed_hosts", list),
+             "http_allow_local_uris": ("http_allow_local_uris", bool), "log_format": ("log_format", str),
+             "incoming": ("incoming", str), "state_dir": ("state_dir", str)},
+    "guest": {"image": ("image", str), "memory": ("memory", int), "append": ("append", str), "nic": ("nic", str),
+              "disk": ("disk", str), "start_paused": ("start_paused", bool), "uuid": ("uuid", str)},
+    "colo": {"heartbeat_interval": ("heartbeat_interval_ms", int), "heartbeat_timeout": ("heartbeat_timeout_ms", int),
+             "heartbeat_port": ("heartbeat_port", int), "failover": ("failover", str),
+             "verify_ram": ("verify_ram", bool)},
+    "netfilter": {"compare_timeout": ("compare_timeout_ms", int), "expired_scan_cycle": ("expired_scan_cycle_ms", int),
+                  "max_queue_size": ("max_queue_size", int), "packet_port": ("packet_port", int),
+                  "passthrough": ("passthrough", list)},
+}
+
+
+def _settings_of(config: NodeConfig, section: str):
+    return {"node": config, "guest": config.guest, "colo": config.colo, "netfilter": config.netfilter}[section]
 
 
 def load_config(path: str | None) -> NodeConfig:
-    """Read a TOML file (or defaults when ``path`` is None); unknown keys are errors."""
+    """Read a TOML file (or defaults when ``path`` is None); unknown sections and keys, and values
+    of the wrong type, are errors that name the valid keys."""
     config = NodeConfig()
     if path is None:
         return config
+    config.source = path
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
-    unknown = set(data) - {"node", "guest", "colo", "netfilter", "peers"}
+    unknown = set(data) - set(_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: node, guest, colo, netfilter, peers")
-    for section, keys, target in (("colo", _COLO_KEYS, config.colo), ("netfilter", _NETFILTER_KEYS, config.netfilter)):
-        values = data.get(section, {})
-        bad = set(values) - set(keys)
-        if bad:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; valid: {sorted(keys)}")
-        for key, value in values.items():
-            setattr(target, keys[key], value)
-    for section, keys, target in (("node", _NODE_KEYS, config), ("guest", _GUEST_KEYS, config.guest)):
-        values = data.get(section, {})
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: {', '.join(_KEYS)}")
+    for section, keys in _KEYS.items():
+        values = data[section] if section in data else {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table of keys, not a value")
         if section == "node" and "http_token" in values:
             raise ConfigError(f"{path}: http_token is no longer read from the config file: put the token in a "
                               "file only its owner can read and set http_token_file to its path (or remove the "
                               "key: the node then generates one in its state directory)")
-        bad = set(values) - keys
+        bad = set(values) - set(keys)
         if bad:
             raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; valid: {sorted(keys)}")
         for key, value in values.items():
-            setattr(target, key, value)
-    config.peers = dict(data.get("peers", {}))
+            attr, kind = keys[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"{path}: [{section}] {key} must be a {kind.__name__}, not {value!r}")
+            setattr(_settings_of(config, section), attr, value)
+            config.file_values[(section, key)] = value
     return config
