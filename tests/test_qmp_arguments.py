@@ -207,4 +207,4 @@ async def test_idle_migration_and_colo_state(node):
         ("GenericError", "Migration not in expected state: none")
     assert await error_of(node, "x-colo-lost-heartbeat") == ("GenericError", "The feature 'colo' is not enabled")
     assert await error_of(node, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"}) == \
-        ("GenericError", "'-incoming' was not specified on the command line")
+        ("GenericError", "this node has no guest to migrate into (start it with --guest)")

@@ -40,7 +40,7 @@ EVERY_COMMAND = {
     "migrate-set-cache-size": ("return", {}),
     "query-migrate-cache-size": ("return", 67108864),
     "migrate": ("error", "GenericError", "this node has no guest to migrate"),
-    "migrate-incoming": ("error", "GenericError", "'-incoming' was not specified on the command line"),
+    "migrate-incoming": ("error", "GenericError", "this node has no guest to migrate into (start it with --guest)"),
     "xen-save-devices-state": ("error", "GenericError", "xen-save-devices-state is a Xen command..."),
     "xen-set-global-dirty-log": ("error", "GenericError", "xen-set-global-dirty-log is a Xen command..."),
     "xen-load-devices-state": ("error", "GenericError", "xen-load-devices-state is a Xen command..."),

@@ -347,11 +347,29 @@ class Node:
         self.migration.start()
 
     def migrate_incoming(self, args: dict, ctx: CallContext) -> None:
-        if not self.incoming:
-            raise QMPError("'-incoming' was not specified on the command line")
-        if self.incoming != "defer" or self.migration is not None:
+        """As QEMU with ``-incoming defer``; any node accepts it while no migration runs and its
+        guest is not here to lose: it migrated away (postmigrate: a source becomes the destination
+        of the way back, without a restart) or never ran (prelaunch, -S)."""
+        if isinstance(self.migration, MigrationDestination) and self.migration.running:
             raise QMPError("The incoming migration has already been started")
-        self.start_incoming(args["uri"], ctx.fds)
+        if self.outgoing_running():
+            raise QMPError("There's a migration process in progress")
+        if self.vm is None:
+            raise QMPError("this node has no guest to migrate into (start it with --guest)")
+        state = self.run_state
+        if state not in ("inmigrate", "postmigrate", "prelaunch"):
+            raise QMPError(f"the guest is {state} on this node: an incoming migration would overwrite it. "
+                           "migrate-incoming is accepted when the guest migrated away (postmigrate), never ran "
+                           "(-S) or the node was started with --incoming defer")
+        if self.migration is not None:
+            self.migration.join()
+        if state != "inmigrate" and not self.vm.set_state(state, "inmigrate"):
+            raise QMPError(f"the guest left state {state} meanwhile; try again")
+        try:
+            self.start_incoming(args["uri"], ctx.fds)
+        except QMPError:
+            self.vm.set_state("inmigrate", state)
+            raise
 
     def migrate_cancel(self, args: dict, ctx: CallContext) -> None:
         if isinstance(self.migration, MigrationSource):
