@@ -240,6 +240,7 @@ _KEYS: dict[str, dict[str, tuple[str, type]]] = {
                   "max_queue_size": ("max_queue_size", int), "packet_port": ("packet_port", int),
                   "passthrough": ("passthrough", list)},
 }
+_KINDS = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
 
 
 def _settings_of(config: NodeConfig, section: str):
@@ -275,7 +276,7 @@ def load_config(path: str | None) -> NodeConfig:
         for key, value in values.items():
             attr, kind = keys[key]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ConfigError(f"{path}: [{section}] {key} must be a {kind.__name__}, not {value!r}")
+                raise ConfigError(f"{path}: [{section}] {key} must be {_KINDS[kind]}, not {value!r}")
             setattr(_settings_of(config, section), attr, value)
             config.file_values[(section, key)] = value
     return config
