@@ -2,14 +2,20 @@
 #   make demo   kvstore migrated and then protected by COLO under load, its primary killed; a COLO drill
 #   make test   the whole test suite
 #   make bench  benchmarks; results go to docs/benchmarks.md
+#   make install  the appliance where systemd/colo-appliance@.service expects it (docs/operations.md)
 
 PYTHON  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 BUILD   := $(CURDIR)/build
-APT_PACKAGES := gcc make libc6-dev python3-venv python3-dev iproute2 redis-tools redis-server kmod procps
+EXTRAS  ?= test
+# make install: the unit runs $(PREFIX)/.venv/bin/colo-appliance and reads $(SYSCONFDIR)/NAME.toml
+PREFIX     ?= /opt/colo-appliance
+SYSCONFDIR ?= /etc/colo-appliance
+UNITDIR    ?= /etc/systemd/system
+APT_PACKAGES := gcc make libc6-dev python3-venv python3-dev iproute2 redis-tools redis-server kmod procps chromium
 
-.PHONY: all deps venv guests test demo bench clean
+.PHONY: all deps venv guests test demo bench install install-files clean
 
 all: guests
 
@@ -27,7 +33,7 @@ deps: $(BUILD)/.deps
 $(VENV)/.installed: pyproject.toml native/_native.c $(BUILD)/.deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	@touch $@
 venv: $(VENV)/.installed
 
@@ -48,6 +54,23 @@ bench: venv guests
 	$(PY) bench/migration_bench.py --write docs/benchmarks.md
 	$(PY) bench/colo_bench.py --write docs/benchmarks.md
 	$(PY) bench/colo_net_bench.py --write docs/benchmarks.md
+
+# The source tree (no venv, build or git data) into PREFIX, the unit (pointed at PREFIX) into
+# UNITDIR, the example configs into SYSCONFDIR/examples; existing configs are never touched.
+install-files:
+	install -d -m 0755 $(PREFIX) $(UNITDIR) $(SYSCONFDIR)/examples
+	tar -C $(CURDIR) --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*.egg-info' \
+	    --exclude=__pycache__ --exclude='*.so' -cf - . | tar -C $(PREFIX) -xf -
+	sed 's|/opt/colo-appliance|$(PREFIX)|g; s|/etc/colo-appliance|$(SYSCONFDIR)|g' \
+	    systemd/colo-appliance@.service > $(UNITDIR)/colo-appliance@.service
+	install -m 0644 systemd/examples/node-a.toml systemd/examples/node-b.toml $(SYSCONFDIR)/examples/
+	@if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then systemctl daemon-reload; fi
+
+# Then its own virtualenv (no test extras) and guest images, built in PREFIX.
+install: install-files
+	$(MAKE) -C $(PREFIX) venv guests EXTRAS=
+	@echo "installed in $(PREFIX); unit $(UNITDIR)/colo-appliance@.service; configs: $(SYSCONFDIR)/NAME.toml" \
+	    "(examples in $(SYSCONFDIR)/examples)"
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info

@@ -158,3 +158,20 @@ async def test_two_nodes_from_the_shipped_configs_migrate_there_and_back_then_fo
     finally:
         for host in hosts:
             await host.stop()
+
+
+def test_make_install_puts_everything_where_the_unit_expects_it(tmp_path):
+    """``make install``'s file part (its venv and guest build is `make venv guests` in PREFIX): the
+    unit points at PREFIX and SYSCONFDIR, the tree is there, an operator's config is left alone."""
+    prefix, etc, units = tmp_path / "opt", tmp_path / "etc", tmp_path / "units"
+    etc.mkdir()
+    (etc / "node-a.toml").write_text("# the operator's own\n")
+    subprocess.run(["make", "-s", "install-files", f"PREFIX={prefix}", f"SYSCONFDIR={etc}", f"UNITDIR={units}"],
+                   cwd=REPO, check=True, capture_output=True, timeout=60)
+    unit = (units / "colo-appliance@.service").read_text()
+    assert f"ExecStart={prefix}/.venv/bin/colo-appliance serve --config {etc}/%i.toml" in unit
+    assert f"Documentation=file://{prefix}/README.md" in unit and (prefix / "README.md").exists()
+    assert (prefix / "appliance" / "cli.py").exists() and (prefix / "Makefile").exists()
+    assert not (prefix / ".venv").exists() and not (prefix / ".git").exists()
+    assert (etc / "examples" / "node-b.toml").read_text() == open(os.path.join(EXAMPLES, "node-b.toml")).read()
+    assert (etc / "node-a.toml").read_text() == "# the operator's own\n"
