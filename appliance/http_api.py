@@ -5,7 +5,7 @@
     POST /api/v1/qmp      one QMP command: {"execute": NAME, "arguments": {...}}
                           -> {"return": ...} (200) or {"error": {"class", "desc"}} (400)
     GET  /api/v1/console  the guest's console output (text)
-    GET  /metrics         Prometheus text format, with process figures from psutil
+    GET  /metrics         Prometheus text format (appliance/metrics.py)
 
 Every request must name this node in ``Host`` (its address or a configured name: no DNS
 rebinding) and, when it has an ``Origin``, come from that same origin (no cross-site requests);
@@ -25,9 +25,7 @@ import re
 import secrets
 import socket
 import stat
-import time
 
-import psutil
 from aiohttp import web
 
 from appliance.config import ConfigError, NodeConfig, is_loopback, split_host_port
@@ -35,12 +33,11 @@ from appliance.control.dispatch import CallContext
 from appliance.control.jsonstream import ParseError, parse
 from appliance.control.node import Node
 from appliance.control.qmp import check_envelope
+from appliance.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, registry_for, render
 from appliance.qapi import QMPError
 
 log = logging.getLogger(__name__)
 
-_START = time.time()
-_PROCESS = psutil.Process()
 
 TOKEN_ENV = "COLO_APPLIANCE_HTTP_TOKEN"
 TOKEN_FILE = "http-token"                # in the node's state directory, when generated
@@ -51,106 +48,6 @@ IDLE_TIMEOUT = 5.0      # aiohttp's keep-alive timeout, armed from the connectio
                         # an idle connection, or a request head that never ends, is closed
 BODY_TIMEOUT = 5.0      # the whole body of a request must arrive within this
 LINGER_TIME = 2.0       # what is left of an unread body is read (and dropped) this long before closing
-
-
-def _metrics_text(node: Node) -> str:
-    mem = _PROCESS.memory_info()
-    cpu = _PROCESS.cpu_times()
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, value, labels: str = "") -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name}{labels} {value}")
-
-    metric("colo_appliance_up", "gauge", "1 while the node daemon serves.", 1, f'{{node="{node.name}"}}')
-    metric("colo_appliance_vm_running", "gauge", "1 when the guest is running.",
-           int(node.run_state == "running"), f'{{node="{node.name}",status="{node.run_state}"}}')
-    metric("colo_appliance_migration_active", "gauge", "1 while a migration is in progress.",
-           int(node.migration_running()), f'{{node="{node.name}",status="{node.migration_status}"}}')
-    info = node.migration.info() if node.migration is not None else {}
-    ram = info.get("ram", {})
-    labels = f'{{node="{node.name}"}}'
-    metric("colo_appliance_migration_transferred_bytes", "gauge",
-           "Bytes sent by the current or last outgoing migration.", ram.get("transferred", 0), labels)
-    metric("colo_appliance_migration_remaining_bytes", "gauge",
-           "Dirty bytes still to send by the current migration.", ram.get("remaining", 0), labels)
-    metric("colo_appliance_migration_dirty_sync_count", "gauge",
-           "Dirty-log syncs (passes) of the current or last migration.", ram.get("dirty-sync-count", 0), labels)
-    metric("colo_appliance_migration_downtime_milliseconds", "gauge",
-           "Measured downtime of the last completed migration.", info.get("downtime", 0), labels)
-    lines.extend(_colo_metrics(node))
-    metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", mem.rss)
-    metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", mem.vms)
-    metric("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.",
-           round(cpu.user + cpu.system, 3))
-    metric("process_open_fds", "gauge", "Number of open file descriptors.", _PROCESS.num_fds())
-    metric("process_num_threads", "gauge", "Number of OS threads.", _PROCESS.num_threads())
-    metric("process_start_time_seconds", "gauge", "Start time of the process since the epoch.", round(_START, 3))
-    return "\n".join(lines) + "\n"
-
-
-def _colo_metrics(node: Node) -> list[str]:
-    """COLO's figures: checkpoints by reason, the PVM's pauses as a summary, bytes, failovers,
-    heartbeat age (NaN outside COLO, as Prometheus spells 'no value')."""
-    colo = node.colo.status()
-    n = f'node="{node.name}"'
-    pause = colo["pause-ms"]
-    age = colo["heartbeat-age-ms"]
-    lines = ["# HELP colo_appliance_colo_info COLO mode and failover status of this node.",
-             "# TYPE colo_appliance_colo_info gauge",
-             f'colo_appliance_colo_info{{{n},mode="{colo["mode"]}",last_mode="{colo["last-mode"]}",'
-             f'failover_status="{colo["failover-status"]}"}} 1',
-             "# HELP colo_appliance_colo_checkpoints_total COLO checkpoints taken, by what triggered them.",
-             "# TYPE colo_appliance_colo_checkpoints_total counter"]
-    lines += [f'colo_appliance_colo_checkpoints_total{{{n},reason="{reason}"}} {count}'
-              for reason, count in colo["checkpoints"].items()]
-    lines += ["# HELP colo_appliance_colo_checkpoint_pause_seconds The primary guest's pause per checkpoint "
-              "(quantiles over the last 1024).",
-              "# TYPE colo_appliance_colo_checkpoint_pause_seconds summary",
-              f'colo_appliance_colo_checkpoint_pause_seconds{{{n},quantile="0.5"}} {pause["p50"] / 1000}',
-              f'colo_appliance_colo_checkpoint_pause_seconds{{{n},quantile="0.99"}} {pause["p99"] / 1000}',
-              f'colo_appliance_colo_checkpoint_pause_seconds_sum{{{n}}} {pause["sum"] / 1000}',
-              f'colo_appliance_colo_checkpoint_pause_seconds_count{{{n}}} {pause["count"]}',
-              "# HELP colo_appliance_colo_checkpoint_bytes_total Bytes sent for COLO checkpoints.",
-              "# TYPE colo_appliance_colo_checkpoint_bytes_total counter",
-              f'colo_appliance_colo_checkpoint_bytes_total{{{n}}} {colo["bytes-total"]}',
-              "# HELP colo_appliance_colo_failed_checkpoints_total COLO checkpoints that failed or were refused.",
-              "# TYPE colo_appliance_colo_failed_checkpoints_total counter",
-              f'colo_appliance_colo_failed_checkpoints_total{{{n}}} {colo["failed-checkpoints"]}',
-              "# HELP colo_appliance_colo_failovers_total Failovers this node completed as a secondary.",
-              "# TYPE colo_appliance_colo_failovers_total counter",
-              f'colo_appliance_colo_failovers_total{{{n}}} {colo["failovers"]}',
-              "# HELP colo_appliance_colo_heartbeat_age_seconds Time since the COLO peer was last heard.",
-              "# TYPE colo_appliance_colo_heartbeat_age_seconds gauge",
-              f'colo_appliance_colo_heartbeat_age_seconds{{{n}}} {age / 1000 if age is not None else "NaN"}']
-    return lines + _netfilter_metrics(n, colo["netfilter"])
-
-
-NETFILTER_COUNTERS = {
-    "matched": "Primary frames released because the secondary's matched.",
-    "released": "Primary frames released to the network (matched, passed through, or at a checkpoint).",
-    "mismatches": "Connections whose two guests' output differed (each forces a checkpoint).",
-    "timeouts": "Frames that waited longer than compare_timeout for their match.",
-    "dropped": "Frames dropped: beyond max_queue_size, or secondary frames not used for a match.",
-    "malformed": "Frames that could not be parsed.",
-}
-
-
-def _netfilter_metrics(n: str, counters: dict | None) -> list[str]:
-    """The primary's comparer, per flow class (tcp, udp, icmp, other, non-ip), while in COLO."""
-    if not counters or "tcp" not in counters:
-        return []
-    flows = [flow for flow, values in counters.items() if isinstance(values, dict)]
-    lines = ["# HELP colo_appliance_netfilter_frames_total Guest frames the comparer received, by side.",
-             "# TYPE colo_appliance_netfilter_frames_total counter"]
-    lines += [f'colo_appliance_netfilter_frames_total{{{n},flow="{flow}",side="{side}"}} {counters[flow][side]}'
-              for flow in flows for side in ("primary", "secondary")]
-    for counter, help_text in NETFILTER_COUNTERS.items():
-        name = f"colo_appliance_netfilter_{counter}_total"
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
-        lines += [f'{name}{{{n},flow="{flow}"}} {counters[flow][counter]}' for flow in flows]
-    return lines
 
 
 DASHBOARD = """<!doctype html>
@@ -308,6 +205,7 @@ def _check_uri(arguments: dict | None) -> None:
 def make_app(node: Node, token: str, hosts: set[str], allow_local_uris: bool = False) -> web.Application:
     """The API for ``hosts`` (as from allowed_hosts) and ``token``."""
     origins = {f"http://{host}" for host in hosts}
+    registry = registry_for(node)
     authorization = f"Bearer {token}".encode()
 
     @web.middleware
@@ -372,7 +270,7 @@ def make_app(node: Node, token: str, hosts: set[str], allow_local_uris: bool = F
         return web.Response(text=node.vm.read_console(), content_type="text/plain", charset="utf-8")
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=_metrics_text(node), content_type="text/plain", charset="utf-8")
+        return web.Response(body=render(registry), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app.router.add_get("/", dashboard)

@@ -65,10 +65,14 @@ class MigrationDestination(MigrationRun):
         self.ram_map = ram
         self.ram = memoryview(ram)
         self.pages_received = 0
-        self.bytes_received = 0
         self._channels: list[Channel] = []
         self._workers: list[threading.Thread] = []
         self._can_populate = True
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the source on every channel (main and multifd, COLO checkpoints too)."""
+        return sum(channel.received for channel in list(self._channels))
 
     def abort(self) -> None:
         """Stop listening and drop the channels (the daemon is exiting)."""

@@ -55,6 +55,7 @@ class Channel:
         self._buffer = bytearray()
         self._pos = 0                # bytes of _buffer already consumed
         self._aborted = False
+        self.received = 0            # bytes read from the channel so far
 
     def send(self, data, timeout: float | None = None) -> None:
         """All of ``data``.  Each partial send may wait the socket's timeout: a stall fails, a slow
@@ -88,6 +89,7 @@ class Channel:
             raise TransportError(self._failure(e)) from e
         if n == 0:
             raise TransportError(f"{self.description}: the peer closed the connection")
+        self.received += n
         return n
 
     def _failure(self, e: OSError) -> str:

@@ -5,6 +5,7 @@ import socket
 import aiohttp
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from qemu.qmp import ExecuteError, QMPClient
 
 from conftest import free_port, start_daemon, stop_daemon
@@ -55,8 +56,10 @@ async def migrate_and_check(src, dst, uri):
         async with aiohttp.ClientSession(headers=src.auth) as http:
             async with http.get(f"http://{src.http}/metrics") as r:
                 text = await r.text()
-        assert f'colo_appliance_migration_transferred_bytes{{node="src"}} {info["ram"]["transferred"]}' in text
-        assert f'colo_appliance_migration_downtime_milliseconds{{node="src"}} {info["downtime"]}' in text
+        samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples["colo_appliance_migration_transferred_bytes"].labels == {"node": "src"}
+        assert samples["colo_appliance_migration_transferred_bytes"].value == info["ram"]["transferred"]
+        assert samples["colo_appliance_migration_downtime_milliseconds"].value == info["downtime"]
     finally:
         await a.disconnect()
         await b.disconnect()

@@ -27,6 +27,7 @@ from replication.source import MigrationSource
 from replication.transport import Listener, TransportError
 
 from appliance.announce import announce_self
+from appliance.metrics import OUTCOMES, MigrationTotals
 
 from .dispatch import CallContext, Dispatcher
 from .events import EventBus
@@ -58,6 +59,7 @@ class Node:
         self.incoming = incoming
         self.autostart = autostart
         self.migration: MigrationSource | MigrationDestination | None = None
+        self.migration_totals = MigrationTotals()      # finished migrations and their bytes, for metrics
         self._run_state = "inmigrate" if incoming else "running"
         if vm is not None:
             if incoming:
@@ -105,6 +107,11 @@ class Node:
     def migration_running(self) -> bool:
         return self.migration is not None and self.migration.running
 
+    def migration_direction(self) -> str | None:
+        if self.migration is None:
+            return None
+        return "incoming" if isinstance(self.migration, MigrationDestination) else "outgoing"
+
     def outgoing_running(self) -> bool:
         return isinstance(self.migration, MigrationSource) and self.migration.running
 
@@ -131,6 +138,8 @@ class Node:
         if self.migration.caps["events"]:
             self.events.emit(name, data)
         incoming = isinstance(self.migration, MigrationDestination)
+        if name == "MIGRATION" and data["status"] in OUTCOMES:
+            self.migration_totals.finished(self.migration, self.migration_direction(), data["status"])
         if name == "MIGRATION" and data["status"] == "completed" and incoming and not self.migration.colo_stream:
             self._announce()            # a COLO secondary announces when it takes over, if it does
         if (name == "MIGRATION" and data["status"] == "failed" and isinstance(self.migration, MigrationDestination)

@@ -195,6 +195,7 @@ class VirtualMachine:
             abi.HC_NET_READ: self._hc_net_read, abi.HC_BLOCK_READ: self._hc_block_read,
             abi.HC_BLOCK_WRITE: self._hc_block_write, abi.HC_HALT: self._hc_halt,
         }
+        self.hypercall_exits = dict.fromkeys(self._hypercalls, 0)   # port -> exits to this VMM (metrics)
         self._thread = threading.Thread(target=self._vcpu_main, name=f"vcpu-{self.uuid[:8]}", daemon=True)
         self._thread.start()
 
@@ -242,6 +243,11 @@ class VirtualMachine:
         ram = self.memory.mmap
         for gpa, entry in self._page_table_entries(size):
             struct.pack_into("<Q", ram, gpa, entry)
+
+    @property
+    def vcpu_thread_id(self) -> int:
+        """The vCPU thread's kernel id: its CPU time is the guest's (and its hypercalls')."""
+        return self._thread.native_id
 
     # --- run states and events ------------------------------------------------
 
@@ -513,6 +519,7 @@ class VirtualMachine:
         handler = self._hypercalls.get(io.port)
         if handler is None:
             raise GuestError(f"unknown hypercall port {io.port:#x}")
+        self.hypercall_exits[io.port] += 1
         (gpa,) = struct.unpack("<I", self.vcpu.io_data(io.data_offset, 4))
         handler(gpa)
 

@@ -35,7 +35,9 @@ the NIC and its owner may close it.
 Counters (NicState): rx_frames the guest read, tx_frames the backend took,
 tx_dropped guest frames the backend refused (tap write error, a QueueBackend
 with no room or no consumer), rx_dropped frames too big for the guest's
-buffer.  A QueueBackend also counts the frames it dropped itself.
+buffer.  A QueueBackend also counts the frames it dropped itself.  The NIC's
+rx_bytes and tx_bytes (of those same frames) are this host's figures, for
+metrics: not part of the saved state, so they start at 0 on every node.
 """
 
 import collections
@@ -319,6 +321,8 @@ class Nic:
         self._wait_ended = threading.Condition(self._lock)
         self._waiting_on = None  # the backend whose fds the vCPU thread waits on, if it does
         self.guest_ipv4: bytes | None = None  # learnt from the guest's frames, for gratuitous ARP
+        self.rx_bytes = 0  # bytes of the frames counted in state.rx_frames / tx_frames, on this host
+        self.tx_bytes = 0
 
     @property
     def backend(self) -> NicBackend:
@@ -371,7 +375,9 @@ class Nic:
             with self._lock:
                 if self.state.injected:
                     self.state.rx_frames += 1
-                    return self.state.injected.pop(0)
+                    frame = self.state.injected.pop(0)
+                    self.rx_bytes += len(frame)
+                    return frame
                 frame = self._backend.receive()
             if frame is None:
                 return None
@@ -381,6 +387,7 @@ class Nic:
                     continue
             with self._lock:
                 self.state.rx_frames += 1
+                self.rx_bytes += len(frame)
             return frame
 
     def count_rx_dropped(self):
@@ -410,6 +417,7 @@ class Nic:
             sent = self._backend.transmit(frame)
             if sent:
                 self.state.tx_frames += 1
+                self.tx_bytes += len(frame)
             else:
                 self.state.tx_dropped += 1
         return sent
