@@ -1,10 +1,12 @@
 """The node's HTTP API (aiohttp).
 
-    GET  /                a small dashboard: the status below, refreshed every second
+    GET  /                the dashboard: run state; a migration's rate, remaining, expected downtime, ETA and
+                          destination, with a cancel button (migrate_cancel, with the token); COLO;
+                          the console's last lines; refreshed every second
     GET  /api/v1/status   node, VM run state, migration (as query-migrate) and COLO state (JSON)
     POST /api/v1/qmp      one QMP command: {"execute": NAME, "arguments": {...}}
                           -> {"return": ...} (200) or {"error": {"class", "desc"}} (400)
-    GET  /api/v1/console  the guest's console output (text)
+    GET  /api/v1/console  the guest's console output (text); ?tail=N: its last N bytes
     GET  /metrics         Prometheus text format (appliance/metrics.py)
 
 Every request must name this node in ``Host`` (its address or a configured name: no DNS
@@ -53,42 +55,80 @@ LINGER_TIME = 2.0       # what is left of an unread body is read (and dropped) t
 DASHBOARD = """<!doctype html>
 <html><head><meta charset="utf-8"><title>colo-appliance: {name}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:60em}} th{{text-align:left;padding-right:2em}}
-td,th{{padding:.2em .5em}} .bar{{background:#ddd;width:30em;height:1em}} .fill{{background:#3a7;height:1em}}</style>
+td,th{{padding:.2em .5em}} .bar{{background:#ddd;width:30em;height:1em}} .fill{{background:#3a7;height:1em}}
+pre{{background:#111;color:#ddd;padding:.5em;max-height:20em;overflow:auto;white-space:pre-wrap}}
+button{{font-size:14px;padding:.3em 1em}}</style>
 </head><body><h1>colo-appliance node <code>{name}</code></h1>
-<table id="status"></table><div class="bar"><div class="fill" id="fill" style="width:0"></div></div>
+<table id="status"></table>
+<h2>Migration</h2><table id="migration"></table>
+<div class="bar"><div class="fill" id="fill" style="width:0"></div></div>
+<p><button id="cancel" hidden>Cancel migration</button> <span id="cancel-result"></span></p>
 <h2>COLO</h2><table id="colo"></table>
 <svg id="pauses" width="600" height="80" style="background:#f4f4f4"><polyline id="line" fill="none"
  stroke="#3a7" stroke-width="1.5" points=""/></svg><div id="scale"></div>
+<h2>Console</h2><pre id="console"></pre>
 <p id="error" style="color:#a00"></p>
 <script>
 const token = new URLSearchParams(location.hash.slice(1)).get("token");   // open as /#token=...
+const auth = {{Authorization: "Bearer " + token}};
+const ACTIVE = ["setup", "active", "pre-switchover", "device", "wait-unplug"];
 let pauses = [], lastCount = -1;
+const esc = v => String(v).replace(/[<&]/g, c => c == "<" ? "&lt;" : "&amp;");
+const mib = n => (n / 1048576).toFixed(1) + " MiB";
+// rows: [[id, label, value]]; each value cell has id ID, for people and for tests
+const table = (id, rows) => document.getElementById(id).innerHTML = rows.map(([key, label, v]) =>
+  "<tr><th>" + label + "</th><td id=\\"" + key + "\\">" + esc(v) + "</td></tr>").join("");
+function eta(ram) {{
+  if (!ram.mbps || ram.remaining === undefined) return "-";
+  const seconds = ram.remaining * 8 / (ram.mbps * 1e6);
+  return seconds < 1 ? "< 1 s" : seconds < 120 ? seconds.toFixed(0) + " s" : (seconds / 60).toFixed(1) + " min";
+}}
+async function cancelMigration() {{
+  const result = document.getElementById("cancel-result");
+  try {{
+    const r = await fetch("/api/v1/qmp", {{method: "POST", headers: {{...auth, "Content-Type": "application/json"}},
+                                          body: JSON.stringify({{execute: "migrate_cancel"}})}});
+    const reply = await r.json();
+    result.textContent = r.ok ? "cancel requested" : "cancel refused: " + reply.error.desc;
+  }} catch (e) {{ result.textContent = "cancel failed: " + e.message; }}
+}}
+document.getElementById("cancel").onclick = cancelMigration;
+async function refreshConsole() {{
+  const r = await fetch("/api/v1/console?tail=4096", {{headers: auth}});
+  if (!r.ok) return;
+  const box = document.getElementById("console"), atEnd = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+  box.textContent = (await r.text()).split("\\n").slice(-40).join("\\n");
+  if (atEnd) box.scrollTop = box.scrollHeight;
+}}
 async function refresh() {{
   try {{
-    const r = await fetch("/api/v1/status", {{headers: {{Authorization: "Bearer " + token}}}});
+    const r = await fetch("/api/v1/status", {{headers: auth}});
     const s = await r.json();
     if (!r.ok) throw new Error(s.error.desc + (r.status == 401 ? "; open this page as /#token=TOKEN" : ""));
-    const m = s.migration, ram = m.ram || {{}};
-    const rows = [["guest", s.vm.status], ["image", s.vm.image || "none"], ["migration", m.status],
-      ["sent", ram.transferred ? (ram.transferred / 1048576).toFixed(1) + " MiB" : "-"],
-      ["remaining", ram.remaining !== undefined ? (ram.remaining / 1048576).toFixed(1) + " MiB" : "-"],
-      ["passes", ram["dirty-sync-count"] || "-"], ["downtime", m.downtime !== undefined ? m.downtime + " ms" : "-"],
-      ["error", m["error-desc"] || ""], ["COLO", s.colo.mode]];
-    document.getElementById("status").innerHTML = rows.map(([k, v]) =>
-      "<tr><th>" + k + "</th><td>" + String(v).replace(/[<&]/g, c => c == "<" ? "&lt;" : "&amp;") + "</td></tr>").join("");
+    const m = s.migration, ram = m.ram || {{}}, active = ACTIVE.includes(m.status);
+    table("status", [["vm-status", "guest", s.vm.status], ["vm-image", "image", s.vm.image || "none"],
+      ["colo-mode", "COLO", s.colo.mode]]);
+    table("migration", [["m-status", "status", m.status],
+      ["m-destination", "destination", m.destination || (m.status == "none" ? "-" : "incoming")],
+      ["m-rate", "rate", ram.mbps !== undefined ? ram.mbps.toFixed(1) + " Mbps" : "-"],
+      ["m-sent", "sent", ram.transferred !== undefined ? mib(ram.transferred) : "-"],
+      ["m-remaining", "remaining", ram.remaining !== undefined ? mib(ram.remaining) : "-"],
+      ["m-expected-downtime", "expected downtime", m["expected-downtime"] !== undefined ?
+        m["expected-downtime"] + " ms" : "-"],
+      ["m-eta", "ETA", active ? eta(ram) : "-"], ["m-passes", "passes", ram["dirty-sync-count"] || "-"],
+      ["m-downtime", "downtime", m.downtime !== undefined ? m.downtime + " ms" : "-"],
+      ["m-error", "error", m["error-desc"] || ""]]);
+    document.getElementById("cancel").hidden = !(active && m.destination);
     const c = s.colo, p = c["pause-ms"];
-    const coloRows = [["mode", c.mode + (c["last-mode"] != "none" ? " (last: " + c["last-mode"] + ")" : "")],
-      ["failover", c["failover-status"] + " (" + c["failover-mode"] + ")" + (c["waiting-for-operator"] ?
-        ": waiting for x-colo-lost-heartbeat" : "")], ["peer", c.peer || "-"],
-      ["heartbeat age", c["heartbeat-age-ms"] !== null ? c["heartbeat-age-ms"] + " ms" : "-"],
-      ["checkpoints", c["checkpoints-total"] + " (periodic " + c.checkpoints.periodic + ", request " +
-        c.checkpoints.request + ", mismatch " + c.checkpoints.mismatch + "), loaded " + c["checkpoints-loaded"] +
-        ", failed " + c["failed-checkpoints"]],
-      ["pause", "last " + p.last + " ms, p50 " + p.p50 + " ms, p99 " + p.p99 + " ms"],
-      ["sent", (c["bytes-total"] / 1048576).toFixed(1) + " MiB"], ["failovers", c.failovers]];
-    document.getElementById("colo").innerHTML = coloRows.map(([k, v]) =>
-      "<tr><th>" + k + "</th><td>" + String(v).replace(/[<&]/g, ch => ch == "<" ? "&lt;" : "&amp;") +
-      "</td></tr>").join("");
+    table("colo", [["c-mode", "mode", c.mode + (c["last-mode"] != "none" ? " (last: " + c["last-mode"] + ")" : "")],
+      ["c-failover", "failover", c["failover-status"] + " (" + c["failover-mode"] + ")" +
+        (c["waiting-for-operator"] ? ": waiting for x-colo-lost-heartbeat" : "")], ["c-peer", "peer", c.peer || "-"],
+      ["c-heartbeat", "heartbeat age", c["heartbeat-age-ms"] !== null ? c["heartbeat-age-ms"] + " ms" : "-"],
+      ["c-checkpoints", "checkpoints", c["checkpoints-total"] + " (periodic " + c.checkpoints.periodic +
+        ", request " + c.checkpoints.request + ", mismatch " + c.checkpoints.mismatch + "), loaded " +
+        c["checkpoints-loaded"] + ", failed " + c["failed-checkpoints"]],
+      ["c-pause", "pause", "last " + p.last + " ms, p50 " + p.p50 + " ms, p99 " + p.p99 + " ms"],
+      ["c-sent", "sent", mib(c["bytes-total"])], ["c-failovers", "failovers", c.failovers]]);
     if (c.mode != "none" && p.count != lastCount) {{ pauses.push(p.last); lastCount = p.count; }}
     pauses = pauses.slice(-120);
     const top = Math.max(1, ...pauses);
@@ -98,7 +138,9 @@ async function refresh() {{
       "last checkpoint pauses, one point a second, top " + top.toFixed(2) + " ms" : "";
     const seen = ram.total ? (ram.normal + ram.duplicate) * ram["page-size"] / ram.total : 0;
     document.getElementById("fill").style.width = Math.min(100, seen * 100) + "%";
+    if (s.vm.image) await refreshConsole();
     document.getElementById("error").textContent = "";
+    document.body.dataset.refreshed = Date.now();
   }} catch (e) {{ document.getElementById("error").textContent = "no status: " + e.message; }}
 }}
 refresh(); setInterval(refresh, 1000);
@@ -265,9 +307,16 @@ def make_app(node: Node, token: str, hosts: set[str], allow_local_uris: bool = F
         return web.json_response(reply)
 
     async def console(request: web.Request) -> web.Response:
+        """The console's output, or with ``?tail=N`` its last N bytes (the dashboard's view)."""
         if node.vm is None:
             return _error(404, "this node has no guest")
-        return web.Response(text=node.vm.read_console(), content_type="text/plain", charset="utf-8")
+        text = node.vm.read_console()
+        tail = request.query.get("tail")
+        if tail is not None:
+            if not tail.isdigit():
+                return _error(400, f"tail: expected a number of bytes, not {tail!r}")
+            text = text[-int(tail):] if int(tail) else ""
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=render(registry), headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -167,9 +167,18 @@ class Node:
             "node": self.name,
             "version": appliance.__version__,
             "vm": self._vm_status(),
-            "migration": self.migration.info() if self.migration is not None else {"status": "none"},
+            "migration": self._migration_status(),
             "colo": self.colo.status(),
         }
+
+    def _migration_status(self) -> dict:
+        """query-migrate's figures, and where an outgoing migration goes."""
+        if self.migration is None:
+            return {"status": "none"}
+        info = self.migration.info()
+        if isinstance(self.migration, MigrationSource):
+            info["destination"] = self.migration.uri
+        return info
 
     def _vm_status(self) -> dict:
         status = {"status": self.run_state, "running": self.run_state == "running"}
