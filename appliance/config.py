@@ -206,6 +206,8 @@ class NodeConfig:
 
 
 def _shown(value) -> str:
+    if value is None:
+        return "(off)"
     return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
