@@ -60,6 +60,7 @@ DEFAULT_STATE_ROOT = "/var/lib/colo-appliance"
 GUEST_DIR = os.environ.get(
     "COLO_GUEST_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "guest"))
 BUILTIN_GUESTS = ("kvstore", "memdirty")
+_ANY_ADDRESS = {"0.0.0.0", "::", ""}
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
@@ -146,10 +147,8 @@ class NodeConfig:
                 os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
             except OSError as e:
                 raise ConfigError(f"cannot create the state directory {self.state_dir}: {e.strerror}") from None
-            if not os.path.isdir(self.state_dir):
-                raise ConfigError(f"state_dir {self.state_dir} is not a directory")
 
-    def tcp_listeners(self) -> list[tuple[str, str, str, int]]:
+    def _tcp_listeners(self) -> list[tuple[str, str, str, int]]:
         """(setting, as written, host, port) of every TCP port this node listens on by name."""
         listeners = []
         for setting, value in (("qmp_tcp (--qmp-tcp)", self.qmp_tcp), ("http (--http)", self.http)):
@@ -167,11 +166,10 @@ class NodeConfig:
         return listeners
 
     def _check_port_collisions(self) -> None:
-        listeners = self.tcp_listeners()
+        listeners = self._tcp_listeners()
         for i, (setting, value, host, port) in enumerate(listeners):
             for other, other_value, other_host, other_port in listeners[i + 1:]:
-                wildcard = {"0.0.0.0", "::", ""}
-                if port and port == other_port and (host == other_host or {host, other_host} & wildcard):
+                if port and port == other_port and (host == other_host or {host, other_host} & _ANY_ADDRESS):
                     raise ConfigError(f"{setting} {value} and {other} {other_value} both listen on TCP port {port}: "
                                       "give each its own port")
 

@@ -158,6 +158,7 @@ async def test_two_nodes_from_the_shipped_configs_migrate_there_and_back_then_fo
     finally:
         for host in hosts:
             await host.stop()
+            print(f"--- {host.instance}'s log\n{host.log_path.read_text()}")     # shown if the test fails
 
 
 def test_make_install_puts_everything_where_the_unit_expects_it(tmp_path):
