@@ -15,6 +15,7 @@ import time
 import pytest
 from qemu.qmp import QMPClient
 
+from appliance.config import load_config, split_host_port
 from appliance.netns import Topology
 from conftest import REPO
 from test_migration_nodes import events_until, wait_console
@@ -176,3 +177,12 @@ def test_make_install_puts_everything_where_the_unit_expects_it(tmp_path):
     assert not (prefix / ".venv").exists() and not (prefix / ".git").exists()
     assert (etc / "examples" / "node-b.toml").read_text() == open(os.path.join(EXAMPLES, "node-b.toml")).read()
     assert (etc / "node-a.toml").read_text() == "# the operator's own\n"
+
+
+def test_the_example_configs_are_valid_and_keep_qmp_off_the_migration_port(guest_images):
+    for name in ("node-a", "node-b"):
+        config = load_config(os.path.join(EXAMPLES, f"{name}.toml"))
+        config.validate()                                   # port collisions included
+        assert split_host_port(config.qmp_tcp, "qmp_tcp")[1] != MIGRATION_PORT
+        assert config.guest.uuid == "5f1c0b8e-2d7a-4c1e-9a53-0c6f1d2e3b4a"     # one guest, the same on both
+    assert load_config(os.path.join(EXAMPLES, "node-b.toml")).incoming == f"tcp:0.0.0.0:{MIGRATION_PORT}"
