@@ -134,6 +134,7 @@ async function refresh() {{
     const top = Math.max(1, ...pauses);
     document.getElementById("line").setAttribute("points",
       pauses.map((v, i) => (i * 5) + "," + (78 - 76 * v / top)).join(" "));
+    document.getElementById("pauses").style.display = pauses.length ? "" : "none";
     document.getElementById("scale").textContent = pauses.length ?
       "last checkpoint pauses, one point a second, top " + top.toFixed(2) + " ms" : "";
     const seen = ram.total ? (ram.normal + ram.duplicate) * ram["page-size"] / ram.total : 0;
