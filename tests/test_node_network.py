@@ -43,9 +43,9 @@ def mac_of(namespace: str, ifname: str) -> str | None:
         return ns.get_links(found[0])[0].get_attr("IFLA_ADDRESS") if found else None
 
 
-def serve(namespace: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    """``serve`` that must fail at start: its result."""
-    return subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-m", "appliance.cli", "serve",
+def serve(namespace: str, tmp_path, *args: str, wrapper: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``serve`` that must fail at start (run under ``wrapper`` if given): its result."""
+    return subprocess.run(["ip", "netns", "exec", namespace, *wrapper, sys.executable, "-m", "appliance.cli", "serve",
                            "--name", "net", "--qmp", str(tmp_path / "net.qmp"), "--state-dir", str(tmp_path),
                            *KVSTORE, *args], capture_output=True, text=True, cwd=REPO, timeout=60)
 
@@ -92,6 +92,13 @@ def test_a_missing_bridge_says_how_to_create_it(host, guest_images, tmp_path):
     result = serve(host, tmp_path, "--nic", "tap=tap0,bridge=notbr")
     assert result.returncode == 1 and "notbr is not a bridge (its kind is veth)" in result.stderr
     assert "Traceback" not in result.stderr and mac_of(host, "tap0") is None
+
+
+def test_no_permission_for_the_tap_is_a_clear_error(host, guest_images, tmp_path):
+    result = serve(host, tmp_path, "--nic", "tap=tap0,bridge=br0", wrapper=("setpriv", "--bounding-set=-net_admin", "--"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("colo-appliance: guest: cannot set up tap tap0: Operation not permitted "
+                                     "(creating a tap needs CAP_NET_ADMIN)")
 
 
 def test_a_missing_state_dir_is_created_and_an_impossible_one_is_a_clear_error(host, guest_images, tmp_path):

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import StateFileError, VMError
 
@@ -141,6 +142,10 @@ class TapBackend:
         try:
             self._set_up_tap(bridge, mac)
             self._fd = self._open_tap()
+        except NetlinkError as exc:
+            self.close()
+            raise VMError(f"cannot set up tap {name}: {exc.args[-1]} (creating a tap needs CAP_NET_ADMIN)") \
+                from None
         except BaseException:
             self.close()
             raise
