@@ -124,11 +124,15 @@ async def test_guest_nic_counters_equal_the_taps_own(topo, guest_images, tmp_pat
             conn.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n%s\r\n" % (len(b"%d" % i), b"%d" % i))
             assert conn.recv(100) == b"+OK\r\n"
         conn.close()
-        await asyncio.sleep(0.3)                     # the FINs, and the ACKs of them
-        samples = await asyncio.to_thread(scrape, d, topo.nodes["a"].namespace)
-        tap = await asyncio.to_thread(tap_stats, topo.nodes["a"].namespace)     # pyroute2 runs a loop of its own
-        rx = value(samples, "colo_appliance_guest_nic_frames_total", direction="rx")
-        tx = value(samples, "colo_appliance_guest_nic_frames_total", direction="tx")
+        deadline = time.monotonic() + 5
+        while True:                                  # until the last frames (FINs, ACKs) have been read
+            samples = await asyncio.to_thread(scrape, d, topo.nodes["a"].namespace)
+            tap = await asyncio.to_thread(tap_stats, topo.nodes["a"].namespace)  # pyroute2 runs a loop of its own
+            rx = value(samples, "colo_appliance_guest_nic_frames_total", direction="rx")
+            tx = value(samples, "colo_appliance_guest_nic_frames_total", direction="tx")
+            if (tx, rx) == (tap["rx_packets"], tap["tx_packets"] - tap["tx_dropped"]) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
         assert rx >= 100 and tx >= 100
         assert tx == tap["rx_packets"] and rx == tap["tx_packets"] - tap["tx_dropped"], (samples, tap)
         assert value(samples, "colo_appliance_guest_nic_bytes_total", direction="tx") == tap["rx_bytes"]
