@@ -13,11 +13,11 @@ import sys
 import time
 
 import pytest
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
 from appliance.config import load_config, split_host_port
 from appliance.netns import Topology
-from conftest import REPO
+from conftest import REPO, free_port, start_daemon, stop_daemon
 from test_migration_nodes import events_until, wait_console
 
 pytestmark = [pytest.mark.kvm, pytest.mark.netns]
@@ -186,3 +186,34 @@ def test_the_example_configs_are_valid_and_keep_qmp_off_the_migration_port(guest
         assert split_host_port(config.qmp_tcp, "qmp_tcp")[1] != MIGRATION_PORT
         assert config.guest.uuid == "5f1c0b8e-2d7a-4c1e-9a53-0c6f1d2e3b4a"     # one guest, the same on both
     assert load_config(os.path.join(EXAMPLES, "node-b.toml")).incoming == f"tcp:0.0.0.0:{MIGRATION_PORT}"
+
+
+async def test_migrate_incoming_is_refused_where_a_guest_would_be_lost(guest_images, tmp_path):
+    """Accepted on a node whose guest never ran (-S); refused on a running or paused one (it would
+    be overwritten); a URI that cannot listen leaves the guest's state as it was."""
+    memdirty = ["--guest", "memdirty", "-m", "16", "--append", "mib=1 rate=0"]
+    running, prelaunch = start_daemon(tmp_path, *memdirty, name="running"), \
+        start_daemon(tmp_path, *memdirty, "-S", name="prelaunch")
+    a, b = QMPClient("running"), QMPClient("prelaunch")
+    try:
+        await a.connect(running.qmp)
+        await b.connect(prelaunch.qmp)
+        for state in ("running", "paused"):
+            with pytest.raises(ExecuteError, match=f"the guest is {state} on this node: an incoming migration "
+                                                   "would overwrite it"):
+                await a.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{free_port()}"})
+            assert await status(a) == state
+            await a.execute("stop")
+        with pytest.raises(ExecuteError):
+            await b.execute("migrate-incoming", {"uri": "tcp:192.0.2.1:1"})      # not an address of this host
+        assert await status(b) == "prelaunch"
+        await b.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{free_port()}"})
+        assert await status(b) == "inmigrate"
+        assert (await b.execute("query-migrate"))["status"] == "setup"
+        with pytest.raises(ExecuteError, match="The incoming migration has already been started"):
+            await b.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{free_port()}"})
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+        stop_daemon(running)
+        stop_daemon(prelaunch)
