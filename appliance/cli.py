@@ -312,6 +312,18 @@ def cmd_drill(args: argparse.Namespace) -> int:
         reprotect_to=args.reprotect_to, keep_frozen=args.keep_frozen, timeout=args.timeout))
 
 
+def cmd_make_certs(args: argparse.Namespace) -> int:
+    from .certs import CertError, make_certs
+    try:
+        make_certs(args.dir, args.hostname or ["localhost", "127.0.0.1"], args.client_dn, ca_dir=args.ca,
+                   days=args.days)
+    except (CertError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dir}: ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colo-appliance", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -403,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     drill.add_argument("--timeout", type=float, default=60, metavar="SECONDS",
                        help="longest wait of any step (default 60)")
     drill.set_defaults(func=cmd_drill)
+
+    certs = sub.add_parser("make-certs", help="make a test CA and node certificates in QEMU's x509 layout")
+    certs.add_argument("dir", help="directory to write (ca-cert.pem, server-*.pem, client-*.pem)")
+    certs.add_argument("--hostname", action="append", metavar="NAME|IP",
+                       help="a name or address in the server certificate (repeatable; default localhost, 127.0.0.1)")
+    certs.add_argument("--client-dn", dest="client_dn", default="/O=colo-appliance/CN=client", metavar="/O=../CN=..",
+                       help="the client certificate's subject (what tls-authz lists, as CN=..,O=..)")
+    certs.add_argument("--ca", metavar="DIR", help="sign with the CA in DIR (ca-cert.pem, ca-key.pem) instead of a new one")
+    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    certs.set_defaults(func=cmd_make_certs)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda a: print(f"colo-appliance {appliance.__version__}") or 0)

@@ -41,6 +41,20 @@ Example (every key optional; a node starts with no file at all)::
     max_queue_size = 1024                      # frames held per connection and side
     packet_port = 0                            # the secondary's packet channel port (0: any)
     passthrough = [["udp", 123]]               # flows never compared (time-varying protocols)
+
+    [migration]                                # every incoming node channel (docs/security.md)
+    handshake_timeout = 5.0                    # s for a new connection's TLS handshake and stream header
+    idle_timeout = 120.0                       # s without a byte from an admitted source
+    tls_creds = "tls0"                         # initial tls-creds / tls-hostname / tls-authz parameters, so
+    tls_authz = "auth0"                        # that --incoming tcp:... never takes a plaintext source
+
+    [tls-creds.tls0]                           # QEMU's tls-creds-x509: migrate-set-parameters tls-creds=tls0
+    dir = "/etc/colo-appliance/pki"            # ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem
+    endpoint = "server"                        # server: receives migrations; client: sends them
+    verify-peer = true                         # a server asks clients for a certificate signed by the CA
+
+    [authz.auth0]                              # QEMU's authz-list: migrate-set-parameters tls-authz=auth0
+    identities = ["CN=node-a,O=example"]       # client certificate DNs (RFC 4514) allowed in
 """
 from __future__ import annotations
 
@@ -53,6 +67,9 @@ from dataclasses import dataclass, field
 
 from colo import ColoSettings
 from netfilter.settings import NetfilterSettings
+from replication.destination import IDLE_TIMEOUT
+from replication.incoming import HANDSHAKE_TIMEOUT
+from replication.tls import Authz, TlsError, TlsRegistry, X509Creds
 
 # The node's state directory when none is configured, as the systemd unit sets it: ROOT/NAME.
 DEFAULT_STATE_ROOT = "/var/lib/colo-appliance"
@@ -121,10 +138,22 @@ class NodeConfig:
     guest: GuestConfig = field(default_factory=GuestConfig)
     colo: ColoSettings = field(default_factory=ColoSettings)
     netfilter: NetfilterSettings = field(default_factory=NetfilterSettings)
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    tls_creds: str = ""                    # [migration] tls_*: the initial migration parameters
+    tls_hostname: str = ""
+    tls_authz: str = ""
+    tls: TlsRegistry = field(default_factory=TlsRegistry)      # [tls-creds.ID] and [authz.ID]
     source: str | None = None              # the file the settings were read from, if any
     # (section, key) -> value, for every key the file set: a flag that overrides one is reported
     file_values: dict[tuple[str, str], object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)   # for the log, once it is set up
+
+    @property
+    def tls_parameters(self) -> dict[str, str]:
+        """The migration parameters [migration] sets before anything connects."""
+        values = {"tls-creds": self.tls_creds, "tls-hostname": self.tls_hostname, "tls-authz": self.tls_authz}
+        return {name: value for name, value in values.items() if value}
 
     def state_path(self) -> str:
         """The node's own directory: state_dir, else DEFAULT_STATE_ROOT/NAME."""
@@ -186,6 +215,16 @@ class NodeConfig:
         if self.qmp_tcp:
             split_host_port(self.qmp_tcp, "qmp_tcp")
         self._check_port_collisions()
+        for name in ("handshake_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if not 0 < value <= 3600:
+                raise ConfigError(f"[migration] {name}: expected seconds between 0 and 3600, got {value!r}")
+        try:
+            for item in (*self.tls.creds.values(), *self.tls.authz.values()):
+                item.validate()
+            self.tls.check_parameters({"tls-creds": "", "tls-authz": "", **self.tls_parameters})
+        except TlsError as e:
+            raise ConfigError(str(e)) from None
         try:
             self.colo.validate()
             self.netfilter.validate()
@@ -239,12 +278,34 @@ _KEYS: dict[str, dict[str, tuple[str, type]]] = {
     "netfilter": {"compare_timeout": ("compare_timeout_ms", int), "expired_scan_cycle": ("expired_scan_cycle_ms", int),
                   "max_queue_size": ("max_queue_size", int), "packet_port": ("packet_port", int),
                   "passthrough": ("passthrough", list)},
+    "migration": {"handshake_timeout": ("handshake_timeout", (int, float)),
+                  "idle_timeout": ("idle_timeout", (int, float)), "tls_creds": ("tls_creds", str),
+                  "tls_hostname": ("tls_hostname", str), "tls_authz": ("tls_authz", str)},
 }
-_KINDS = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+_KINDS = {str: "a string", int: "an integer", bool: "true or false", list: "a list", (int, float): "a number"}
+# Tables of objects by id, as QEMU's -object TYPE,id=ID,...: section -> (keys, type).
+_OBJECTS = {"tls-creds": ({"dir", "endpoint", "verify-peer"}, X509Creds), "authz": ({"identities"}, Authz)}
 
 
 def _settings_of(config: NodeConfig, section: str):
-    return {"node": config, "guest": config.guest, "colo": config.colo, "netfilter": config.netfilter}[section]
+    return {"node": config, "guest": config.guest, "colo": config.colo, "netfilter": config.netfilter,
+            "migration": config}[section]
+
+
+def _objects(path: str, data: dict, section: str) -> dict:
+    """``[SECTION.ID]`` tables as objects by id."""
+    keys, kind = _OBJECTS[section]
+    objects = {}
+    for object_id, values in data.get(section, {}).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [{section}] holds objects by id: write [{section}.ID]")
+        bad = set(values) - keys
+        if bad:
+            raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}.{object_id}]; valid: {sorted(keys)}")
+        if section == "tls-creds" and "dir" not in values:
+            raise ConfigError(f"{path}: [{section}.{object_id}] needs dir")
+        objects[object_id] = kind(object_id, **{k.replace("-", "_"): v for k, v in values.items()})
+    return objects
 
 
 def load_config(path: str | None) -> NodeConfig:
@@ -259,9 +320,9 @@ def load_config(path: str | None) -> NodeConfig:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
-    unknown = set(data) - set(_KEYS)
+    unknown = set(data) - set(_KEYS) - set(_OBJECTS)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: {', '.join(_KEYS)}")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; valid: {', '.join([*_KEYS, *_OBJECTS])}")
     for section, keys in _KEYS.items():
         values = data[section] if section in data else {}
         if not isinstance(values, dict):
@@ -275,8 +336,9 @@ def load_config(path: str | None) -> NodeConfig:
             raise ConfigError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; valid: {sorted(keys)}")
         for key, value in values.items():
             attr, kind = keys[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise ConfigError(f"{path}: [{section}] {key} must be {_KINDS[kind]}, not {value!r}")
             setattr(_settings_of(config, section), attr, value)
             config.file_values[(section, key)] = value
+    config.tls = TlsRegistry(_objects(path, data, "tls-creds"), _objects(path, data, "authz"))
     return config

@@ -97,7 +97,9 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * MAX_NESTING))
     loop = asyncio.get_running_loop()
     node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused,
-                colo_settings=config.colo, netfilter_settings=config.netfilter)
+                colo_settings=config.colo, netfilter_settings=config.netfilter, tls=config.tls,
+                tls_parameters=config.tls_parameters, handshake_timeout=config.handshake_timeout,
+                idle_timeout=config.idle_timeout)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
     http = None
     try:

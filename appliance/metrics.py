@@ -6,6 +6,7 @@ prometheus_client in the text format, which escapes every label value.
     colo_appliance_migration_*          the current or last migration (as query-migrate)
     colo_appliance_migrations_total     finished migrations by direction and outcome
     colo_appliance_migration_{sent,received}_bytes_total   every migration's bytes, this process
+    colo_appliance_incoming_refused_total   incoming connections closed unadmitted, by reason
     colo_appliance_guest_nic_*_total    the guest NIC's frames, bytes and drops, rx (to the guest) and tx
     colo_appliance_hypercall_exits_total, colo_appliance_vcpu_seconds_total   the VMM's work
     colo_appliance_colo_*, colo_appliance_netfilter_*   COLO (see _colo)
@@ -125,6 +126,12 @@ class NodeCollector:
         yield _counter("colo_appliance_migration_sent_bytes", "Bytes sent by every outgoing migration.", name, sent)
         yield _counter("colo_appliance_migration_received_bytes", "Bytes received by every incoming migration.",
                        name, received)
+        refused = CounterMetricFamily("colo_appliance_incoming_refused", "Incoming migration connections closed "
+                                      "unadmitted, by reason (tls, authz, deadline, garbage, header, busy).",
+                                      labels=["node", "reason"])
+        for reason, count in sorted(node.incoming_refused.items()):
+            refused.add_metric([node.name, reason], count)
+        yield refused
 
     def _vmm(self, vm, name):
         nic = vm.nic

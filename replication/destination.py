@@ -15,11 +15,30 @@ the RAM digest before it loads the device sections and resumes the guest::
                 from then on writes pages into the colo cache
                 it gives here (``retarget``)
 
-A malformed stream is refused with a clear reason and never harms the
-daemon; the guest's RAM is cleared so that another migration can follow.
+On a socket, connections are admitted first (replication/incoming.py: TLS and
+authz when tls-creds is set, the header within a deadline; failures are closed
+unanswered and counted).  The destination then checks the header against its
+guest and answers on the connection (stream.pack_reply)::
+
+    source                                   destination
+    [TLS handshake, client certificate] ---> admission: authz, deadline
+    header -------------------------------->  magic, version; then UUID, RAM size, flags
+           <--------------------------------  reply: ok (admitted), or refused + why
+    records ... END ----------------------->
+           <--------------------------------  reply: the verdict
+
+A refused header leaves the destination waiting for another source (state
+setup); the refusal names what the stream lacks, never this node's UUID or RAM
+size.  A one-way channel (exec:, file:, a pipe fd) carries one stream: a bad
+header fails it.  After admission, a malformed stream is refused with a clear
+reason and never harms the daemon; the guest's RAM is cleared so that another
+migration can follow.  Admitted channels have an idle timeout (no byte for
+``idle_timeout`` s fails the stream) besides TCP keepalive; a COLO connection
+drops it (the heartbeat watches the pair).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import threading
@@ -35,11 +54,14 @@ from . import stream
 from .ram import RamDigest, full_ram_digest
 from .source import RUNSTATE_SECTION
 from .state import MigrationRun
+from .incoming import HANDSHAKE_TIMEOUT, Admission
+from .tls import ServerTls
 from .transport import Channel, Listener, TransportError
 
 log = logging.getLogger(__name__)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 MULTIFD_ACCEPT_TIMEOUT = 30.0    # seconds for the multifd channels to connect, and to finish at END
+IDLE_TIMEOUT = 120.0             # seconds without a byte from an admitted source before it is given up
 
 
 class MigrationDestination(MigrationRun):
@@ -47,10 +69,14 @@ class MigrationDestination(MigrationRun):
 
     def __init__(self, vm, listener: Listener, capabilities: dict[str, bool], autostart: bool,
                  on_event: Callable[[str, dict], None], *, verify_ram: bool = False,
-                 colo_handover: Callable[["MigrationDestination", Channel, Callable], None] | None = None):
+                 colo_handover: Callable[["MigrationDestination", Channel, Callable], None] | None = None,
+                 tls: Callable[[], ServerTls | None] = lambda: None, refused: collections.Counter | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
         """``colo_handover(destination, channel, enter)`` runs COLO once a COLO stream's guest is
         loaded, calling ``enter()`` first (state colo, guest resumed);
-        ``verify_ram`` refuses streams that do not carry a digest of all RAM."""
+        ``verify_ram`` refuses streams that do not carry a digest of all RAM; ``tls()`` gives the
+        TLS a connection must pass (read per connection); ``refused`` counts refused connections
+        by reason (the node's, across incoming migrations)."""
         super().__init__(on_event)
         self.vm = vm
         self.verify_ram = verify_ram
@@ -59,6 +85,9 @@ class MigrationDestination(MigrationRun):
         self.received_pages: int | None = None   # COLO sets 0: then a bitmap (bit i = page i) of pages written
         self.full_digest: bytes | None = None  # the last END's whole-RAM digest (FLAG_VERIFY_RAM)
         self.listener = listener
+        self.refused = refused if refused is not None else collections.Counter()
+        self.idle_timeout = idle_timeout
+        self.admission = Admission(listener, tls, handshake_timeout, self.refused) if listener.sock else None
         self.caps = capabilities        # live: set before the stream arrives, as with QEMU's -incoming
         self.autostart = autostart
         _, self.ram_size, self.memfd, ram = vm.ram_regions()[0]
@@ -104,8 +133,7 @@ class MigrationDestination(MigrationRun):
     def _run(self) -> None:
         main = None
         try:
-            main = self._accept()
-            header = self._read_header(main)
+            main, header = self._accept_source()
             self._clear_ram()        # whatever the guest image put there, the source's RAM replaces it
             self.set_state("setup", "active")
             self._page_size = header.page_size
@@ -116,6 +144,7 @@ class MigrationDestination(MigrationRun):
             sections = self._read_main(main, header, self._workers)
             self._finish(main, sections)
             if header.flags & stream.FLAG_COLO:
+                main.sock.settimeout(None)      # from here the heartbeat watches the pair
                 self.colo_handover(self, main, self._enter_colo)     # COLO handles its own failures
         except Exception as e:
             self.error = self.error or (str(e) if isinstance(e, (stream.StreamError, TransportError))
@@ -138,23 +167,55 @@ class MigrationDestination(MigrationRun):
             for channel in self._channels:
                 channel.close()
             self.listener.close()
+            if self.admission is not None:
+                self.admission.close_door()
             self._release_views()
 
-    def _accept(self) -> Channel:
-        channel = self.listener.accept()
-        self._channels.append(channel)
-        return channel
+    def _accept_source(self) -> tuple[Channel, stream.Header]:
+        """The source's main channel and its header, checked against this guest.  On a socket,
+        a refused header is answered and the next admitted connection is awaited."""
+        if self.admission is None:        # one-way: one stream, whatever it holds
+            channel = self.listener.accept()
+            self._channels.append(channel)
+            header = stream.Header.unpack(channel.read_exact(stream.HEADER.size))
+            self._check_header(header)
+            return channel, header
+        self.admission.start()
+        while True:
+            channel, header = self.admission.next()
+            try:
+                self._check_header(header)
+            except stream.StreamError as e:
+                self._refuse(channel, "header", str(e))
+                continue
+            self._channels.append(channel)
+            channel.sock.settimeout(self.idle_timeout)
+            channel.send(stream.pack_reply(True))
+            if not header.flags & stream.FLAG_MULTIFD:
+                self.admission.close_door()
+            return channel, header
 
-    def _read_header(self, channel: Channel) -> stream.Header:
-        header = stream.Header.unpack(channel.read_exact(stream.HEADER.size))
+    def _refuse(self, channel: Channel, reason: str, why: str) -> None:
+        """Tell an admitted peer why its stream is refused (nothing about this node), and close."""
+        try:
+            channel.send(stream.pack_reply(False, why), timeout=1.0)
+            channel.linger(1.0)
+        except TransportError:
+            pass
+        self.admission.refuse(channel, reason, why)
+
+    def _check_header(self, header: stream.Header) -> None:
+        """Refusals name what the stream lacks; this node's UUID and RAM size go to the log only."""
         if header.flags & ~stream.KNOWN_FLAGS:
             raise stream.StreamError(f"unknown stream flags {header.flags:#x}")
         if header.ram_size != self.ram_size:
-            raise stream.StreamError(f"the source has {header.ram_size >> 20} MiB of RAM, "
-                                     f"this guest {self.ram_size >> 20} MiB")
+            log.warning("incoming stream of %d MiB of RAM; this guest has %d MiB",
+                        header.ram_size >> 20, self.ram_size >> 20)
+            raise stream.StreamError(f"the stream's guest has {header.ram_size >> 20} MiB of RAM, "
+                                     "not the size of this node's guest")
         if self.caps["validate-uuid"] and header.vm_uuid != self.vm.uuid:
-            raise stream.StreamError(f"UUID mismatch: the stream is for VM {header.vm_uuid}, "
-                                     f"this is VM {self.vm.uuid}")
+            log.warning("incoming stream for VM %s; this is VM %s", header.vm_uuid, self.vm.uuid)
+            raise stream.StreamError(f"UUID mismatch: this node does not run VM {header.vm_uuid}")
         if header.flags & stream.FLAG_COLO and (not self.caps["x-colo"] or self.colo_handover is None):
             raise stream.StreamError("the source wants COLO, but x-colo is not enabled on this node "
                                      "(migrate-set-capabilities x-colo on both nodes)")
@@ -162,7 +223,6 @@ class MigrationDestination(MigrationRun):
             raise stream.StreamError("this node verifies all guest RAM (--verify-ram); start the source "
                                      "with --verify-ram too")
         self.header = header
-        return header
 
     def _start_multifd(self, header: stream.Header) -> None:
         if not header.flags & stream.FLAG_MULTIFD:
@@ -171,19 +231,23 @@ class MigrationDestination(MigrationRun):
             raise stream.StreamError(f"a multifd stream with {header.channels} channels")
         self._barrier = threading.Barrier(header.channels)
         seen: set[int] = set()
-        for _ in range(header.channels):
-            # The source opens them right after the main channel: wait a while, not forever.
-            channel = self.listener.accept(timeout=MULTIFD_ACCEPT_TIMEOUT)
-            self._channels.append(channel)
-            sub = stream.Header.unpack(channel.read_exact(stream.HEADER.size))
+        # The source opens them right after the main channel: wait a while, not forever.
+        deadline = time.monotonic() + MULTIFD_ACCEPT_TIMEOUT
+        while len(seen) < header.channels:
+            channel, sub = self.admission.next(timeout=max(deadline - time.monotonic(), 0.001))
             if (sub.vm_uuid, sub.flags, sub.ram_size) != (header.vm_uuid, header.flags, header.ram_size) \
                     or sub.channels in seen or sub.channels >= header.channels:
-                raise stream.StreamError("a multifd channel belongs to another migration")
+                self._refuse(channel, "busy", "another source is migrating")
+                continue
+            self._channels.append(channel)
+            channel.sock.settimeout(self.idle_timeout)
+            channel.send(stream.pack_reply(True))
             seen.add(sub.channels)
             worker = threading.Thread(target=self._multifd_worker, args=(channel,), daemon=True,
                                       name=f"multifd-recv-{sub.channels}")
             worker.start()
             self._workers.append(worker)
+        self.admission.close_door()
 
     def _multifd_worker(self, channel: Channel) -> None:
         try:

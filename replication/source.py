@@ -2,7 +2,8 @@
 
 One thread runs the whole migration, as QEMU's migration thread does::
 
-    setup      connect, header, start dirty logging       MIGRATION setup, MIGRATION_PASS 1
+    setup      connect [TLS], header, the destination's   MIGRATION setup, MIGRATION_PASS 1
+               admission reply (sockets), dirty logging
     bulk       every page once (holes as zero runs)       MIGRATION active
     passes     sync the dirty log, resend what changed,   MIGRATION_PASS n
                until the expected downtime fits downtime-limit
@@ -49,7 +50,8 @@ from .pages import PAGE_SIZE, PageWriter
 from .ram import RamDigest, data_extents
 from .state import MigrationRun
 from .stats import MigrationStats
-from .transport import Channel, TransportError, connect
+from .tls import ClientTls, TlsError
+from .transport import STALL_TIMEOUT, Channel, TransportError, connect
 from .xbzrle import XbzrleCache
 
 log = logging.getLogger(__name__)
@@ -88,11 +90,13 @@ class MigrationSource(MigrationRun):
 
     def __init__(self, vm, uri: str, capabilities: dict[str, bool], parameters: dict,
                  named_fds: dict[str, int], on_event: Callable[[str, dict], None], *,
-                 verify_ram: bool = False, colo_handover: Callable[["MigrationSource", Callable], None] | None = None):
+                 verify_ram: bool = False, colo_handover: Callable[["MigrationSource", Callable], None] | None = None,
+                 tls: ClientTls | None = None):
         """``colo_handover(source, enter)`` runs COLO on the open connection once the guest is
         copied (x-colo), calling ``enter()`` first (state colo, guest resumed); ``verify_ram``
-        sends a from-scratch digest of all RAM with every END."""
+        sends a from-scratch digest of all RAM with every END; ``tls`` wraps every channel."""
         super().__init__(on_event)
+        self.tls = tls
         self.verify_ram = verify_ram
         self.colo_handover = colo_handover
         self.vm = vm
@@ -242,9 +246,10 @@ class MigrationSource(MigrationRun):
             return None
         return f"the destination refused the migration: {reply[1]}"
 
-    def _read_reply(self, seconds: float) -> tuple[bool, str] | None:
-        """The destination's one answer (ok?, message), or None when it does not come in time."""
-        main = self._channels[0]
+    def _read_reply(self, seconds: float, channel: Channel | None = None) -> tuple[bool, str] | None:
+        """An answer of the destination (ok?, message) on ``channel`` (the main one), or None
+        when it does not come in time."""
+        main = channel or self._channels[0]
         if main.sock is None:
             return None
         try:
@@ -272,20 +277,35 @@ class MigrationSource(MigrationRun):
         flags = ((stream.FLAG_XBZRLE if self.xbzrle else 0) | (stream.FLAG_COMPRESS if self.caps["compress"] else 0)
                  | (stream.FLAG_MULTIFD if channels else 0) | (stream.FLAG_COLO if self.colo_handover else 0)
                  | (stream.FLAG_VERIFY_RAM if self.verify_ram else 0))
-        main = self._open_channel()
-        main.send(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, channels).pack())
+        main = self._open_channel(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, channels))
         self.writer = PageWriter(main, self.ram, self.digest, self.stats, self.params, xbzrle=self.xbzrle,
                                  compress=self.caps["compress"], check=self._check_cancel, memfd=self.memfd)
         for number in range(channels):
-            channel = self._open_channel()
-            channel.send(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, number).pack())
+            channel = self._open_channel(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, number))
             self.writer.add_multifd_channel(channel)
         self.vm.start_dirty_tracking()
 
-    def _open_channel(self) -> Channel:
+    def _open_channel(self, header: stream.Header) -> Channel:
+        """Connect, [TLS], the header, and on a socket wait until the destination admits it."""
         channel = connect(self.uri, self.named_fds)
         self._channels.append(channel)
         self._check_cancel()
+        if self.tls is not None:
+            try:
+                channel.sock = self.tls.wrap(channel.sock, STALL_TIMEOUT)
+            except TlsError as e:
+                raise MigrationFailed(f"{self.uri}: {e}") from e
+            channel.tls = self.tls
+        channel.send(header.pack())
+        if channel.two_way:
+            reply = self._read_reply(STALL_TIMEOUT, channel)
+            if reply is None:
+                raise MigrationFailed(f"{self.uri}: the destination closed the connection without admitting it "
+                                      "(TLS or authz refused, busy with another source, or no header in time; "
+                                      "its log says which)")
+            if not reply[0]:
+                raise MigrationFailed(f"the destination refused the migration: {reply[1]}")
+            channel.sock.settimeout(STALL_TIMEOUT)
         return channel
 
     # -- passes ---------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import time
 
 STALL_TIMEOUT = 10.0     # seconds without progress before the source gives a channel up
 READ_AHEAD = 64 << 10     # small records come in batches; page data goes straight to RAM
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3     # seconds, seconds, probes
+USER_TIMEOUT_MS = 30000
 
 
 class TransportError(Exception):
@@ -42,6 +44,19 @@ def _host_port(rest: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def keepalive(sock: socket.socket) -> None:
+    """TCP keepalive on a node channel: a peer that vanished (host down, cable cut) is found in
+    about KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL s even when nothing is sent, and
+    unacknowledged data fails after USER_TIMEOUT instead of the kernel's ~15 minutes."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
 class Channel:
     """One byte stream: a socket, or a one-way pipe/file fd (maybe fed by a child process)."""
 
@@ -56,6 +71,8 @@ class Channel:
         self._pos = 0                # bytes of _buffer already consumed
         self._aborted = False
         self.received = 0            # bytes read from the channel so far
+        self.tls = None              # ClientTls / ServerTls (replication/tls.py) once TLS wraps the socket
+        self.peer_identity = ""      # the client certificate's DN, on a destination with verify-peer
 
     def send(self, data, timeout: float | None = None) -> None:
         """All of ``data``.  Each partial send may wait the socket's timeout: a stall fails, a slow
@@ -78,6 +95,8 @@ class Channel:
         up early only to refuse."""
         if self.sock is None or self.sock.fileno() < 0:
             return False
+        if self.tls is not None and self.sock.pending():
+            return True                      # already decrypted, so select would not see it
         # select, not a non-blocking recv: a socket with a timeout waits before any recv.
         readable, _, _ = select.select([self.sock], [], [], 0)
         return bool(readable)
@@ -147,6 +166,10 @@ class Channel:
         except (TransportError, OSError):
             return None
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
     def abort(self) -> None:
         """From any thread: make blocked and future I/O on this channel fail."""
         self._aborted = True
@@ -190,6 +213,7 @@ def connect(uri: str, named_fds: dict[str, int]) -> Channel:
             host, port = _host_port(rest)
             sock = socket.create_connection((host, port), timeout=STALL_TIMEOUT)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive(sock)
             return Channel(sock=sock, description=uri)
         if scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -281,6 +305,7 @@ class Listener:
             raise TransportError(f"{self.uri}: accept failed: {e.strerror or e}") from e
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive(sock)
         return Channel(sock=sock, description=self.uri)
 
     def close(self) -> None:

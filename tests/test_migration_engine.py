@@ -228,13 +228,24 @@ def test_cancel_in_pre_switchover_resumes_the_source(vms, guest_images, tmp_path
     assert run.source.status == "cancelled" and run.src.state == "running"
 
 
+def refused_and_still_listening(run):
+    """The source was told why; the destination counted it, names nothing of its own guest, and
+    waits for another source."""
+    run.source.join(30)
+    assert run.source.status == "failed" and run.src.state == "running"
+    time.sleep(0.2)
+    assert run.destination.status == "setup" and run.destination.refused["header"] == 1
+    assert run.dst.state == "inmigrate"
+    error = run.source.info()["error-desc"]
+    assert run.dst.uuid not in error and f"{run.dst.ram_regions()[0][1] >> 20} MiB" not in error
+    run.destination.abort()
+    run.destination.join(10)
+    return error
+
+
 def test_uuid_mismatch_is_refused(vms, guest_images, tmp_path):
-    run = Run(vms, tmp_path, caps={"validate-uuid": True}).migrate()
-    assert run.destination.status == "failed"
-    assert run.destination.error.startswith("UUID mismatch")
-    assert run.source.status == "failed"
-    assert "UUID mismatch" in run.source.info()["error-desc"]
-    assert run.src.state == "running" and run.dst.state == "inmigrate"
+    run = Run(vms, tmp_path, caps={"validate-uuid": True}).migrate(wait=False)
+    assert "UUID mismatch" in refused_and_still_listening(run)
 
 
 def test_destination_refuses_a_different_ram_size(vms, guest_images, tmp_path):
@@ -242,9 +253,8 @@ def test_destination_refuses_a_different_ram_size(vms, guest_images, tmp_path):
     run.dst.close()
     run.dst = vms.new("memdirty", "mib=8 rate=0", memory_mib=16, start_paused=True)
     run.dst.set_state("prelaunch", "inmigrate")
-    run.migrate()
-    assert run.destination.status == "failed" and "MiB of RAM" in run.destination.error
-    assert run.source.status == "failed" and run.src.state == "running"
+    run.migrate(wait=False)
+    assert "32 MiB of RAM" in refused_and_still_listening(run)
 
 
 def test_connection_refused(vms, guest_images, tmp_path):
@@ -384,8 +394,10 @@ def test_a_lost_verdict_keeps_the_source_paused(vms, guest_images, tmp_path, mon
     silent.listen(1)
     drained = []
 
-    def drain():               # a destination that takes everything and never answers
+    def drain():               # a destination that admits the source, takes everything and never answers
         conn, _ = silent.accept()
+        conn.recv(stream.HEADER.size, socket.MSG_WAITALL)
+        conn.sendall(stream.pack_reply(True))
         while chunk := conn.recv(1 << 20):
             drained.append(len(chunk))
         conn.close()
@@ -402,3 +414,29 @@ def test_a_lost_verdict_keeps_the_source_paused(vms, guest_images, tmp_path, mon
     assert source.status == "failed" and "may be running on the destination" in source.error
     assert src.state == "paused"
     silent.close()
+
+
+def test_a_destination_that_never_admits_leaves_the_source_running(vms, guest_images, tmp_path):
+    """A port that swallows the stream without admitting it (not a destination, or one busy with
+    a silent peer): the source never commits, so it fails and its guest runs on."""
+    path = str(tmp_path / "sink.sock")
+    sink = socket.socket(socket.AF_UNIX)
+    sink.bind(path)
+    sink.listen(1)
+
+    def swallow():
+        conn, _ = sink.accept()
+        while conn.recv(1 << 20):
+            pass
+        conn.close()
+
+    threading.Thread(target=swallow, daemon=True).start()
+    src = vms.new("memdirty", "mib=4 rate=0", memory_mib=16)
+    src.start()
+    source = MigrationSource(src, f"unix:{path}", CAPS, {**DEFAULT_PARAMETERS, "max-bandwidth": 0}, {},
+                             lambda n, d: None)
+    source.start()
+    source.join(30)
+    assert source.status == "failed" and "without admitting it" in source.error
+    assert not source._committed and src.state == "running"
+    sink.close()

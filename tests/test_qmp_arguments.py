@@ -110,9 +110,11 @@ async def test_strornull_null_resets_to_empty(node):
     assert (await run(node, "query-migrate-parameters"))["tls-hostname"] == ""
 
 
-async def test_unsupported_tls_is_refused(node):
+async def test_undeclared_tls_creds_are_refused(node):
     _, desc = await error_of(node, "migrate-set-parameters", {"tls-creds": "tls0"})
-    assert "TLS is not supported" in desc
+    assert desc == "No TLS credentials with id 'tls0'"
+    _, desc = await error_of(node, "migrate-set-parameters", {"tls-authz": "auth0"})
+    assert desc == "No authz object with id 'auth0'"
 
 
 async def test_several_parameters_apply_together_or_not_at_all(node):

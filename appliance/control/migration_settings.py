@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 from appliance.qapi import QMPError, Schema
+from replication.tls import TlsError, TlsRegistry
 
 TARGET_PAGE_SIZE = 4096
 MAX_MIGRATE_DOWNTIME_SECONDS = 2000
@@ -100,8 +101,6 @@ def check_parameters(p: dict) -> None:
     if p.get("block-bitmap-mapping"):
         raise QMPError("Invalid mapping given for block-bitmap-mapping: "
                        "block dirty bitmaps are not supported by this appliance")
-    if p["tls-creds"]:
-        raise QMPError("TLS is not supported by this appliance's migration streams")
 
 
 def check_capabilities(caps: dict[str, bool]) -> None:
@@ -118,7 +117,9 @@ def check_capabilities(caps: dict[str, bool]) -> None:
 class MigrationSettings:
     """The capabilities and parameters the next migration will use."""
 
-    def __init__(self, schema: Schema):
+    def __init__(self, schema: Schema, tls: TlsRegistry | None = None):
+        """``tls``: the node's tls-creds and authz objects, which tls-creds and tls-authz name."""
+        self.tls = tls or TlsRegistry()
         self._cap_names = schema.types["MigrationCapability"].values
         self.capabilities = {name: False for name in self._cap_names}
         self.parameters = copy.deepcopy(DEFAULT_PARAMETERS)
@@ -144,4 +145,8 @@ class MigrationSettings:
             # StrOrNull: null means "unset", reported as "" as QEMU does.
             new[key] = "" if value is None else value
         check_parameters(new)
+        try:
+            self.tls.check_parameters(new)
+        except TlsError as e:
+            raise QMPError(str(e)) from None
         self.parameters.update(new)      # in place: a running migration reads them live

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import logging
 import os
+import stat
 import re
 import time
 from typing import Any, Callable
@@ -22,8 +24,10 @@ from appliance.qapi import QMPError, Schema, default_schema
 import colo.commands
 from colo import ColoManager, ColoSettings
 from netfilter.settings import NetfilterSettings
-from replication.destination import MigrationDestination
+from replication.destination import IDLE_TIMEOUT, MigrationDestination
+from replication.incoming import HANDSHAKE_TIMEOUT
 from replication.source import MigrationSource
+from replication.tls import TlsError, TlsRegistry
 from replication.transport import Listener, TransportError
 
 from appliance.announce import announce_self
@@ -48,14 +52,22 @@ class Node:
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, incoming: str | None = None,
                  schema: Schema | None = None, vm=None, autostart: bool = True,
-                 colo_settings: ColoSettings | None = None, netfilter_settings: NetfilterSettings | None = None):
+                 colo_settings: ColoSettings | None = None, netfilter_settings: NetfilterSettings | None = None,
+                 tls: TlsRegistry | None = None, tls_parameters: dict | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
+        """``tls``: declared tls-creds/authz objects; ``tls_parameters``: their initial migration
+        parameters (so that an --incoming socket never admits a plaintext source)."""
         self.name = name
         self.vm = vm
         self.schema = schema or default_schema()
         self.loop = loop
         self.events = EventBus(self.schema, loop)
         self.dispatcher = Dispatcher(self.schema)
-        self.settings = MigrationSettings(self.schema)
+        self.settings = MigrationSettings(self.schema, tls)
+        self.settings.set_parameters(tls_parameters or {})
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.incoming_refused: collections.Counter = collections.Counter()   # by reason, since start
         self.incoming = incoming
         self.autostart = autostart
         self.migration: MigrationSource | MigrationDestination | None = None
@@ -119,16 +131,25 @@ class Node:
         """Listen for a migration into this node's guest (``--incoming URI`` or migrate-incoming)."""
         if self.vm is None:
             raise QMPError("this node has no guest to migrate into (start it with --guest)")
-        self.check_migration_uri(uri)
+        scheme = self.check_migration_uri(uri)
+        params = self.settings.parameters
+        try:
+            if self.settings.tls.server(params) is not None:
+                self._check_tls_uri(scheme, uri, named_fds or {})
+        except TlsError as e:
+            raise QMPError(str(e)) from None
         try:
             listener = Listener(uri, named_fds)
         except TransportError as e:
             raise QMPError(str(e)) from e
         self.incoming_address = listener.address
-        log.info("waiting for an incoming migration on %s", listener.address)
+        log.info("waiting for an incoming migration on %s%s", listener.address,
+                 f" (TLS: tls-creds {params['tls-creds']})" if params["tls-creds"] else "")
         self.migration = MigrationDestination(self.vm, listener, self.settings.capabilities, self.autostart,
                                               self._migration_event, verify_ram=self.colo.settings.verify_ram,
-                                              colo_handover=self.colo.run_secondary)
+                                              colo_handover=self.colo.run_secondary,
+                                              tls=lambda: self.settings.tls.server(params), refused=self.incoming_refused,
+                                              handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout)
         self.migration.start()
 
     def _migration_event(self, name: str, data: dict) -> None:
@@ -166,6 +187,7 @@ class Node:
         return {
             "node": self.name,
             "version": appliance.__version__,
+            "incoming-refused": dict(self.incoming_refused),
             "vm": self._vm_status(),
             "migration": self._migration_status(),
             "colo": self.colo.status(),
@@ -359,10 +381,25 @@ class Node:
             raise QMPError(f"File descriptor named '{args['uri'][3:]}' has not been found")
         if caps["x-colo"]:
             self._check_colo(scheme, caps)
+        try:
+            tls = self.settings.tls.client(self.settings.parameters,
+                                           args["uri"][4:].rpartition(":")[0].strip("[]") if scheme == "tcp" else None)
+            if tls is not None:
+                self._check_tls_uri(scheme, args["uri"], ctx.fds)
+        except TlsError as e:
+            raise QMPError(str(e)) from None
         self.migration = MigrationSource(self.vm, args["uri"], caps, self.settings.parameters,
                                          ctx.fds, self._migration_event, verify_ram=self.colo.settings.verify_ram,
-                                         colo_handover=self.colo.run_primary if caps["x-colo"] else None)
+                                         colo_handover=self.colo.run_primary if caps["x-colo"] else None, tls=tls)
         self.migration.start()
+
+    @staticmethod
+    def _check_tls_uri(scheme: str, uri: str, fds: dict[str, int]) -> None:
+        """TLS runs over sockets only, as in QEMU."""
+        if scheme in ("tcp", "unix") or (scheme == "fd" and uri[3:] in fds
+                                          and stat.S_ISSOCK(os.fstat(fds[uri[3:]]).st_mode)):
+            return
+        raise TlsError(f"TLS (tls-creds) needs a socket migration URI (tcp:, unix:, or fd: of a socket), not {uri!r}")
 
     def migrate_incoming(self, args: dict, ctx: CallContext) -> None:
         """As QEMU with ``-incoming defer``; any node accepts it while no migration runs and its
