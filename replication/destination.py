@@ -54,7 +54,7 @@ from . import stream
 from .ram import RamDigest, full_ram_digest
 from .source import RUNSTATE_SECTION
 from .state import MigrationRun
-from .incoming import HANDSHAKE_TIMEOUT, Admission
+from .incoming import HANDSHAKE_TIMEOUT, Admission, peer_of
 from .tls import ServerTls
 from .transport import Channel, Listener, TransportError
 
@@ -197,12 +197,13 @@ class MigrationDestination(MigrationRun):
 
     def _refuse(self, channel: Channel, reason: str, why: str) -> None:
         """Tell an admitted peer why its stream is refused (nothing about this node), and close."""
+        peer = peer_of(channel)
         try:
             channel.send(stream.pack_reply(False, why), timeout=1.0)
             channel.linger(1.0)
         except TransportError:
             pass
-        self.admission.refuse(channel, reason, why)
+        self.admission.refuse(channel, reason, why, peer)
 
     def _check_header(self, header: stream.Header) -> None:
         """Refusals name what the stream lacks; this node's UUID and RAM size go to the log only."""

@@ -78,12 +78,13 @@ class Admission:
                 return
             self.refuse(admitted[0], "busy", "another source is migrating")
 
-    def refuse(self, channel: Channel, reason: str, detail: str) -> None:
-        with self._lock:
-            self.refused[reason] += 1
-        log.warning("incoming migration: refused a connection from %s (%s): %s", _peer(channel), reason, detail)
+    def refuse(self, channel: Channel, reason: str, detail: str, peer: str | None = None) -> None:
+        peer = peer or peer_of(channel)
         channel.abort()
         channel.close()
+        with self._lock:
+            self.refused[reason] += 1
+        log.warning("incoming migration: refused a connection from %s (%s): %s", peer, reason, detail)
 
     def _accept_loop(self) -> None:
         while True:
@@ -138,7 +139,7 @@ class Admission:
                 self._pending -= 1
 
 
-def _peer(channel: Channel) -> str:
+def peer_of(channel: Channel) -> str:
     try:
         peer = channel.sock.getpeername()
     except (OSError, AttributeError):

@@ -1,4 +1,4 @@
-"""The migration stream format (version 1), also drawn in docs/stream-format.md.
+"""The migration stream format (version 2), also drawn in docs/stream-format.md.
 
 All integers are little-endian.  A stream is a header, records, and an end
 record carrying the digest of the guest's RAM::
@@ -20,6 +20,8 @@ record carrying the digest of the guest's RAM::
       COLO_HELLO   heartbeat port u16, packet channel port u16 (0: none)    each side, entering COLO
     reply    (destination -> source, on the same connection when it is two-way)
              status u8 (0 ok, 1 failed), length u16, utf-8 message
+             sent twice on a main channel: after the header (admitted or refused; version 2),
+             and after END (the verdict); once after each multifd channel's header
 
 A multifd channel starts with the same header (its ``channels`` byte holding
 its channel number) and carries PAGES/ZERO_RUN/COMPRESSED and PASS_END only;
@@ -51,7 +53,7 @@ import uuid as uuidlib
 import blake3
 
 MAGIC = b"COLOMIG\0"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sII16sIQB")
 
 PAGES, ZERO_RUN, XBZRLE, COMPRESSED, PASS_END, DEVICE, END, ABORT, COLO, COLO_HELLO = range(1, 11)
