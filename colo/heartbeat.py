@@ -8,12 +8,22 @@ then on sends a datagram every ``interval`` and expects one within
 peer also closes the COLO connection, which the checkpoint code notices.
 
     datagram   "COLOHB\\0\\1" (8)  vm uuid (16)  sequence u64 (big-endian)
+    keyed      "COLOHB\\0\\2" (8)  vm uuid (16)  sequence u64 (big-endian)  mac (32)
 
 Datagrams for another VM, or from another address, are ignored.
+
+Python's ssl has no DTLS, so on a TLS COLO connection the heartbeat stays UDP and each
+datagram is authenticated instead: each side draws a random 32-byte key per session and
+sends it to the peer inside TLS (COLO_HELLO); ``mac`` is blake3 keyed with the sender's key
+over the 32 bytes before it.  The receiver takes only datagrams whose MAC is right and whose
+sequence is above the last one taken (no replay); anything else is dropped and counted in
+``rejected``, so a forged or replayed datagram never keeps a dead peer "alive".
 """
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import select
 import socket
 import struct
@@ -22,15 +32,24 @@ import time
 import uuid as uuidlib
 from typing import Callable
 
+import blake3
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"COLOHB\0\1"
+KEYED_MAGIC = b"COLOHB\0\2"
 DATAGRAM = struct.Struct(">8s16sQ")
+MAC_SIZE = 32
 
 
 class Heartbeat:
     def __init__(self, local_address: str, port: int, vm_uuid: str, interval_ms: int, timeout_ms: int,
-                 on_lost: Callable[[str], None]):
+                 on_lost: Callable[[str], None], keyed: bool = False):
+        """``keyed``: MAC every datagram (``key`` goes to the peer; its key comes in ``start``)."""
+        self.key = os.urandom(MAC_SIZE) if keyed else b""
+        self.peer_key: bytes | None = None
+        self.last_sequence = -1
+        self.rejected = 0
         self.interval = interval_ms / 1000
         self.timeout = timeout_ms / 1000
         self.on_lost = on_lost
@@ -45,7 +64,10 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, peer_address: str, peer_port: int) -> None:
+    def start(self, peer_address: str, peer_port: int, peer_key: bytes | None = None) -> None:
+        if bool(self.key) != (peer_key is not None):
+            raise ValueError("both sides of a heartbeat are keyed, or neither")
+        self.peer_key = peer_key
         self.peer = (peer_address, peer_port)
         self.last_heard = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="colo-heartbeat", daemon=True)
@@ -82,7 +104,12 @@ class Heartbeat:
 
     def _send(self) -> None:
         try:
-            self.sock.sendto(DATAGRAM.pack(MAGIC, self.uuid, self.sent), self.peer)
+            if self.key:
+                body = DATAGRAM.pack(KEYED_MAGIC, self.uuid, self.sent)
+                datagram = body + blake3.blake3(body, key=self.key).digest()
+            else:
+                datagram = DATAGRAM.pack(MAGIC, self.uuid, self.sent)
+            self.sock.sendto(datagram, self.peer)
             self.sent += 1
         except OSError:
             pass                            # the network may come back before the timeout
@@ -92,9 +119,30 @@ class Heartbeat:
             data, source = self.sock.recvfrom(64)
         except OSError:
             return
-        if source[0] != self.peer[0] or len(data) != DATAGRAM.size:
+        if source[0] != self.peer[0]:
+            return
+        if self.peer_key is not None:
+            self._receive_keyed(data)
+            return
+        if len(data) != DATAGRAM.size:
             return
         magic, vm_uuid, _ = DATAGRAM.unpack(data)
         if magic == MAGIC and vm_uuid == self.uuid:
             self.last_heard = time.monotonic()
             self.received += 1
+
+    def _receive_keyed(self, data: bytes) -> None:
+        """Only the peer's key makes a datagram count, and only once: a source address is easy
+        to forge on UDP, a MAC is not."""
+        body = data[:DATAGRAM.size]
+        if len(data) != DATAGRAM.size + MAC_SIZE or \
+                not hmac.compare_digest(blake3.blake3(body, key=self.peer_key).digest(), data[DATAGRAM.size:]):
+            self.rejected += 1
+            return
+        magic, vm_uuid, sequence = DATAGRAM.unpack(body)
+        if magic != KEYED_MAGIC or vm_uuid != self.uuid or sequence <= self.last_sequence:
+            self.rejected += 1
+            return
+        self.last_sequence = sequence
+        self.last_heard = time.monotonic()
+        self.received += 1

@@ -155,6 +155,10 @@ class ColoManager:
             "waiting-for-operator": self.waiting_for_operator,
             "peer": session.peer_address if session is not None else None,
             "heartbeat-age-ms": round(heartbeat.age() * 1000, 1) if heartbeat and heartbeat.peer else None,
+            "heartbeat-port": heartbeat.port if heartbeat else None,
+            "heartbeat-keyed": bool(heartbeat and heartbeat.key),
+            "heartbeat-rejected": heartbeat.rejected if heartbeat else 0,
+            "tls-peer": session.channel.peer_identity or None if session is not None else None,
             "verify-ram": self.settings.verify_ram,
             "netfilter": (session.filters.counters() if session is not None and session.filters is not None
                           else None),

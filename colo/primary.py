@@ -65,12 +65,13 @@ class ColoPrimary(ColoSession):
     def run(self) -> None:
         try:
             self.new_heartbeat()
-            peer_port, packet_port = protocol.read_hello(self.channel)
+            peer_port, packet_port, peer_key = protocol.read_hello(self.channel)
             self.steps.expect(M.CHECKPOINT_READY)
-            self.channel.send(stream.pack_colo_hello(self.heartbeat.port))
-            self.start_heartbeat(peer_port)
+            self.channel.send(stream.pack_colo_hello(self.heartbeat.port, heartbeat_key=self.heartbeat.key))
+            self.start_heartbeat(peer_port, peer_key)
             if self.vm.nic is not None and packet_port:
-                self.filters = PrimaryFilters(self.vm.nic, PacketChannel.connect(self.peer_address, packet_port),
+                packets = PacketChannel.connect(self.peer_address, packet_port, tls=self.channel.tls)
+                self.filters = PrimaryFilters(self.vm.nic, packets,
                                               self.manager.netfilter, self.request_mismatch, self.peer_lost)
                 self.filters.start()
                 # What the PVM read before the mirror was up never reached the SVM: the first

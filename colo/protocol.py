@@ -137,9 +137,9 @@ def expect(channel, wanted: ColoMessage, first_byte: int | None = None) -> int |
     return size
 
 
-def read_hello(channel) -> tuple[int, int]:
-    """(heartbeat port, packet channel port or 0)."""
+def read_hello(channel) -> tuple[int, int, bytes | None]:
+    """(heartbeat port, packet channel port or 0, heartbeat key: on a TLS connection only)."""
     kind = channel.read_exact(1)[0]
     if kind != stream.COLO_HELLO:
         raise ColoProtocolError(f"expected COLO_HELLO, got record type {kind}")
-    return stream.read_colo_hello(channel)
+    return stream.read_colo_hello(channel, keyed=channel.tls is not None)

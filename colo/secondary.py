@@ -69,13 +69,15 @@ class ColoSecondary(ColoSession):
             self.dest.retarget(self.cache.map)
             self.dest.received_pages = 0
             self.packet_listener = self._packet_listener()
+            heartbeat = self.new_heartbeat()
             self.channel.send(stream.pack_colo_hello(
-                self.new_heartbeat().port, self.packet_listener.getsockname()[1] if self.packet_listener else 0))
+                heartbeat.port, self.packet_listener.getsockname()[1] if self.packet_listener else 0, heartbeat.key))
             self.steps.send(M.CHECKPOINT_READY)
-            self.start_heartbeat(protocol.read_hello(self.channel)[0])
+            peer_port, _, peer_key = protocol.read_hello(self.channel)
+            self.start_heartbeat(peer_port, peer_key)
             if self.packet_listener is not None:
                 try:
-                    channel = PacketChannel.accept(self.packet_listener, self.peer_address)
+                    channel = PacketChannel.accept(self.packet_listener, self.peer_address, tls=self.channel.tls)
                 except ChannelError as e:           # the primary is alive: it just cannot reach us
                     raise protocol.ColoProtocolError(str(e)) from e
                 finally:

@@ -79,14 +79,16 @@ class ColoSession:
         """The protected guest's UUID as the primary knows it (the stream header carries it)."""
         return self.vm.uuid if self.mode == "primary" else self.migration.header.vm_uuid
 
-    def start_heartbeat(self, peer_port: int) -> None:
-        self.heartbeat.start(self.peer_address, peer_port)
+    def start_heartbeat(self, peer_port: int, peer_key: bytes | None) -> None:
+        self.heartbeat.start(self.peer_address, peer_port, peer_key)
 
     def new_heartbeat(self) -> Heartbeat:
+        """On a TLS connection, datagrams carry a MAC under a fresh key each side sends the other
+        in COLO_HELLO, inside TLS."""
         local = self.channel.sock.getsockname()[0]
         self.heartbeat = Heartbeat(local, self.settings.heartbeat_port, self.pair_uuid,
                                    self.settings.heartbeat_interval_ms, self.settings.heartbeat_timeout_ms,
-                                   self.peer_lost)
+                                   self.peer_lost, keyed=self.channel.tls is not None)
         return self.heartbeat
 
     def after_relaunch(self) -> None:

@@ -13,6 +13,10 @@ so the primary's comparer can drop what an older SVM sent.
 
 A bad hello, a frame over MAX_FRAME or a closed connection ends the channel:
 ``recv`` raises ChannelError, which COLO treats as a lost peer.
+
+When the COLO connection runs TLS, so does this channel, with the same credentials:
+the primary verifies the secondary's certificate, the secondary the primary's (and its
+authz list) before the hello.  Both ends have TCP keepalive (replication/transport.py).
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ import struct
 import threading
 import time
 from typing import Callable
+
+from replication.tls import ClientTls, ServerTls, TlsError
+from replication.transport import keepalive
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +68,21 @@ class PacketChannel:
         self._pos = 0
 
     @classmethod
-    def connect(cls, address: str, port: int, timeout: float = 10.0) -> "PacketChannel":
+    def connect(cls, address: str, port: int, timeout: float = 10.0, tls: ClientTls | None = None) -> "PacketChannel":
         try:
             sock = socket.create_connection((address, port), timeout=timeout)
-        except OSError as e:
-            raise ChannelError(f"packet channel to {address}:{port}: {e.strerror or e}") from e
+            keepalive(sock)
+            if tls is not None:
+                sock = tls.wrap(sock, timeout)
+        except (OSError, TlsError) as e:
+            raise ChannelError(f"packet channel to {address}:{port}: {getattr(e, 'strerror', None) or e}") from e
         return cls._greet(sock, timeout)
 
     @classmethod
-    def accept(cls, listener: socket.socket, peer_address: str, timeout: float = 10.0) -> "PacketChannel":
-        """The connection from ``peer_address`` (the primary); others are closed unread, so
-        nobody else can take its place."""
+    def accept(cls, listener: socket.socket, peer_address: str, timeout: float = 10.0,
+               tls: ServerTls | None = None) -> "PacketChannel":
+        """The connection from ``peer_address`` (the primary, with a certificate ``tls`` admits);
+        others are closed unread, so nobody else can take its place."""
         deadline = time.monotonic() + timeout
         while True:
             listener.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -79,7 +90,16 @@ class PacketChannel:
                 sock, (address, *_) = listener.accept()
             except OSError as e:
                 raise ChannelError(f"packet channel: no connection from the primary ({e})") from e
+            if address == peer_address and tls is not None:
+                keepalive(sock)
+                try:
+                    sock = tls.wrap(sock, max(deadline - time.monotonic(), 1.0))[0]
+                except TlsError as e:
+                    log.warning("packet channel: refused a connection from %s: %s", address, e)
+                    sock.close()
+                    continue
             if address == peer_address:
+                keepalive(sock)
                 return cls._greet(sock, max(deadline - time.monotonic(), 1.0))
             log.warning("packet channel: refused a connection from %s (the primary is %s)", address, peer_address)
             sock.close()

@@ -17,7 +17,8 @@ record carrying the digest of the guest's RAM::
       ABORT        length u16, utf-8 message                                the source gave up
       COLO         message u32 BIG-endian (QEMU's COLOMessage value),       a COLO transaction step
                    then for vmstate-size only: size u64 big-endian          (either direction)
-      COLO_HELLO   heartbeat port u16, packet channel port u16 (0: none)    each side, entering COLO
+      COLO_HELLO   heartbeat port u16, packet channel port u16 (0: none),   each side, entering COLO
+                   [heartbeat key (32): only on a TLS connection]          (colo/heartbeat.py)
     reply    (destination -> source, on the same connection when it is two-way)
              status u8 (0 ok, 1 failed), length u16, utf-8 message
              sent twice on a main channel: after the header (admitted or refused; version 2),
@@ -249,13 +250,18 @@ def read_colo(reader, with_size) -> tuple[int, int | None]:
     return value, BE_U64.unpack(reader.read_exact(8))[0] if with_size(value) else None
 
 
-def pack_colo_hello(heartbeat_port: int, packet_port: int = 0) -> bytes:
-    return U8.pack(COLO_HELLO) + U16.pack(heartbeat_port) + U16.pack(packet_port)
+HEARTBEAT_KEY_SIZE = 32
 
 
-def read_colo_hello(reader) -> tuple[int, int]:
-    """(heartbeat port, packet channel port or 0)."""
-    return U16.unpack(reader.read_exact(2))[0], U16.unpack(reader.read_exact(2))[0]
+def pack_colo_hello(heartbeat_port: int, packet_port: int = 0, heartbeat_key: bytes = b"") -> bytes:
+    """``heartbeat_key``: the key this side MACs its heartbeat datagrams with (TLS connections)."""
+    return U8.pack(COLO_HELLO) + U16.pack(heartbeat_port) + U16.pack(packet_port) + heartbeat_key
+
+
+def read_colo_hello(reader, keyed: bool = False) -> tuple[int, int, bytes | None]:
+    """(heartbeat port, packet channel port or 0, the peer's heartbeat key when ``keyed``)."""
+    ports = U16.unpack(reader.read_exact(2))[0], U16.unpack(reader.read_exact(2))[0]
+    return (*ports, reader.read_exact(HEARTBEAT_KEY_SIZE) if keyed else None)
 
 
 def pack_reply(ok: bool, message: str = "") -> bytes:

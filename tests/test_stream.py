@@ -61,8 +61,11 @@ def test_abort_reply_and_colo_records():
     assert stream.pack_colo(4, 2**33) == bytes([stream.COLO, 0, 0, 0, 4, 0, 0, 0, 2, 0, 0, 0, 0])
     assert stream.read_colo(body(stream.pack_colo(4, 2**33), stream.COLO), lambda v: v == 4) == (4, 2**33)
     assert stream.read_colo(body(stream.pack_colo(5), stream.COLO), lambda v: v == 4) == (5, None)
-    assert stream.read_colo_hello(body(stream.pack_colo_hello(40000, 40001), stream.COLO_HELLO)) == (40000, 40001)
-    assert stream.read_colo_hello(body(stream.pack_colo_hello(40000), stream.COLO_HELLO)) == (40000, 0)
+    assert stream.read_colo_hello(body(stream.pack_colo_hello(40000, 40001), stream.COLO_HELLO)) == (40000, 40001, None)
+    assert stream.read_colo_hello(body(stream.pack_colo_hello(40000), stream.COLO_HELLO)) == (40000, 0, None)
+    key = bytes(range(32))
+    assert stream.read_colo_hello(body(stream.pack_colo_hello(40000, 1, key), stream.COLO_HELLO), keyed=True) \
+        == (40000, 1, key)
 
 
 def test_bytes_reader_refuses_to_run_past_its_buffer():
