@@ -13,7 +13,7 @@ EXTRAS  ?= test
 PREFIX     ?= /opt/colo-appliance
 SYSCONFDIR ?= /etc/colo-appliance
 UNITDIR    ?= /etc/systemd/system
-APT_PACKAGES := gcc make libc6-dev python3-venv python3-dev iproute2 redis-tools redis-server kmod procps chromium
+APT_PACKAGES := gcc make libc6-dev python3-venv python3-dev iproute2 redis-tools redis-server kmod procps chromium openssl
 
 .PHONY: all deps venv guests test demo bench install install-files clean
 

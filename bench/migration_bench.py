@@ -6,13 +6,16 @@ Baselines: Python ``sendall`` over loopback TCP into a C sink (what one
 Python thread can push), and ``memcmp`` bandwidth (what a page diff could
 reach).  Workloads: an idle 1 GiB guest, and memdirty dirtying 256 MiB
 flat out (with auto-converge, as it cannot converge otherwise), migrated
-over loopback TCP between two VMs in this process.
+over loopback TCP between two VMs in this process.  TLS: a guest with 256 MiB
+of written RAM migrated in clear and under TLS 1.3 (client certificate, authz),
+one after the other in the same run, the ratio against the clear run.
 """
 import argparse
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,7 +27,9 @@ from appliance.vmm import VirtualMachine, VMConfig  # noqa: E402
 from native import _native  # noqa: E402
 from replication.destination import MigrationDestination  # noqa: E402
 from replication.source import MigrationSource  # noqa: E402
+from replication.tls import Authz, ClientTls, ServerTls, X509Creds  # noqa: E402
 from replication.transport import Listener  # noqa: E402
+from appliance.certs import make_certs  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 HEADING = "## Migration"
@@ -72,7 +77,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def migrate(memory_mib: int, cmdline: str, caps: dict, params: dict, verify_ram: bool = False) -> dict:
+def migrate(memory_mib: int, cmdline: str, caps: dict, params: dict, verify_ram: bool = False,
+            pki: str | None = None) -> dict:
+    """One migration; ``pki``: a make-certs directory, for TLS with a client certificate and authz."""
     src = VirtualMachine(VMConfig(image=IMAGE, cmdline=cmdline, memory_mib=memory_mib))
     dst = VirtualMachine(VMConfig(image=IMAGE, cmdline=cmdline, memory_mib=memory_mib, start_paused=True))
     dst.uuid = src.uuid                 # the same guest on both sides, so validate-uuid holds
@@ -83,10 +90,13 @@ def migrate(memory_mib: int, cmdline: str, caps: dict, params: dict, verify_ram:
         uri = f"tcp:127.0.0.1:{free_port()}"
         caps = {**CAPS, **caps}
         params = {**DEFAULT_PARAMETERS, **params}
+        server = ServerTls(X509Creds("server", pki, "server"), Authz("authz", ["CN=bench,O=colo-appliance"])) \
+            if pki else None
+        client = ClientTls(X509Creds("client", pki, "client"), "127.0.0.1") if pki else None
         destination = MigrationDestination(dst, Listener(uri), caps, True, lambda n, d: None,
-                                           verify_ram=verify_ram)
+                                           verify_ram=verify_ram, tls=lambda: server)
         destination.start()
-        source = MigrationSource(src, uri, caps, params, {}, lambda n, d: None, verify_ram=verify_ram)
+        source = MigrationSource(src, uri, caps, params, {}, lambda n, d: None, verify_ram=verify_ram, tls=client)
         source.start()
         source.join(300)
         destination.join(60)
@@ -121,10 +131,25 @@ def measure() -> tuple[dict, list]:
             "downtime-limit", DEFAULT_PARAMETERS["downtime-limit"]), info["ram"]["transferred"] / 2**20, rate,
             rate / ceilings["sendall"], covered, info["ram"]["dirty-sync-count"],
             info.get("cpu-throttle-percentage", 0)))
-    return ceilings, rows
+    return ceilings, rows, measure_tls()
 
 
-def markdown(ceilings: dict, rows: list) -> str:
+def measure_tls() -> list:
+    """(workload, clear GB/s, TLS GB/s, TLS / clear, TLS total ms): the same guest, same run."""
+    rows = []
+    with tempfile.TemporaryDirectory() as pki:
+        make_certs(pki, ["127.0.0.1"], "/O=colo-appliance/CN=bench")
+        for name, caps, params in (("256 MiB written, single channel", {}, {}),
+                                   ("256 MiB written, multifd x2", {"multifd": True}, {"multifd-channels": 2})):
+            rates = []
+            for tls_dir in (None, pki):
+                info = migrate(384, "mib=256 rate=1", caps, {"max-bandwidth": 0, **params}, pki=tls_dir)
+                rates.append((info["ram"]["transferred"] / (info["total-time"] / 1000) / 1e9, info["total-time"]))
+            rows.append((name, rates[0][0], rates[1][0], rates[1][0] / rates[0][0], rates[1][1]))
+    return rows
+
+
+def markdown(ceilings: dict, rows: list, tls_rows: list) -> str:
     out = [HEADING, "",
            f"`bench/migration_bench.py` on {machine()}, {time.strftime('%Y-%m-%d', time.gmtime())}: two VMs in",
            "one process, the stream over loopback TCP (both ends share the 2 CPUs with the guest's vCPU).",
@@ -143,7 +168,12 @@ def markdown(ceilings: dict, rows: list) -> str:
             "over the total time (an idle guest's holes and zero pages cost almost nothing to send).",
             "", "Targets: idle 1 GiB under 300 ms total and 50 ms downtime; measured downtime within",
             "downtime-limit whenever the engine reports convergence (the expected figure is the engine's",
-            "estimate when it stopped the guest)."]
+            "estimate when it stopped the guest).",
+            "", "TLS 1.3 (EC P-256 certificates, client certificate and authz checked) against the same migration",
+            "in clear, run just before it:", "",
+            "| workload | clear GB/s | TLS GB/s | TLS / clear | TLS total ms |", "|---|---:|---:|---:|---:|"]
+    for name, clear, tls, ratio, total in tls_rows:
+        out.append(f"| {name} | {clear:.2f} | {tls:.2f} | {ratio:.2f} | {total} |")
     return "\n".join(out) + "\n"
 
 
@@ -151,8 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", metavar="PATH", help="replace the section in this Markdown file")
     args = parser.parse_args()
-    ceilings, rows = measure()
-    section = markdown(ceilings, rows)
+    section = markdown(*measure())
     print(section)
     if args.write:
         write_section(args.write, HEADING, section)

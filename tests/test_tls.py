@@ -193,3 +193,36 @@ def test_source_checks_the_destination_name(vms, guest_images, pki):
         assert run.src.state == "running"
     finally:
         run.close()
+
+
+def test_config_declares_creds_and_authz_by_id(tmp_path, pki):
+    from appliance.config import ConfigError, load_config
+    path = tmp_path / "node.toml"
+    path.write_text(f'[tls-creds.tls0]\ndir = "{pki["ca"]}"\nendpoint = "server"\nverify-peer = true\n\n'
+                    '[authz.auth0]\nidentities = ["CN=node-a,O=colo-appliance"]\n\n'
+                    '[migration]\ntls_creds = "tls0"\ntls_authz = "auth0"\nhandshake_timeout = 2.5\n')
+    config = load_config(str(path))
+    config.validate()
+    assert config.tls.creds["tls0"] == X509Creds("tls0", pki["ca"], "server", True)
+    assert config.tls.authz["auth0"].identities == [NODE_A]
+    assert config.tls_parameters == {"tls-creds": "tls0", "tls-authz": "auth0"}
+    assert config.handshake_timeout == 2.5
+    server = config.tls.server({"tls-creds": "tls0", "tls-authz": "auth0"})
+    assert server.authz.id == "auth0"
+    with pytest.raises(Exception, match="this side needs a client endpoint"):
+        config.tls.client({"tls-creds": "tls0", "tls-hostname": "", "tls-authz": ""}, "127.0.0.1")
+    for bad, message in (
+            (f'[tls-creds.t]\ndir = "{tmp_path}"\nendpoint = "server"\n', "ca-cert.pem does not exist"),
+            (f'[tls-creds.t]\ndir = "{pki["ca"]}"\nendpoint = "both"\n', "endpoint must be"),
+            (f'[tls-creds.t]\ndir = "{pki["ca"]}"\ncolour = 1\n', "unknown key"),
+            ('[tls-creds.t]\nendpoint = "server"\n', "needs dir"),
+            ('[migration]\ntls_creds = "nope"\n', "No TLS credentials with id 'nope'"),
+            ('[migration]\nhandshake_timeout = 0\n', "handshake_timeout")):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(path)).validate()
+
+
+def test_distinguished_name_is_rfc4514():
+    cert = {"subject": ((("countryName", "GB"),), (("organizationName", "Ex, Ltd"),), (("commonName", "a+b"),))}
+    assert distinguished_name(cert) == "CN=a\\+b,O=Ex\\, Ltd,C=GB"
