@@ -13,9 +13,10 @@ in ``refused`` (``tls``, ``authz``, ``deadline``, ``garbage``, ``busy``); the
 listener goes on, so a silent, slow or garbage peer delays a real source by at
 most the deadline.  Connections that pass wait in ``next()`` for the destination,
 which checks the header against its guest and answers (stream.pack_reply).
-Once the destination has its source and channels (``close_door``), and while
-MAX_PENDING connections are already in admission, new ones are closed at once
-(``busy``): a second source never disturbs the first.
+Once the destination has its source and channels (``close_door``), new ones are
+closed at once (``busy``): a second source never disturbs the first.  So are those
+beyond MAX_PENDING in admission at once, or MAX_PENDING_PER_PEER from one address:
+one attacking host cannot fill admission and keep a real source out.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from .transport import Channel, Listener, TransportError
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 5.0     # seconds for a new connection's TLS handshake and stream header
-MAX_PENDING = 8             # connections in admission at once
+MAX_PENDING = 64            # connections in admission at once
+MAX_PENDING_PER_PEER = 4    # of them from one address
 
 
 class Admission:
@@ -46,7 +48,7 @@ class Admission:
         self.refused = refused
         self._admitted: queue.Queue = queue.Queue()
         self._door_open = True
-        self._pending = 0
+        self._pending: collections.Counter = collections.Counter()     # by peer address
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="migration-admission", daemon=True)
 
@@ -93,16 +95,19 @@ class Admission:
             except TransportError:
                 self._admitted.put(None)        # the listener was closed: the destination is done
                 return
+            address = peer_of(channel).rpartition(":")[0]
             with self._lock:
-                admit = self._door_open and self._pending < MAX_PENDING
+                admit = (self._door_open and self._pending.total() < MAX_PENDING
+                         and self._pending[address] < MAX_PENDING_PER_PEER)
                 if admit:
-                    self._pending += 1
+                    self._pending[address] += 1
             if not admit:
                 self.refuse(channel, "busy", "another source is migrating, or too many connections in admission")
                 continue
-            threading.Thread(target=self._admit, args=(channel,), name="migration-admit", daemon=True).start()
+            threading.Thread(target=self._admit, args=(channel, address), name="migration-admit",
+                             daemon=True).start()
 
-    def _admit(self, channel: Channel) -> None:
+    def _admit(self, channel: Channel, address: str) -> None:
         # One deadline for the whole admission: a peer that trickles bytes gains nothing.
         watchdog = threading.Timer(self.deadline, channel.abort)
         watchdog.start()
@@ -136,7 +141,7 @@ class Admission:
         finally:
             watchdog.cancel()
             with self._lock:
-                self._pending -= 1
+                self._pending[address] -= 1
 
 
 def peer_of(channel: Channel) -> str:

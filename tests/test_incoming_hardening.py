@@ -85,18 +85,40 @@ def test_a_wrong_header_learns_no_uuid_or_size(vms, guest_images):
 
 
 def test_a_second_source_is_refused_without_disturbing_the_first(vms, guest_images):
-    run = TlsRun(vms, handshake_timeout=DEADLINE)
-    run.params["max-bandwidth"] = 16 << 20          # the first migration takes a second or two
+    run = TlsRun(vms, caps={"pause-before-switchover": True}, handshake_timeout=DEADLINE)
     try:
         result = {}
         first = threading.Thread(target=lambda: result.update(source=run.migrate(None)))
         first.start()
-        wait_for(lambda: run.destination.status == "active", timeout=10, what="the first source")
+        # The first migration waits in pre-switchover, its connection open, while a second comes.
+        wait_for(lambda: getattr(run, "source", None) is not None and run.source.status == "pre-switchover",
+                 timeout=30, what="the first source in pre-switchover")
         with socket.create_connection(("127.0.0.1", run.port)) as s:
             s.sendall(stream.Header(0, run.dst.uuid, 4096, run.dst.ram_regions()[0][1], 0).pack())
             assert recv_all(s) == b""
         wait_for(lambda: run.destination.refused["busy"] == 1, what="the refusal to be counted")
+        assert run.destination.status == "active"
+        run.source.continue_from("pre-switchover")
         first.join(60)
         assert_migrated(run, result["source"])
+    finally:
+        run.close()
+
+
+def test_a_flood_of_silent_connections_from_one_host_does_not_keep_the_source_out(vms, guest_images):
+    run = TlsRun(vms, handshake_timeout=3.0)
+    try:
+        flood = []
+        for _ in range(10):                  # from another loopback address than the source's
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", run.port))
+            flood.append(s)
+        wait_for(lambda: run.destination.refused["busy"] == 6, what="the connections over the per-host cap")
+        started = time.monotonic()
+        assert_migrated(run, run.migrate(None))
+        assert time.monotonic() - started < 3.0 + 10
+        for s in flood:
+            s.close()
     finally:
         run.close()

@@ -50,6 +50,7 @@ class TlsRun:
         assert self.dst.set_state("prelaunch", "inmigrate")
         self.caps = dict(CAPS, **(caps or {}))
         self.params = {**DEFAULT_PARAMETERS, "max-bandwidth": 0}
+        self.source = None
         self.src.start()
         memdirty_layout(self.src)          # read before the migration: the invariant's layout
         self.destination = MigrationDestination(self.dst, Listener("tcp:127.0.0.1:0"), self.caps, False,
@@ -60,8 +61,8 @@ class TlsRun:
         self.destination.start()
 
     def migrate(self, tls, timeout=60):
-        source = MigrationSource(self.src, self.uri, self.caps, self.params, {}, lambda n, d: None,
-                                 verify_ram=True, tls=tls)
+        self.source = source = MigrationSource(self.src, self.uri, self.caps, self.params, {}, lambda n, d: None,
+                                               verify_ram=True, tls=tls)
         source.start()
         source.join(timeout)
         return source
@@ -226,3 +227,28 @@ def test_config_declares_creds_and_authz_by_id(tmp_path, pki):
 def test_distinguished_name_is_rfc4514():
     cert = {"subject": ((("countryName", "GB"),), (("organizationName", "Ex, Ltd"),), (("commonName", "a+b"),))}
     assert distinguished_name(cert) == "CN=a\\+b,O=Ex\\, Ltd,C=GB"
+
+
+def test_keyed_heartbeat_drops_forged_and_replayed_datagrams():
+    import blake3
+    from colo.heartbeat import DATAGRAM, KEYED_MAGIC, Heartbeat
+    vm_uuid = "7a1f3c52-0d6b-4e8a-9c2f-5b1e0a9d4c37"
+    a = Heartbeat("127.0.0.1", 0, vm_uuid, 1000, 5000, lambda why: None, keyed=True)
+    b = Heartbeat("127.0.0.1", 0, vm_uuid, 1000, 5000, lambda why: None, keyed=True)
+    try:
+        b.start("127.0.0.1", a.port, a.key)
+        wait_for(lambda: b.sent >= 1, what="b's first datagram")
+        body = DATAGRAM.pack(KEYED_MAGIC, bytes.fromhex(vm_uuid.replace("-", "")), 1000)
+        genuine = body + blake3.blake3(body, key=a.key).digest()
+        forged = body + blake3.blake3(body, key=bytes(32)).digest()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(genuine, ("127.0.0.1", b.port))
+            wait_for(lambda: b.received == 1, what="the genuine datagram")
+            s.sendto(genuine, ("127.0.0.1", b.port))          # replayed
+            s.sendto(forged, ("127.0.0.1", b.port))           # the wrong key
+            s.sendto(body, ("127.0.0.1", b.port))             # no MAC at all
+            wait_for(lambda: b.rejected == 3, what="three rejections")
+        assert b.received == 1
+    finally:
+        a.stop()
+        b.stop()
