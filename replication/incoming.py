@@ -89,11 +89,16 @@ class Admission:
         log.warning("incoming migration: refused a connection from %s (%s): %s", peer, reason, detail)
 
     def _accept_loop(self) -> None:
+        try:
+            self._accept_connections()
+        finally:
+            self._admitted.put(None)            # the listener was closed: the destination is done
+
+    def _accept_connections(self) -> None:
         while True:
             try:
                 channel = self.listener.accept()
             except TransportError:
-                self._admitted.put(None)        # the listener was closed: the destination is done
                 return
             address = peer_of(channel).rpartition(":")[0]
             with self._lock:
@@ -109,22 +114,21 @@ class Admission:
 
     def _admit(self, channel: Channel, address: str) -> None:
         # One deadline for the whole admission: a peer that trickles bytes gains nothing.
+        started = time.monotonic()
         watchdog = threading.Timer(self.deadline, channel.abort)
         watchdog.start()
-        started = time.monotonic()
+        late = lambda: channel.aborted or time.monotonic() - started >= self.deadline     # noqa: E731
         try:
             server_tls = self.tls()
             if server_tls is not None:
-                channel.sock, channel.peer_identity = server_tls.wrap(channel.sock, self.deadline)
+                channel.sock, channel.peer_identity = server_tls.wrap(channel.sock, self.deadline + 1)
                 channel.tls = server_tls
-            channel.sock.settimeout(self.deadline)
+            channel.sock.settimeout(self.deadline + 1)        # the watchdog ends it first
             header = stream.Header.unpack(channel.read_exact(stream.HEADER.size))
         except TlsError as e:
-            late = time.monotonic() - started >= self.deadline
-            self.refuse(channel, "deadline" if late else "authz" if "authz" in str(e) else "tls", str(e))
+            self.refuse(channel, "deadline" if late() else "authz" if "authz" in str(e) else "tls", str(e))
         except TransportError as e:
-            late = time.monotonic() - started >= self.deadline
-            self.refuse(channel, "deadline" if late else "garbage", str(e))
+            self.refuse(channel, "deadline" if late() else "garbage", str(e))
         except stream.StreamError as e:
             self.refuse(channel, "garbage", str(e))
         else:

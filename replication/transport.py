@@ -13,6 +13,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 
 
@@ -250,6 +251,7 @@ class Listener:
         self.scheme, rest = _split(uri)
         self.sock: socket.socket | None = None
         self._channel: Channel | None = None
+        self._close_lock = threading.Lock()
         try:
             if self.scheme == "tcp":
                 host, port = _host_port(rest)
@@ -290,14 +292,15 @@ class Listener:
         return [{"type": "inet", "host": host, "port": str(port)}]
 
     def accept(self, timeout: float | None = None) -> Channel:
-        if self.sock is None:
+        listening = self.sock            # close() may run meanwhile, from another thread
+        if listening is None:
             channel, self._channel = self._channel, None
             if channel is None:
-                raise TransportError(f"{self.uri}: a one-way channel carries a single stream")
+                raise TransportError(f"{self.uri}: a one-way channel carries a single stream, or was closed")
             return channel
         try:
-            self.sock.settimeout(timeout)
-            sock, _ = self.sock.accept()
+            listening.settimeout(timeout)
+            sock, _ = listening.accept()
             sock.settimeout(None)
         except TimeoutError:
             raise TransportError(f"{self.uri}: no connection within {timeout:g} s") from None
@@ -309,17 +312,18 @@ class Listener:
         return Channel(sock=sock, description=self.uri)
 
     def close(self) -> None:
-        if self.sock is not None:
+        with self._close_lock:           # abort() and the destination's thread may both close it
+            sock, self.sock = self.sock, None
+        if sock is not None:
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            if self.sock.family == socket.AF_UNIX:
-                path = self.sock.getsockname()
+            if sock.family == socket.AF_UNIX:
+                path = sock.getsockname()
                 if path and os.path.exists(path):
                     os.unlink(path)
-            self.sock.close()
-            self.sock = None
+            sock.close()
         if self._channel is not None:
             self._channel.abort()
             self._channel.close()
