@@ -124,7 +124,7 @@ def test_config_unknown_keys_wrong_types_and_port_collisions(tmp_path):
              "unknown key(s) ['qmp_tcpp'] in [node]; valid: ['http', 'http_allow_local_uris', 'http_allowed_hosts', "
              "'http_token_file', 'incoming', 'log_format', 'name', 'qmp', 'qmp_tcp', 'state_dir']"),
             ('[peers]\nsecondary = "10.0.0.3"\n',
-             "unknown section(s) ['peers']; valid: node, guest, colo, netfilter"),
+             "unknown section(s) ['peers']; valid: node, guest, colo, netfilter, migration, tls-creds, authz"),
             ('[guest]\nmemory = "64"\n', "[guest] memory must be an integer, not '64'"),
             ('[colo]\nheartbeat_port = true\n', "[colo] heartbeat_port must be an integer, not True"),
             ('[node]\nqmp_tcp = "127.0.0.1:4444"\nincoming = "tcp:0.0.0.0:4444"\n',
