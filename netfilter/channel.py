@@ -1,20 +1,34 @@
-"""The packet channel between a COLO pair: guest frames over one TCP connection.
+"""The packet channel between a COLO pair: guest frames over two TCP connections.
 
 The secondary listens on its COLO address (any free port unless configured)
-and tells the primary the port in COLO_HELLO; the primary connects.  Both
-directions carry the same records::
+and tells the primary the port in COLO_HELLO; the primary connects twice, one
+connection per direction, so each connection (and, with TLS, each SSL object)
+is used by exactly one thread on each side: OpenSSL forbids two threads on one
+SSL object, and CPython drops the GIL inside SSL_read/SSL_write.
 
-    hello    "COLOPKT\\0" (8)  version u32                      each side, first
-    frame    epoch u32  length u32  frame (length bytes)        all integers big-endian
+    primary                                          secondary
+    connect 1  ── hello(TO_SECONDARY) ──────────────►  accept, check, reply
+               ◄───────────────── hello(TO_SECONDARY)
+    connect 2  ── hello(TO_PRIMARY) ────────────────►  accept, check, reply
+               ◄─────────────────── hello(TO_PRIMARY)
+    mirror     ══ frames on connection 1 ═══════════►  to-svm
+    comparer   ◄══════════ frames on connection 2 ═══  from-svm
 
-primary -> secondary: client frames mirrored from the primary's tap (epoch 0).
-secondary -> primary: the SVM's output, tagged with the checkpoint it follows,
-so the primary's comparer can drop what an older SVM sent.
+    hello    "COLOPKT\\0" (8)  version u32 (2)  direction u32      each side, on each connection
+    frame    epoch u32  length u32  frame (length bytes)          all integers big-endian
 
-A bad hello, a frame over MAX_FRAME or a closed connection ends the channel:
-``recv`` raises ChannelError, which COLO treats as a lost peer.
+The direction is the one the frames flow in: TO_SECONDARY (1) carries client
+frames mirrored from the primary's tap (epoch 0 until the first checkpoint);
+TO_PRIMARY (2) the SVM's output, tagged with the checkpoint it follows, so the
+primary's comparer can drop what an older SVM sent.  After the hellos a
+connection carries frames one way only.
 
-When the COLO connection runs TLS, so does this channel, with the same credentials:
+The secondary accepts only the primary's address on both connections (others are
+closed unread) and hears the hello before it says its own.  A bad hello, a frame
+over MAX_FRAME or either connection closing ends the channel: ``recv`` or
+``send_many`` raises ChannelError, which COLO treats as a lost peer.
+
+When the COLO connection runs TLS, so do both connections, with the same credentials:
 the primary verifies the secondary's certificate, the secondary the primary's (and its
 authz list) before the hello.  Both ends have TCP keepalive (replication/transport.py).
 """
@@ -33,10 +47,13 @@ from replication.transport import keepalive
 log = logging.getLogger(__name__)
 
 MAGIC = b"COLOPKT\0"
-VERSION = 1
-HELLO = struct.Struct(">8sI")
+VERSION = 2
+HELLO = struct.Struct(">8sII")
 FRAME_HEAD = struct.Struct(">II")
 MAX_FRAME = 65536
+TO_SECONDARY = 1
+TO_PRIMARY = 2
+DIRECTION_NAMES = {TO_SECONDARY: "primary to secondary", TO_PRIMARY: "secondary to primary"}
 
 
 class ChannelError(Exception):
@@ -55,12 +72,30 @@ def guarded(loop: Callable[[], None], lost: Callable[[str], None]) -> None:
         lost(f"netfilter failed: {e!r}")
 
 
+def endpoints_of(sock: socket.socket) -> str:
+    local, peer = sock.getsockname(), sock.getpeername()
+    return f"{local[0]}:{local[1]} -> {peer[0]}:{peer[1]}"
+
+
+def close_quietly(sock: socket.socket) -> None:
+    """Shut down first: a thread blocked on the socket wakes at once, even on a frozen peer."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class PacketChannel:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        local, peer = sock.getsockname(), sock.getpeername()
-        self.endpoints = f"{local[0]}:{local[1]} <-> {peer[0]}:{peer[1]}"     # for the status page
+    """Frames out on ``outbound`` (written by one thread), in on ``inbound`` (read by another)."""
+
+    def __init__(self, outbound: socket.socket, inbound: socket.socket):
+        self.outbound = outbound
+        self.inbound = inbound
+        for sock in (outbound, inbound):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # for the status page: where frames go out, and where they come in from
+        self.endpoints = f"out {endpoints_of(outbound)}, in {endpoints_of(inbound)}"
         self.frames_sent = 0
         self.frames_received = 0
         self._send_lock = threading.Lock()
@@ -69,56 +104,41 @@ class PacketChannel:
 
     @classmethod
     def connect(cls, address: str, port: int, timeout: float = 10.0, tls: ClientTls | None = None) -> "PacketChannel":
+        """The primary's end: its frames go on the first connection, the secondary's come on the second."""
+        deadline = time.monotonic() + timeout
+        opened: list[socket.socket] = []
         try:
-            sock = socket.create_connection((address, port), timeout=timeout)
-            keepalive(sock)
-            if tls is not None:
-                sock = tls.wrap(sock, timeout)
-        except (OSError, TlsError) as e:
-            raise ChannelError(f"packet channel to {address}:{port}: {getattr(e, 'strerror', None) or e}") from e
-        return cls._greet(sock, timeout)
+            for direction in (TO_SECONDARY, TO_PRIMARY):
+                try:
+                    sock = socket.create_connection((address, port), timeout=remaining(deadline))
+                    opened.append(sock)
+                    keepalive(sock)
+                    if tls is not None:
+                        opened[-1] = sock = tls.wrap(sock, remaining(deadline))
+                except (OSError, TlsError) as e:
+                    raise ChannelError(f"packet channel to {address}:{port}: "
+                                       f"{getattr(e, 'strerror', None) or e}") from e
+                say_hello(sock, direction, deadline)
+                hear_hello(sock, direction, deadline)
+        except ChannelError:
+            for sock in opened:
+                close_quietly(sock)
+            raise
+        return cls(*opened)
 
     @classmethod
     def accept(cls, listener: socket.socket, peer_address: str, timeout: float = 10.0,
                tls: ServerTls | None = None) -> "PacketChannel":
-        """The connection from ``peer_address`` (the primary, with a certificate ``tls`` admits);
-        others are closed unread, so nobody else can take its place."""
+        """The secondary's end: both connections from ``peer_address`` (the primary, with a
+        certificate ``tls`` admits); others are closed unread, so nobody else can take its place."""
         deadline = time.monotonic() + timeout
-        while True:
-            listener.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                sock, (address, *_) = listener.accept()
-            except OSError as e:
-                raise ChannelError(f"packet channel: no connection from the primary ({e})") from e
-            if address == peer_address and tls is not None:
-                keepalive(sock)
-                try:
-                    sock = tls.wrap(sock, max(deadline - time.monotonic(), 1.0))[0]
-                except TlsError as e:
-                    log.warning("packet channel: refused a connection from %s: %s", address, e)
-                    sock.close()
-                    continue
-            if address == peer_address:
-                keepalive(sock)
-                return cls._greet(sock, max(deadline - time.monotonic(), 1.0))
-            log.warning("packet channel: refused a connection from %s (the primary is %s)", address, peer_address)
-            sock.close()
-
-    @classmethod
-    def _greet(cls, sock: socket.socket, timeout: float) -> "PacketChannel":
-        channel = cls(sock)
-        sock.settimeout(timeout)
+        inbound = admit(listener, peer_address, TO_SECONDARY, deadline, tls)
         try:
-            sock.sendall(HELLO.pack(MAGIC, VERSION))
-            magic, version = HELLO.unpack(channel._read(HELLO.size))
-        except OSError as e:
-            sock.close()
-            raise ChannelError(f"packet channel hello failed: {e}") from e
-        if (magic, version) != (MAGIC, VERSION):
-            sock.close()
-            raise ChannelError(f"the peer is not a colo-appliance packet channel v{VERSION}")
-        sock.settimeout(None)
-        return channel
+            outbound = admit(listener, peer_address, TO_PRIMARY, deadline, tls)
+        except ChannelError:
+            close_quietly(inbound)
+            raise
+        return cls(outbound, inbound)
 
     def send(self, epoch: int, frame: bytes) -> None:
         self.send_many([(epoch, frame)])
@@ -128,7 +148,7 @@ class PacketChannel:
         data = b"".join(FRAME_HEAD.pack(epoch, len(frame)) + frame for epoch, frame in frames)
         with self._send_lock:
             try:
-                self.sock.sendall(data)
+                self.outbound.sendall(data)
             except OSError as e:
                 raise ChannelError(f"packet channel: {e.strerror or e}") from e
             self.frames_sent += len(frames)
@@ -149,7 +169,7 @@ class PacketChannel:
                 del self._buffer[:self._pos]
                 self._pos = 0
             try:
-                chunk = self.sock.recv(max(n - len(self._buffer), 65536))
+                chunk = self.inbound.recv(max(n - len(self._buffer), 65536))
             except OSError as e:
                 raise ChannelError(f"packet channel: {e.strerror or e}") from e
             if not chunk:
@@ -160,8 +180,71 @@ class PacketChannel:
         return data
 
     def close(self) -> None:
+        """Never waits on the peer: both threads, reading or writing, fail at once."""
+        close_quietly(self.outbound)
+        close_quietly(self.inbound)
+
+
+def remaining(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def admit(listener: socket.socket, peer_address: str, direction: int, deadline: float,
+          tls: ServerTls | None) -> socket.socket:
+    """The next connection from the primary, TLS-admitted if ``tls``, carrying ``direction``."""
+    while True:
+        listener.settimeout(remaining(deadline))
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+            sock, (address, *_) = listener.accept()
+        except OSError as e:
+            raise ChannelError(f"packet channel: no connection {DIRECTION_NAMES[direction]} "
+                               f"from the primary ({e})") from e
+        if address != peer_address:
+            log.warning("packet channel: refused a connection from %s (the primary is %s)", address, peer_address)
+            sock.close()
+            continue
+        keepalive(sock)
+        if tls is not None:
+            try:
+                sock = tls.wrap(sock, max(deadline - time.monotonic(), 1.0))[0]
+            except TlsError as e:
+                log.warning("packet channel: refused a connection from %s: %s", address, e)
+                sock.close()
+                continue
+        try:
+            hear_hello(sock, direction, max(deadline, time.monotonic() + 1.0))
+            say_hello(sock, direction, deadline)
+        except ChannelError:
+            close_quietly(sock)
+            raise
+        return sock
+
+
+def say_hello(sock: socket.socket, direction: int, deadline: float) -> None:
+    sock.settimeout(remaining(deadline))
+    try:
+        sock.sendall(HELLO.pack(MAGIC, VERSION, direction))
+    except OSError as e:
+        raise ChannelError(f"packet channel hello failed: {e}") from e
+    sock.settimeout(None)
+
+
+def hear_hello(sock: socket.socket, direction: int, deadline: float) -> None:
+    """Exactly the hello's bytes (the frames after it are the reader's)."""
+    sock.settimeout(remaining(deadline))
+    hello = b""
+    try:
+        while len(hello) < HELLO.size:
+            chunk = sock.recv(HELLO.size - len(hello))
+            if not chunk:
+                break
+            hello += chunk
+    except OSError as e:
+        raise ChannelError(f"packet channel hello failed: {e}") from e
+    if len(hello) < HELLO.size or HELLO.unpack(hello)[:2] != (MAGIC, VERSION):
+        raise ChannelError(f"the peer is not a colo-appliance packet channel v{VERSION}")
+    heard = HELLO.unpack(hello)[2]
+    if heard != direction:
+        raise ChannelError(f"packet channel: the peer's hello is for direction {heard}, "
+                           f"expected {direction} ({DIRECTION_NAMES[direction]})")
+    sock.settimeout(None)
