@@ -106,25 +106,13 @@ class PacketChannel:
     def connect(cls, address: str, port: int, timeout: float = 10.0, tls: ClientTls | None = None) -> "PacketChannel":
         """The primary's end: its frames go on the first connection, the secondary's come on the second."""
         deadline = time.monotonic() + timeout
-        opened: list[socket.socket] = []
+        outbound = dial(address, port, TO_SECONDARY, deadline, tls)
         try:
-            for direction in (TO_SECONDARY, TO_PRIMARY):
-                try:
-                    sock = socket.create_connection((address, port), timeout=remaining(deadline))
-                    opened.append(sock)
-                    keepalive(sock)
-                    if tls is not None:
-                        opened[-1] = sock = tls.wrap(sock, remaining(deadline))
-                except (OSError, TlsError) as e:
-                    raise ChannelError(f"packet channel to {address}:{port}: "
-                                       f"{getattr(e, 'strerror', None) or e}") from e
-                say_hello(sock, direction, deadline)
-                hear_hello(sock, direction, deadline)
+            inbound = dial(address, port, TO_PRIMARY, deadline, tls)
         except ChannelError:
-            for sock in opened:
-                close_quietly(sock)
+            close_quietly(outbound)
             raise
-        return cls(*opened)
+        return cls(outbound, inbound)
 
     @classmethod
     def accept(cls, listener: socket.socket, peer_address: str, timeout: float = 10.0,
@@ -187,6 +175,28 @@ class PacketChannel:
 
 def remaining(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.001)
+
+
+def dial(address: str, port: int, direction: int, deadline: float, tls: ClientTls | None) -> socket.socket:
+    """One connection to the secondary, its certificate verified if ``tls``, carrying ``direction``."""
+    try:
+        sock = socket.create_connection((address, port), timeout=remaining(deadline))
+    except OSError as e:
+        raise ChannelError(f"packet channel to {address}:{port}: {e.strerror or e}") from e
+    try:
+        keepalive(sock)
+        if tls is not None:
+            sock = tls.wrap(sock, remaining(deadline))
+    except (OSError, TlsError) as e:
+        sock.close()
+        raise ChannelError(f"packet channel to {address}:{port}: {getattr(e, 'strerror', None) or e}") from e
+    try:
+        say_hello(sock, direction, deadline)
+        hear_hello(sock, direction, deadline)
+    except ChannelError:
+        close_quietly(sock)
+        raise
+    return sock
 
 
 def admit(listener: socket.socket, peer_address: str, direction: int, deadline: float,

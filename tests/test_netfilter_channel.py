@@ -61,7 +61,7 @@ def connected_pair(tls_pki=None):
     return client, result["channel"]
 
 
-def dial(port, direction, tls=None, source="127.0.0.1"):
+def dial_from(port, direction, tls=None, source="127.0.0.1"):
     """One connection of the primary's, made by hand (from ``source``)."""
     sock = socket.socket()
     sock.bind((source, 0))
@@ -181,7 +181,7 @@ def test_a_hello_for_the_wrong_direction_is_refused():
     listener = socket.create_server(("127.0.0.1", 0))
     thread, result = accepting(listener, "127.0.0.1")
     with pytest.raises(ChannelError):
-        dial(listener.getsockname()[1], TO_PRIMARY)          # the secondary expects TO_SECONDARY first
+        dial_from(listener.getsockname()[1], TO_PRIMARY)          # the secondary expects TO_SECONDARY first
     thread.join(5)
     assert "expected 1 (primary to secondary)" in str(result["error"])
     listener.close()
@@ -198,9 +198,9 @@ def test_only_the_primary_may_connect_on_either_connection():
         strangers.append(socket.create_connection(("127.0.0.1", port)))
         assert strangers[-1].recv(16) == b""                 # closed without a hello
         if direction == TO_SECONDARY:
-            outbound = dial(port, TO_SECONDARY, source="127.0.0.2")
+            outbound = dial_from(port, TO_SECONDARY, source="127.0.0.2")
         else:
-            inbound = dial(port, TO_PRIMARY, source="127.0.0.2")
+            inbound = dial_from(port, TO_PRIMARY, source="127.0.0.2")
     thread.join(5)
     channel = PacketChannel(outbound, inbound)
     result["channel"].send(3, b"hi")
@@ -220,12 +220,12 @@ def test_a_wrong_certificate_on_the_second_connection_is_refused(pki):
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     thread, result = accepting(listener, "127.0.0.1", server_tls(pki))
-    outbound = dial(port, TO_SECONDARY, client_tls(pki["ca"]))
+    outbound = dial_from(port, TO_SECONDARY, client_tls(pki["ca"]))
     for intruder in ("intruder", "forged"):
         with pytest.raises((ChannelError, TlsError)):
-            dial(port, TO_PRIMARY, client_tls(pki[intruder]))
+            dial_from(port, TO_PRIMARY, client_tls(pki[intruder]))
     assert "channel" not in result and "error" not in result
-    channel = PacketChannel(outbound, dial(port, TO_PRIMARY, client_tls(pki["ca"])))
+    channel = PacketChannel(outbound, dial_from(port, TO_PRIMARY, client_tls(pki["ca"])))
     thread.join(5)
     result["channel"].send(5, b"from the svm")
     assert channel.recv() == (5, b"from the svm")
@@ -237,7 +237,7 @@ def test_a_wrong_certificate_on_the_second_connection_is_refused(pki):
 def test_no_second_connection_is_an_error_not_a_hang():
     listener = socket.create_server(("127.0.0.1", 0))
     thread, result = accepting(listener, "127.0.0.1", timeout=0.5)
-    first = dial(listener.getsockname()[1], TO_SECONDARY)
+    first = dial_from(listener.getsockname()[1], TO_SECONDARY)
     thread.join(5)
     assert "no connection secondary to primary" in str(result["error"])
     assert first.recv(16) == b""                             # the first connection was closed
