@@ -61,6 +61,9 @@ async def test_tls_colo_pair_protects_kvstore(topo, guest_images, tmp_path):
         assert b_colo["tls-peer"] == "CN=node-a,O=colo-appliance"
         assert a_colo["heartbeat-keyed"] and b_colo["heartbeat-keyed"]
         assert a_colo["netfilter"]["mirrored"] > 0 and b_status["incoming-refused"] == {}
+        # ... and the SVM's output comes back on the other connection (TLS too), one per direction.
+        assert a_colo["netfilter"]["svm-frames"] > 0 and b_colo["netfilter"]["to-primary"] > 0
+        assert a_colo["netfilter"]["channel"].startswith("out ") and ", in " in a_colo["netfilter"]["channel"]
         # A datagram without the session's MAC, even from the primary's own address, is dropped.
         with inside(topo.nodes["a"].namespace):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
