@@ -10,9 +10,11 @@ sent when the cache has one.  Page data goes one of three ways::
                PASS_END on every channel, so a receiver never applies pass N+1
                before all of pass N
 
-Everything it sends is counted into a MigrationStats (whose ``account`` keeps
-to max-bandwidth), and every range it reads from RAM is marked stale in the
-RamDigest, so that the END it makes carries the digest of what it sent.  Before
+Every byte it puts on the wire is counted into a MigrationStats as it goes, in
+slices of SEND_SLICE so that ``account`` keeps max-bandwidth smoothly and the
+live figures see the bytes when they leave (a multifd sender counts what it
+writes, after compression); every page it deals with counts down ``remaining``.
+Every range it reads from RAM is marked stale in the RamDigest, so that the END it makes carries the digest of what it sent.  Before
 each batch and each blocking wait it calls ``check``, its owner's cancel and
 failure test, which raises to stop it.
 """
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 4096
 MULTIFD_QUEUE = 8                 # batches waiting for each multifd sender
+SEND_SLICE = 64 << 10             # bytes sent and counted at a time: 8 ms at 8 MiB/s
 
 
 class PageWriter:
@@ -71,16 +74,17 @@ class PageWriter:
         pos = 0
         for start, end in extents + [(self.ram.nbytes, self.ram.nbytes)]:
             first, last = start // PAGE_SIZE, -(-end // PAGE_SIZE)
+            first = max(first, pos)
             if first > pos:
                 self._send_zero_run(pos, first - pos)
-            self._send_pages(first, last - first, use_xbzrle=False)
+            if last > first:
+                self._send_pages(first, last - first, use_xbzrle=False)
             pos = max(pos, last)
 
     def send_dirty_runs(self, runs) -> None:
         """The pages of ``runs`` [(first, count)] as they are now: deltas when the cache allows."""
         for first, count in runs:
             self._send_pages(first, count, use_xbzrle=self.xbzrle is not None)
-            self.stats.remaining = max(self.stats.remaining - count * PAGE_SIZE, 0)
 
     def end_pass(self, number: int) -> None:
         """PASS_END on every channel, after what is still being compressed."""
@@ -88,7 +92,19 @@ class PageWriter:
         record = stream.pack_pass_end(number)
         for q in self._sender_queues:
             self._put(q, (record, None))
-        self.main.send(record)
+        self.write(self.main, record)
+
+    def write(self, channel: Channel, data, multifd: bool = False, page_data: bool = False) -> None:
+        """Send ``data`` on ``channel``, counted slice by slice (and so kept to max-bandwidth);
+        ``page_data``: whole pages, each slice of them counted as sent as it goes."""
+        view = memoryview(data).cast("B")
+        for pos in range(0, len(view), SEND_SLICE):
+            piece = view[pos:pos + SEND_SLICE]
+            channel.send(piece)
+            self.stats.account(len(piece), multifd)
+            if page_data:
+                self.stats.pages_sent += len(piece) // PAGE_SIZE
+                self.stats.pages_done(len(piece) // PAGE_SIZE)
 
     def full_digest(self) -> bytes:
         """A digest of ALL of RAM from scratch, trusting no dirty log (--verify-ram)."""
@@ -123,12 +139,12 @@ class PageWriter:
             self.xbzrle.forget(first, count)    # the receiver's copy is zero now
         self.stats.duplicate += count
         self.stats.pages_sent += count
+        self.stats.pages_done(count)
         record = stream.pack_zero_run(first, count)
         if self._senders:
             self._to_multifd(record)
         else:
-            self.main.send(record)
-            self.stats.account(len(record))
+            self.write(self.main, record)
 
     def _send_normal(self, first: int, count: int, use_xbzrle: bool) -> None:
         pages = list(range(first, first + count))
@@ -141,11 +157,11 @@ class PageWriter:
                     # Send exactly what the cache kept: the guest may write the page again meanwhile.
                     whole.append(page)
                     contents.append(data)
-                elif delta:
-                    record = stream.pack_xbzrle(page, delta)
-                    self.main.send(record)
-                    self.stats.account(len(record))
-                    self.stats.pages_sent += 1
+                else:
+                    if delta:             # empty: the page did not change, nothing to send
+                        self.write(self.main, stream.pack_xbzrle(page, delta))
+                        self.stats.pages_sent += 1
+                    self.stats.pages_done(1)
             pages = whole
             if not pages:
                 return
@@ -154,16 +170,16 @@ class PageWriter:
             data = self.ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
         self.stats.normal += len(pages)
         self.stats.normal_bytes += len(pages) * PAGE_SIZE
-        self.stats.pages_sent += len(pages)
-        if self._senders:
-            self._to_multifd(pages, data)
-        elif self._compressor is not None:
-            self._compress(pages, data)
+        if self._senders or self._compressor is not None:
+            self.stats.pages_sent += len(pages)      # queued for their sender or compressor
+            self.stats.pages_done(len(pages))
+            if self._senders:
+                self._to_multifd(pages, data)
+            else:
+                self._compress(pages, data)
         else:
-            head = stream.pack_page_index(stream.PAGES, pages)
-            self.main.send(head)
-            self.main.send(data)
-            self.stats.account(len(head) + len(data))
+            self.write(self.main, stream.pack_page_index(stream.PAGES, pages))
+            self.write(self.main, data, page_data=True)
 
     # -- compress: a pool of zlib threads, results written in order ------------------------
 
@@ -180,11 +196,9 @@ class PageWriter:
         packed = future.result()
         self.stats.compress_pages += len(pages)
         self.stats.compressed_size += len(packed)
-        record = (stream.pack_page_index(stream.COMPRESSED, pages, stream.CODEC_ZLIB)
-                  + stream.pack_compressed_length(len(packed)))
-        self.main.send(record)
-        self.main.send(packed)
-        self.stats.account(len(record) + len(packed))
+        self.write(self.main, stream.pack_page_index(stream.COMPRESSED, pages, stream.CODEC_ZLIB)
+                   + stream.pack_compressed_length(len(packed)))
+        self.write(self.main, packed)
 
     def _drain_compressed(self) -> None:
         while not self._compressed.empty():
@@ -214,7 +228,7 @@ class PageWriter:
                     return
                 pages, data = item
                 if data is None:          # a whole record (zero run, pass end)
-                    channel.send(pages)
+                    self.write(channel, pages, multifd=True)
                     continue
                 if method == "none":
                     head = stream.pack_page_index(stream.PAGES, pages)
@@ -225,9 +239,8 @@ class PageWriter:
                         data, codec = zlib.compress(data, self.params["multifd-zlib-level"]), stream.CODEC_ZLIB
                     head = (stream.pack_page_index(stream.COMPRESSED, pages, codec)
                             + stream.pack_compressed_length(len(data)))
-                channel.send(head)
-                channel.send(data)
-                self.stats.add_multifd_bytes(len(head) + len(data))
+                self.write(channel, head, multifd=True)
+                self.write(channel, data, multifd=True)
         except Exception as e:        # the writer's owner sees it at its next check and gives up
             self.sender_error = self.sender_error or e
 
@@ -247,9 +260,6 @@ class PageWriter:
         self._next_sender = (self._next_sender + 1) % len(self._sender_queues)
         if data is not None:
             data = bytes(data)     # the queue outlives this pass: copy the page data now
-            self.stats.account(5 + 8 * len(what) + len(data))
-        else:
-            self.stats.account(len(what))
         self._put(q, (what, data))
 
     # -- the end ---------------------------------------------------------------------------

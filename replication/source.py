@@ -161,6 +161,7 @@ class MigrationSource(MigrationRun):
             self._sync_event()                 # QEMU's first dirty sync, in setup: pass 1
             self.stats.setup_time = int((time.monotonic() - self.start_time) * 1000)
             self.set_state("setup", "active")
+            self.stats.begin()
             self._bulk_pass()
             while not self._converged():
                 self._dirty_pass(final=False)
@@ -182,7 +183,9 @@ class MigrationSource(MigrationRun):
             sections = self._send_devices(was_running)
             self._send_end(sections)
             self._await_verdict()
-            self.stats.downtime = int((time.monotonic() - pause_start) * 1000)
+            now = time.monotonic()
+            self.stats.downtime = int((now - pause_start) * 1000)
+            self.stats.completed(now - self.start_time - self.stats.setup_time / 1000)
             if self.colo_handover is not None:
                 self._enter_colo(paused_here)
                 return
@@ -278,10 +281,12 @@ class MigrationSource(MigrationRun):
                  | (stream.FLAG_MULTIFD if channels else 0) | (stream.FLAG_COLO if self.colo_handover else 0)
                  | (stream.FLAG_VERIFY_RAM if self.verify_ram else 0))
         main = self._open_channel(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, channels))
+        self.stats.account(stream.HEADER.size)
         self.writer = PageWriter(main, self.ram, self.digest, self.stats, self.params, xbzrle=self.xbzrle,
                                  compress=self.caps["compress"], check=self._check_cancel, memfd=self.memfd)
         for number in range(channels):
             channel = self._open_channel(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, number))
+            self.stats.account(stream.HEADER.size, multifd=True)
             self.writer.add_multifd_channel(channel)
         self.vm.start_dirty_tracking()
 
@@ -313,11 +318,8 @@ class MigrationSource(MigrationRun):
     def _bulk_pass(self) -> None:
         """Every page once: holes in the memfd are zero without being read."""
         extents = data_extents(self.memfd, self.ram_size)
-        self.stats.pass_started()
         self.writer.send_bulk(extents)
         self.writer.end_pass(1)
-        self.stats.pass_ended()
-        self.stats.remaining = 0
         self._refresh_digest()
 
     def _sync_event(self) -> None:
@@ -347,10 +349,8 @@ class MigrationSource(MigrationRun):
             self._dirty_runs = bitmap_runs(merged.to_bytes(len(final_bitmap), "little"))
             self._sync_event()
             self.stats.remaining = sum(count for _, count in self._dirty_runs) * PAGE_SIZE
-        self.stats.pass_started()
         self.writer.send_dirty_runs(self._dirty_runs)
         self.writer.end_pass(stream.FINAL_PASS if final else self.stats.dirty_sync_count)
-        self.stats.pass_ended()
         if not final:
             self._refresh_digest()
 
@@ -367,7 +367,7 @@ class MigrationSource(MigrationRun):
         if not self.caps["auto-converge"] or stats.dirty_sync_count < 3:
             return
         dirty_bytes = dirty_pages * PAGE_SIZE
-        sendable = stats.bandwidth * (time.monotonic() - self.start_time) / max(stats.dirty_sync_count, 1)
+        sendable = (stats.bandwidth or 0) * (time.monotonic() - self.start_time) / max(stats.dirty_sync_count, 1)
         if dirty_bytes * 100 <= sendable * self.params["throttle-trigger-threshold"]:
             self._high_dirty = 0
             return
@@ -391,7 +391,7 @@ class MigrationSource(MigrationRun):
     def _send_devices(self, was_running: bool) -> list[tuple[str, int, bytes]]:
         sections = self.vm.save_devices() + [(RUNSTATE_SECTION, 1, b"running" if was_running else b"paused")]
         for name, version, payload in sections:
-            self.channel.send(stream.pack_device(name, version, payload))
+            self.writer.write(self.channel, stream.pack_device(name, version, payload))
         return sections
 
     def _send_end(self, sections: list[tuple[str, int, bytes]]) -> None:
@@ -401,8 +401,7 @@ class MigrationSource(MigrationRun):
             if self._cancel.is_set():
                 raise MigrationCancelled()
             self._committed = True
-        self.channel.send(record)
-        self.stats.account(len(record))
+        self.writer.write(self.channel, record)
 
     def _await_verdict(self) -> None:
         main = self._channels[0]
@@ -439,7 +438,8 @@ class MigrationSource(MigrationRun):
         if self.status in ("setup",):
             return info
         now = self.end_time or time.monotonic()
-        info.update(self.stats.query_migrate(int((now - self.start_time) * 1000), self.status == "completed"))
+        info.update(self.stats.query_migrate(int((now - self.start_time) * 1000), self.status == "completed",
+                                             live=self.running))
         if self.status == "failed" and self.error:
             info["error-desc"] = self.error
         return info

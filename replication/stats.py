@@ -1,20 +1,40 @@
 """What query-migrate reports of an outgoing migration, all measured.
 
-The page writer counts what it sends (``account``, the page counters); the pass
-driver times each pass, dirty-log sync and digest refresh, from which come the
-rates and the expected downtime.  ``account`` also keeps the live passes to
-max-bandwidth, because it sees every byte as it goes.  COLO's checkpoints go on
-counting into the same object, so query-migrate stays current in state colo.
+The page writer counts every byte it puts on the wire (``account``, also from
+the multifd senders, after compression) and every page it has dealt with.  The
+live figures are measured as QEMU's ``migration_update_counters`` measures
+them, updated every RATE_WINDOW (100 ms) whenever a byte is counted or
+query-migrate asks, whatever the pass; measured over the last RATE_SPAN
+(0.5 s: a few windows, since max-bandwidth lets a late sender catch up in
+bursts)::
+
+    mbps, pages-per-second   bytes and pages over the span, over its length
+    bandwidth                the same in bytes/s, kept from the last span that sent
+                             enough to tell (> 10000 bytes, as QEMU)
+    expected-downtime        remaining / bandwidth (+ the measured digest hashing time),
+                             of what remains when asked
+    remaining                pages of this pass not dealt with yet (the bulk pass: all
+                             of RAM at first), counted down as pages go
+    dirty-pages-rate         at each dirty-log sync: pages found / time since the last sync
+
+No figure is ever assumed: until something is measured it stays 0.  At
+completion ``mbps`` is all bytes over the transfer time (total - setup), as in
+QEMU's ``migration_calculate_complete``.  ``account`` also keeps the live
+passes to max-bandwidth, slice by slice.  COLO's checkpoints go on counting
+into the same object, so query-migrate stays current in state colo.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
 from .pages import PAGE_SIZE
 from .xbzrle import XbzrleCache
 
-RATE_WINDOW = 0.1                 # seconds of unused bandwidth that may be caught up in a burst
+RATE_WINDOW = 0.1                 # seconds between updates of the live figures (QEMU's BUFFER_DELAY)
+RATE_SPAN = 0.5                   # seconds the rates are measured over, once the migration is that old
+ENOUGH_TO_TELL = 10000            # bytes a window must carry to measure the bandwidth (QEMU's threshold)
 
 
 class MigrationStats:
@@ -50,70 +70,109 @@ class MigrationStats:
         self.compressed_size = 0
         # what the estimates are made of
         self.pages_sent = 0             # zero, normal and delta pages: pages-per-second
-        self.bandwidth = 1e9            # bytes/s of the last pass that sent enough to tell
-        self.hash_rate = 2e9            # bytes/s of the last digest refresh that hashed anything
+        self.bandwidth: float | None = None   # bytes/s of the last window that sent enough to tell
+        self.hash_rate: float | None = None   # bytes/s of the last digest refresh that hashed anything
         self.limit_rate = True          # max-bandwidth holds for the live passes, not for stop-and-copy
-        self._pass_start = 0.0
-        self._pass_transferred = 0
-        self._pass_pages = 0
+        self.started_at = 0.0           # when pages began to go (after setup)
+        self._samples: collections.deque = collections.deque()   # (time, transferred, pages_sent) per window
         self._rate_window_start = 0.0
         self._rate_window_bytes = 0
-        self._lock = threading.Lock()   # multifd sender threads add multifd-bytes
+        self._lock = threading.Lock()   # the multifd senders count too
 
     # -- counting (the page writer) ----------------------------------------------------
 
-    def account(self, nbytes: int) -> None:
-        """Count bytes and keep to max-bandwidth during the live passes: each byte sent
-        pushes the earliest time of the next send by 1/max-bandwidth seconds."""
-        self.transferred += nbytes
-        limit = self.params["max-bandwidth"]
-        if not self.limit_rate or not limit:
-            return
-        now = time.monotonic()
-        if now > self._rate_window_start + self._rate_window_bytes / limit + RATE_WINDOW:
-            self._rate_window_start, self._rate_window_bytes = now, 0      # idle: no saved-up credit
-        self._rate_window_bytes += nbytes
-        due = self._rate_window_start + self._rate_window_bytes / limit
+    def begin(self) -> None:
+        """Pages start to go: the first measuring window opens."""
+        with self._lock:
+            self.started_at = time.monotonic()
+            self._samples.append((self.started_at, self.transferred, self.pages_sent))
+
+    def account(self, nbytes: int, multifd: bool = False) -> None:
+        """Count bytes put on the wire and keep to max-bandwidth during the live passes: each
+        byte sent pushes the earliest time of the next send by 1/max-bandwidth seconds (so the
+        writer sends in slices, see pages.SEND_SLICE)."""
+        limit = self.params["max-bandwidth"] if self.limit_rate else 0
+        with self._lock:
+            self.transferred += nbytes
+            if multifd:
+                self.multifd_bytes += nbytes
+            now = time.monotonic()
+            self._measure(now)
+            if not limit:
+                return
+            if now > self._rate_window_start + self._rate_window_bytes / limit + RATE_WINDOW:
+                self._rate_window_start, self._rate_window_bytes = now, 0      # idle: no saved-up credit
+            self._rate_window_bytes += nbytes
+            due = self._rate_window_start + self._rate_window_bytes / limit
         if due > now:
             time.sleep(due - now)
 
-    def add_multifd_bytes(self, nbytes: int) -> None:
-        """From a multifd sender thread: bytes it put on its channel."""
-        with self._lock:
-            self.multifd_bytes += nbytes
+    def pages_done(self, count: int) -> None:
+        """``count`` pages of this pass dealt with (sent, or sent as zero, or unchanged)."""
+        self.remaining = max(self.remaining - count * PAGE_SIZE, 0)
 
-    # -- measuring (the pass driver) -----------------------------------------------------
+    # -- measuring -----------------------------------------------------------------------
 
-    def pass_started(self) -> None:
-        self._pass_start = time.monotonic()
-        self._pass_transferred = self.transferred
-        self._pass_pages = self.pages_sent
-
-    def pass_ended(self) -> None:
-        """mbps and pages-per-second of the pass; its bandwidth too, when it sent enough to tell."""
-        elapsed = max(time.monotonic() - self._pass_start, 1e-6)
-        sent = self.transferred - self._pass_transferred
-        if sent > 65536:
-            self.bandwidth = sent / elapsed
+    def _measure(self, now: float) -> None:
+        """Close the window when it is long enough, and measure over the span (the lock held)."""
+        samples = self._samples
+        if not samples or now - samples[-1][0] < RATE_WINDOW:
+            return
+        samples.append((now, self.transferred, self.pages_sent))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_SPAN:
+            samples.popleft()
+        since, transferred, pages = samples[0]
+        elapsed, sent = now - since, self.transferred - transferred
         self.mbps = round(sent * 8 / 1e6 / elapsed, 3)
-        self.pages_per_second = int((self.pages_sent - self._pass_pages) / elapsed)
+        self.pages_per_second = int((self.pages_sent - pages) / elapsed)
+        if sent > ENOUGH_TO_TELL:
+            self.bandwidth = sent / elapsed
+            self.expected_downtime = self._downtime_for(self.remaining)
+
+    def refresh(self) -> None:
+        """Bring the live figures up to date (query-migrate): the rates of the last window, the
+        expected downtime of what remains now."""
+        with self._lock:
+            self._measure(time.monotonic())
+            if self.bandwidth:
+                self.expected_downtime = self._downtime_for(self.remaining)
+
+    def _downtime_for(self, remaining: int) -> int:
+        """Milliseconds to send ``remaining`` bytes at the measured bandwidth, then hash them for
+        the digest at the measured hash rate (0 while nothing is measured yet)."""
+        seconds = remaining / self.bandwidth if self.bandwidth else 0.0
+        if self.hash_rate:
+            seconds += remaining / self.hash_rate
+        return int(1000 * seconds)
 
     def digest_refreshed(self, hashed: int, seconds: float) -> None:
         if hashed and seconds > 0:
             self.hash_rate = hashed / seconds
 
     def dirty_synced(self, dirty_pages: int, seconds: float) -> None:
-        """A dirty-log sync found ``dirty_pages``, ``seconds`` after the last one: what remains,
-        and the downtime it would cost now (send it, then hash it for the digest)."""
-        self.dirty_pages_rate = int(dirty_pages / max(seconds, 1e-6))
-        self.remaining = dirty_pages * PAGE_SIZE
-        self.expected_downtime = int(1000 * (self.remaining / max(self.bandwidth, 1.0)
-                                             + self.remaining / self.hash_rate))
+        """A dirty-log sync found ``dirty_pages``, ``seconds`` after the last one: the rate, what
+        remains, and the downtime it would cost now.  Before any window measured the bandwidth
+        (a very short bulk pass), all bytes so far over the time so far measure it."""
+        with self._lock:
+            if self.bandwidth is None and self.transferred and self.started_at:
+                self.bandwidth = self.transferred / max(time.monotonic() - self.started_at, 1e-6)
+            self.dirty_pages_rate = int(dirty_pages / max(seconds, 1e-6))
+            self.remaining = dirty_pages * PAGE_SIZE
+            self.expected_downtime = self._downtime_for(self.remaining)
+
+    def completed(self, transfer_seconds: float) -> None:
+        """QEMU's migration_calculate_complete: the final mbps is all bytes over the transfer time."""
+        self.remaining = 0
+        if transfer_seconds > 0:
+            self.mbps = round(self.transferred * 8 / 1e6 / transfer_seconds, 3)
 
     # -- query-migrate ---------------------------------------------------------------------
 
-    def query_migrate(self, total_time: int, completed: bool) -> dict:
-        """MigrationInfo's figures in QEMU's order (all but status and error-desc)."""
+    def query_migrate(self, total_time: int, completed: bool, live: bool) -> dict:
+        """MigrationInfo's figures in QEMU's order (all but status and error-desc); ``live``
+        while pages may still go (the windows go on)."""
+        if live:
+            self.refresh()
         info: dict = {"ram": {
             "transferred": self.transferred, "remaining": self.remaining, "total": self.ram_size,
             "duplicate": self.duplicate, "skipped": 0, "normal": self.normal, "normal-bytes": self.normal_bytes,

@@ -1,0 +1,199 @@
+"""query-migrate's figures against the test's own measurements, and settings by their effect on the wire.
+
+A WireTap relays the stream between source and destination and counts, with a
+timestamp, every byte the source puts on the wire: that is the test's measure
+of bytes, rates and pages arrived.  memdirty's counters in the source's RAM are
+its measure of pages dirtied (they advance by one page per page written).
+"""
+import bisect
+import os
+import socket
+import threading
+import time
+
+import blake3
+import pytest
+
+from replication import stream
+from replication.destination import MigrationDestination
+from replication.source import MigrationSource
+from replication.stats import RATE_SPAN
+from replication.transport import Listener
+from appliance.control.migration_settings import DEFAULT_PARAMETERS
+from vmm_helpers import PAGE, memdirty_layout, page_counters, wait_for
+
+pytestmark = pytest.mark.kvm
+
+CAPS = {"xbzrle": False, "compress": False, "multifd": False, "auto-converge": False, "events": True,
+        "pause-before-switchover": False, "validate-uuid": False, "return-path": False, "release-ram": False}
+WIRE_PAGE = PAGE + 8          # a normal page on the wire: its data and its page number (PAGES records)
+
+
+def ram_digest(vm):
+    return blake3.blake3(vm.ram_regions()[0][3]).hexdigest()
+
+
+class WireTap:
+    """A UNIX-socket relay from ``listen_path`` to ``target_path`` (every connection, multifd's
+    too) that counts each byte the source sends, with the time it arrived."""
+
+    def __init__(self, listen_path: str, target_path: str):
+        self.target_path = target_path
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(listen_path)
+        self.server.listen(8)
+        self.times: list[float] = []
+        self.totals: list[int] = []
+        self.total = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            out = socket.socket(socket.AF_UNIX)
+            out.connect(self.target_path)
+            for args in ((conn, out, True), (out, conn, False)):
+                thread = threading.Thread(target=self._relay, args=args, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _relay(self, src, dst, count):
+        try:
+            while chunk := src.recv(1 << 16):
+                if count:
+                    with self._lock:
+                        self.total += len(chunk)
+                        self.times.append(time.monotonic())
+                        self.totals.append(self.total)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def bytes_at(self, t: float) -> int:
+        with self._lock:
+            i = bisect.bisect_right(self.times, t)
+            return self.totals[i - 1] if i else 0
+
+    def rate(self, t0: float, t1: float) -> float:
+        """Bytes/s that crossed between t0 and t1."""
+        return (self.bytes_at(t1) - self.bytes_at(t0)) / (t1 - t0)
+
+    def close(self):
+        self.server.close()
+
+
+def memdirty_position(vm, base, pages):
+    """Pages written by memdirty since it started, modulo 256 passes: c*pages + k, where pages
+    [0,k) hold c+1 and [k,pages) hold c."""
+    counters = page_counters(vm.ram_regions()[0][3], base, pages)
+    c = counters[-1]
+    return c * pages + counters.find(bytes([c]))
+
+
+def within(reported, measured, tolerance=0.2):
+    return abs(reported - measured) <= tolerance * abs(measured)
+
+
+@pytest.fixture
+def wire(tmp_path):
+    tap = WireTap(str(tmp_path / "tap.sock"), str(tmp_path / "dst.sock"))
+    yield tap
+    tap.close()
+
+
+def start_pair(vms, tmp_path, cmdline, memory, caps, params, on_event=lambda n, d: None, dst_params=None):
+    src = vms.new("memdirty", cmdline, memory_mib=memory)
+    dst = vms.new("memdirty", cmdline, memory_mib=memory, start_paused=True)
+    assert dst.set_state("prelaunch", "inmigrate")
+    src.start()
+    layout = memdirty_layout(src)
+    wait_for(lambda: "pass 1\n" in src.read_console(), timeout=10, what="memdirty's first pass")
+    caps = dict(CAPS, **caps)
+    destination = MigrationDestination(dst, Listener(f"unix:{tmp_path}/dst.sock"), caps, False,
+                                       lambda n, d: None)
+    source = MigrationSource(src, f"unix:{tmp_path}/tap.sock", caps, params, {}, on_event)
+    return src, dst, layout, source, destination
+
+
+def test_live_figures_match_the_wire_and_the_guest(vms, guest_images, tmp_path, wire):
+    """memdirty writes 6 MiB/s of an 8 MiB working set while the stream is held to 8 MiB/s
+    and never allowed to converge: every pass lasts long enough (0.3 to 1 s) to poll
+    query-migrate many times.  Each live figure is compared with what the test measured."""
+    params = {**DEFAULT_PARAMETERS, "max-bandwidth": 8 << 20, "downtime-limit": 0}
+    syncs = {}                  # pass -> (time, memdirty position) at the dirty-log sync
+    holder = {}
+
+    def on_event(name, data):
+        if name == "MIGRATION_PASS":
+            syncs[data["pass"]] = (time.monotonic(), memdirty_position(holder["src"], *holder["layout"]))
+
+    src, dst, layout, source, destination = start_pair(vms, tmp_path, "mib=8 rate=6", 32, {}, params, on_event)
+    holder.update(src=src, layout=layout)
+    destination.start()
+    source.start()
+    polls = []
+    try:
+        while len(syncs) < 6 and source.running:
+            polls.append((time.monotonic(), source.info()))
+            time.sleep(0.03)
+    finally:
+        params["downtime-limit"] = 10_000      # now let it converge
+        source.join(30)
+        destination.join(30)
+    assert source.status == "completed", source.error
+    assert destination.status == "completed", destination.error
+    assert ram_digest(src) == ram_digest(dst)
+    pages = layout[1]
+
+    checked = {"mbps": 0, "pages-per-second": 0, "remaining": 0, "expected-downtime": 0, "dirty-pages-rate": 0}
+    begun = next(t for t, info in polls if info["status"] == "active")
+    for t, info in polls:
+        if info["status"] != "active":
+            continue
+        ram = info["ram"]
+        sync = ram["dirty-sync-count"]
+        if wire.bytes_at(t) > 1 << 20:     # past the first slices in flight
+            assert within(ram["transferred"], wire.bytes_at(t)), (ram["transferred"], wire.bytes_at(t))
+        if sync < 2 or t - begun < RATE_SPAN + 0.1:
+            continue             # the bulk pass (zero pages too), or before the figures span RATE_SPAN
+        rate = wire.rate(t - RATE_SPAN - 0.1, t)
+        assert within(ram["mbps"], rate * 8 / 1e6), (t, ram["mbps"], rate * 8 / 1e6)
+        checked["mbps"] += 1
+        if t - syncs[2][0] > RATE_SPAN + 0.1:      # past the bulk pass's zero pages: all pages are normal
+            assert within(ram["pages-per-second"], rate / WIRE_PAGE), (ram["pages-per-second"], rate / WIRE_PAGE)
+            checked["pages-per-second"] += 1
+        # Pages left: what memdirty dirtied before the sync, less what crossed the wire since.
+        (t0, p0), (t1, p1) = syncs[sync - 1], syncs[sync]
+        dirtied = min(p1 - p0, pages)
+        arrived = (wire.bytes_at(t) - wire.bytes_at(t1)) / WIRE_PAGE
+        left = dirtied - arrived
+        if left >= dirtied / 4:
+            assert within(ram["remaining"] / PAGE, left), (ram["remaining"] / PAGE, left, dirtied)
+            expected_ms = 1000 * left * WIRE_PAGE / rate
+            assert within(info["expected-downtime"], expected_ms), (info["expected-downtime"], expected_ms)
+            checked["remaining"] += 1
+            checked["expected-downtime"] += 1
+        assert within(ram["dirty-pages-rate"], dirtied / (t1 - t0)), (ram["dirty-pages-rate"], dirtied / (t1 - t0))
+        checked["dirty-pages-rate"] += 1
+    assert min(checked.values()) >= 5, checked
+    # Figures change within a pass, not only at its end: at least every 100 ms.
+    mbps_changes = [t for (t, a), (_, b) in zip(polls, polls[1:]) if a.get("ram", {}).get("remaining")
+                    != b.get("ram", {}).get("remaining")]
+    assert len(mbps_changes) > len(polls) / 3
+
+    final = source.info()
+    assert final["ram"]["transferred"] == wire.total
+    transfer_time = wire.times[-1] - wire.times[0]
+    assert within(final["ram"]["mbps"], wire.total * 8 / 1e6 / transfer_time)
+    assert final["ram"]["remaining"] == 0
