@@ -2,7 +2,7 @@
 
     colo-appliance serve [--config FILE] [--name NAME] [--qmp PATH] [--http HOST:PORT] ...
     colo-appliance qmp SOCKET [COMMAND [key=value ...]]   (no COMMAND: interactive, with history)
-    colo-appliance migrate SOCKET URI [--cap CAP] [--set key=value]   (with a live progress bar)
+    colo-appliance migrate SOCKET URI [--cap CAP] [--set key=value] [--keep-settings]   (with live progress)
     colo-appliance drill PRIMARY SECONDARY --to URI --method kill|freeze|lost-heartbeat [--reprotect SOCKET ...]
     colo-appliance version
 """
@@ -173,6 +173,16 @@ def progress_line(info: dict, width: int = 30) -> str:
     return line
 
 
+def summary_line(info: dict) -> str:
+    """The one line a finished migration leaves."""
+    ram = info.get("ram", {})
+    return (f"completed in {info['total-time']} ms, downtime {info['downtime']} ms, "
+            f"{_size(ram.get('transferred', 0))} sent at {ram.get('mbps', 0):.0f} Mbps")
+
+
+FINAL_STATES = ("completed", "failed", "cancelled", "colo")
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         client = SyncQMPClient(args.socket)
@@ -180,7 +190,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        return _migrate_with_progress(client, args)
+        return _migrate_with_settings(client, args)
     except (QMPClientError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -188,44 +198,99 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         client.close()
 
 
-def _migrate_with_progress(client: SyncQMPClient, args: argparse.Namespace) -> int:
-    import time
-    steps = []
-    if args.capabilities:
-        steps.append(("migrate-set-capabilities",
-                      {"capabilities": [{"capability": c, "state": True} for c in args.capabilities]}))
+def _checked(client: SyncQMPClient, command: str, arguments: dict | None = None):
+    reply = client.execute(command, arguments)
+    if "error" in reply:
+        raise QMPClientError(reply["error"]["desc"])
+    return reply["return"]
+
+
+def _migrate_with_settings(client: SyncQMPClient, args: argparse.Namespace) -> int:
+    """--cap and --set for this migration only: the previous values come back afterwards
+    (unless --keep-settings), and the user is told either way."""
     params = parse_arguments(args.parameter or [])
-    if params:
-        steps.append(("migrate-set-parameters", params))
-    steps.append(("migrate", {"uri": args.uri}))
-    for command, arguments in steps:
-        reply = client.execute(command, arguments)
-        if "error" in reply:
-            print(f"error: {reply['error']['desc']}", file=sys.stderr)
-            return 1
+    before = _checked(client, "query-migrate-parameters")
+    unknown = sorted(set(params) - set(before))
+    if unknown:
+        raise QMPClientError(f"unknown migration parameter(s) {', '.join(unknown)}")
+    old_params = {key: before[key] for key in params if before[key] != params[key]}
+    enabled = {c["capability"] for c in _checked(client, "query-migrate-capabilities") if c["state"]}
+    new_caps = [c for c in dict.fromkeys(args.capabilities or []) if c not in enabled]
+    changed = [f"{k}={json.dumps(params[k])}" for k in old_params] + [f"capability {c}" for c in new_caps]
+    status = "none"
+    try:
+        if new_caps:
+            _checked(client, "migrate-set-capabilities",
+                     {"capabilities": [{"capability": c, "state": True} for c in new_caps]})
+        if params:
+            _checked(client, "migrate-set-parameters", params)
+        status = _migrate_with_progress(client, args)
+    finally:
+        if changed and args.keep_settings:
+            print(f"kept for later migrations: {', '.join(changed)}")
+        elif changed:
+            _restore(client, old_params, new_caps, status)
+    return 0 if status == "completed" else 1
+
+
+def _restore(client: SyncQMPClient, old_params: dict, new_caps: list[str], status: str) -> None:
+    restored = []
+    if old_params:
+        _checked(client, "migrate-set-parameters", old_params)
+        restored += [f"{k}={json.dumps(v)}" for k, v in old_params.items()]
+    if new_caps and status == "colo":
+        print(f"capabilities {', '.join(new_caps)} stay enabled while COLO runs")
+    elif new_caps:
+        _checked(client, "migrate-set-capabilities",
+                 {"capabilities": [{"capability": c, "state": False} for c in new_caps]})
+        restored += [f"capability {c} off" for c in new_caps]
+    if restored:
+        print(f"restored: {', '.join(restored)}")
+
+
+def _migrate_with_progress(client: SyncQMPClient, args: argparse.Namespace) -> str:
+    """Start the migration and show it: on a terminal a bar redrawn every --interval, else one
+    line per state change; then a summary, or the error.  Returns the final status."""
+    import time
+    client.events.clear()
+    _checked(client, "migrate", {"uri": args.uri})
     tty = sys.stdout.isatty()
     info: dict = {}
+    shown = None                     # the last state given a line of its own
     try:
         while True:
             info = client.execute("query-migrate")["return"]
-            line = progress_line(info)
-            print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", flush=True)
-            if info.get("status") in ("completed", "failed", "cancelled"):
+            status = info.get("status")
+            # States between two polls are seen in the MIGRATION events (with --cap events).
+            passed = [e["data"]["status"] for e in client.events if e["event"] == "MIGRATION"]
+            client.events.clear()
+            if tty:
+                if status not in ("failed", "cancelled"):
+                    print("\r" + progress_line(info) + "\x1b[K", end="", flush=True)
+            else:
+                for state in [s for s in passed if s != status] + [status]:
+                    if state != shown and state not in ("failed", "cancelled"):
+                        print(progress_line({**info, "status": state}), flush=True)
+                    shown = state
+            if status in FINAL_STATES:
                 break
             time.sleep(args.interval)
     except KeyboardInterrupt:
         print("\ncancelling...", file=sys.stderr)
         client.execute("migrate_cancel")
-        while info.get("status") not in ("failed", "cancelled", "completed"):
+        while info.get("status") not in FINAL_STATES:
             time.sleep(0.1)
             info = client.execute("query-migrate")["return"]
     if tty:
         print()
-    if info.get("status") != "completed":
-        print(f"migration {info.get('status')}: {info.get('error-desc', '')}".rstrip(": "), file=sys.stderr)
-        return 1
-    print(f"completed in {info['total-time']} ms, downtime {info['downtime']} ms")
-    return 0
+    status = info.get("status")
+    if status == "completed":
+        print(summary_line(info))
+    elif status == "colo":
+        print("the guest is copied and COLO protects it now (query-colo-status to follow it)")
+    else:
+        print(f"migration {status}: {info.get('error-desc', '')}".rstrip(": "), file=sys.stderr)
+    return status
 
 
 # serve's flags that stand for a config key: (argparse dest, section, key, the flag as written)
@@ -390,10 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("socket", help="the source node's QMP socket path or HOST:PORT")
     migrate.add_argument("uri", help="destination, as QEMU's migrate: tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH")
     migrate.add_argument("--cap", dest="capabilities", action="append", metavar="CAPABILITY",
-                         help="enable a migration capability (repeatable), e.g. --cap multifd")
+                         help="enable a migration capability for this migration (repeatable), e.g. --cap multifd")
     migrate.add_argument("--set", dest="parameter", action="append", metavar="key=value",
-                         help="a migration parameter (repeatable), e.g. --set downtime-limit=100")
-    migrate.add_argument("--interval", type=float, default=0.2, help="seconds between progress updates")
+                         help="a migration parameter for this migration (repeatable), e.g. --set downtime-limit=100")
+    migrate.add_argument("--keep-settings", dest="keep_settings", action="store_true",
+                         help="keep the --cap and --set values for later migrations (default: restore the previous "
+                              "values once this migration ends)")
+    migrate.add_argument("--interval", type=float, default=0.2,
+                         help="seconds between progress updates on a terminal (default 0.2)")
     migrate.set_defaults(func=cmd_migrate)
 
     drill = sub.add_parser("drill", help="COLO failover drill on two running nodes, with a timed report")

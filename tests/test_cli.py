@@ -75,25 +75,37 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 
 def test_migrate_with_progress(tmp_path):
-    """Source and destination daemons on this host; the CLI drives the migration and reports."""
+    """Source and destination daemons on this host; the CLI drives the migration and reports.
+    With stdout a pipe it prints one line per state, a summary, and puts its --set/--cap back."""
     port = free_port()
     guest = ["--guest", "memdirty", "-m", "32", "--append", "mib=8 rate=0",
              "--uuid", "5f1c0b8e-2d7a-4c1e-9a53-0c6f1d2e3b4a"]
     src = start_daemon(tmp_path, *guest, name="cli-src")
     dst = start_daemon(tmp_path, *guest, "--incoming", f"tcp:127.0.0.1:{port}", name="cli-dst")
     try:
-        assert run("qmp", dst.qmp, "migrate-set-capabilities",
-                   'capabilities=[{"capability": "validate-uuid", "state": true}]').returncode == 0
         result = run("migrate", src.qmp, f"tcp:127.0.0.1:{port}", "--cap", "events", "--cap", "validate-uuid",
-                     "--set", "max-bandwidth=0",
-                     "--set", "downtime-limit=200")
+                     "--set", "max-bandwidth=0", "--set", "downtime-limit=200")
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert lines[-1].startswith("completed in ") and "downtime" in lines[-1]
-        assert any("pass " in line and "Mbps" in line and "%" in line for line in lines)
+        assert [line.split()[0] for line in lines[:-2]] == ["setup", "active", "device", "completed"], lines
+        assert all("Mbps" in line and "%" in line for line in lines[1:-2])
+        assert lines[-2].startswith("completed in ") and "downtime" in lines[-2] and "Mbps" in lines[-2]
+        assert lines[-1] == ("restored: max-bandwidth=134217728, downtime-limit=300, capability events off, "
+                             "capability validate-uuid off")
+        params = json.loads(run("qmp", src.qmp, "query-migrate-parameters").stdout)
+        assert params["max-bandwidth"] == 134217728 and params["downtime-limit"] == 300
+        caps = json.loads(run("qmp", src.qmp, "query-migrate-capabilities").stdout)
+        assert not any(c["state"] for c in caps)
         assert json.loads(run("qmp", dst.qmp, "query-status").stdout)["status"] == "running"
-        result = run("migrate", src.qmp, "tcp:127.0.0.1:1")
-        assert result.returncode == 1 and "migration failed" in result.stderr
+
+        # A failure prints the error, not an empty bar; --keep-settings says the value stays.
+        result = run("migrate", src.qmp, "tcp:127.0.0.1:1", "--set", "downtime-limit=123", "--keep-settings")
+        assert result.returncode == 1
+        assert "migration failed: " in result.stderr and "Connection refused" in result.stderr
+        assert "[" not in result.stdout
+        assert result.stdout.splitlines()[-1] == "kept for later migrations: downtime-limit=123"
+        params = json.loads(run("qmp", src.qmp, "query-migrate-parameters").stdout)
+        assert params["downtime-limit"] == 123
     finally:
         stop_daemon(src)
         stop_daemon(dst)
