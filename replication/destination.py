@@ -214,7 +214,9 @@ class MigrationDestination(MigrationRun):
                         header.ram_size >> 20, self.ram_size >> 20)
             raise stream.StreamError(f"the stream's guest has {header.ram_size >> 20} MiB of RAM, "
                                      "not the size of this node's guest")
-        if self.caps["validate-uuid"] and header.vm_uuid != self.vm.uuid:
+        # validate-uuid on either side: QEMU's source sends its UUID for the destination to check.
+        wants_uuid = self.caps["validate-uuid"] or header.flags & stream.FLAG_VALIDATE_UUID
+        if wants_uuid and header.vm_uuid != self.vm.uuid:
             log.warning("incoming stream for VM %s; this is VM %s", header.vm_uuid, self.vm.uuid)
             raise stream.StreamError(f"UUID mismatch: this node does not run VM {header.vm_uuid}")
         if header.flags & stream.FLAG_COLO and (not self.caps["x-colo"] or self.colo_handover is None):

@@ -279,7 +279,8 @@ class MigrationSource(MigrationRun):
         channels = self.params["multifd-channels"] if self.caps["multifd"] else 0
         flags = ((stream.FLAG_XBZRLE if self.xbzrle else 0) | (stream.FLAG_COMPRESS if self.caps["compress"] else 0)
                  | (stream.FLAG_MULTIFD if channels else 0) | (stream.FLAG_COLO if self.colo_handover else 0)
-                 | (stream.FLAG_VERIFY_RAM if self.verify_ram else 0))
+                 | (stream.FLAG_VERIFY_RAM if self.verify_ram else 0)
+                 | (stream.FLAG_VALIDATE_UUID if self.caps["validate-uuid"] else 0))
         main = self._open_channel(stream.Header(flags, self.vm.uuid, PAGE_SIZE, self.ram_size, channels))
         self.stats.account(stream.HEADER.size)
         self.writer = PageWriter(main, self.ram, self.digest, self.stats, self.params, xbzrle=self.xbzrle,

@@ -69,7 +69,8 @@ FLAG_COMPRESS = 1 << 1
 FLAG_MULTIFD = 1 << 2
 FLAG_COLO = 1 << 3              # the source enters COLO after the initial copy
 FLAG_VERIFY_RAM = 1 << 4        # END records are followed by a digest of ALL guest RAM (see below)
-KNOWN_FLAGS = FLAG_XBZRLE | FLAG_COMPRESS | FLAG_MULTIFD | FLAG_COLO | FLAG_VERIFY_RAM
+FLAG_VALIDATE_UUID = 1 << 5     # the receiver must refuse a stream for another VM's uuid (validate-uuid)
+KNOWN_FLAGS = FLAG_XBZRLE | FLAG_COMPRESS | FLAG_MULTIFD | FLAG_COLO | FLAG_VERIFY_RAM | FLAG_VALIDATE_UUID
 
 U8 = struct.Struct("<B")
 U16 = struct.Struct("<H")

@@ -29,12 +29,14 @@ def ram_digest(vm):
 class Run:
     """A source and a destination VM and the events each side announced."""
 
-    def __init__(self, vms, tmp_path, mib=8, memory=32, cmdline=None, caps=None, params=None, uri=None):
+    def __init__(self, vms, tmp_path, mib=8, memory=32, cmdline=None, caps=None, params=None, uri=None,
+                 dst_caps=None):
         cmdline = cmdline or f"mib={mib} rate=0"
         self.src = vms.new("memdirty", cmdline, memory_mib=memory)
         self.dst = vms.new("memdirty", cmdline, memory_mib=memory, start_paused=True)
         assert self.dst.set_state("prelaunch", "inmigrate")
         self.caps = dict(CAPS, **(caps or {}))
+        self.dst_caps = dict(CAPS, **(dst_caps or {})) if dst_caps is not None else self.caps
         self.params = {**DEFAULT_PARAMETERS, "max-bandwidth": 0, **(params or {})}
         self.uri = uri or f"unix:{tmp_path}/mig.sock"
         self.src_events, self.dst_events = [], []
@@ -48,7 +50,7 @@ class Run:
         if one_way:                      # the file must be written before it can be read
             self.source.start()
             self.source.join(60)
-        self.destination = MigrationDestination(self.dst, Listener(self.uri), self.caps, autostart,
+        self.destination = MigrationDestination(self.dst, Listener(self.uri), self.dst_caps, autostart,
                                                 lambda n, d: self.dst_events.append((n, d)))
         self.destination.start()
         if not one_way:
@@ -243,8 +245,12 @@ def refused_and_still_listening(run):
     return error
 
 
-def test_uuid_mismatch_is_refused(vms, guest_images, tmp_path):
-    run = Run(vms, tmp_path, caps={"validate-uuid": True}).migrate(wait=False)
+@pytest.mark.parametrize("source, destination", [(True, True), (True, False), (False, True)],
+                         ids=["both", "source-only", "destination-only"])
+def test_uuid_mismatch_is_refused(vms, guest_images, tmp_path, source, destination):
+    """As in QEMU, validate-uuid set on the source alone has the destination check the UUID."""
+    run = Run(vms, tmp_path, caps={"validate-uuid": source}, dst_caps={"validate-uuid": destination})
+    run.migrate(wait=False)
     assert "UUID mismatch" in refused_and_still_listening(run)
 
 
