@@ -75,6 +75,29 @@ async def test_unix(pair, tmp_path):
     await migrate_and_check(src, dst, f"unix:{path}")
 
 
+async def test_cont_after_a_completed_migration_needs_the_explicit_command(pair, tmp_path):
+    """The guest runs on the destination now: a plain cont on the source would run a second copy
+    with the same MAC, so it is refused; x-cont-after-migration is the deliberate way."""
+    path = tmp_path / "mig.sock"
+    src, dst = pair(name="src"), pair("--incoming", f"unix:{path}", name="dst")
+    await migrate_and_check(src, dst, f"unix:{path}")
+    a = await connect(src)
+    try:
+        with pytest.raises(ExecuteError) as info:
+            await a.execute("cont")
+        assert str(info.value).startswith("the guest was migrated to another node (migration completed) and "
+                                          "runs there now;")
+        assert "x-cont-after-migration" in str(info.value)
+        assert (await a.execute("query-status"))["status"] == "postmigrate"
+        await a.execute("x-cont-after-migration")
+        assert (await a.execute("query-status"))["status"] == "running"
+        await a.execute("stop")                 # this copy is the one now: cont works again
+        await a.execute("cont")
+        assert (await a.execute("query-status"))["status"] == "running"
+    finally:
+        await a.disconnect()
+
+
 async def test_tcp_port_zero_reports_the_port(pair):
     dst = pair("--incoming", "tcp:127.0.0.1:0", name="dst")
     b = await connect(dst)

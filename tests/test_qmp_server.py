@@ -21,6 +21,7 @@ EVERY_COMMAND = {
     "query-status": ("return", {"running": True, "singlestep": False, "status": "running"}),
     "stop": ("return", {}),
     "cont": ("return", {}),
+    "x-cont-after-migration": ("return", {}),
     "getfd": ("error", "GenericError", "No file descriptor supplied via SCM_RIGHTS"),
     "ringbuf-read": ("error", "DeviceNotFound", "Device 'console' not found"),
     "closefd": ("error", "GenericError", "File descriptor named 'nope' not found"),

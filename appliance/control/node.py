@@ -72,6 +72,7 @@ class Node:
         self.autostart = autostart
         self.migration: MigrationSource | MigrationDestination | None = None
         self.migration_totals = MigrationTotals()      # finished migrations and their bytes, for metrics
+        self._reclaimed: MigrationSource | None = None    # a completed migration whose guest was resumed here anyway
         self._run_state = "inmigrate" if incoming else "running"
         if vm is not None:
             if incoming:
@@ -218,6 +219,7 @@ class Node:
             "query-status": self.query_status,
             "stop": self.stop,
             "cont": self.cont,
+            "x-cont-after-migration": self.cont_after_migration,
             "quit": self.quit,
             "getfd": self.getfd,
             "ringbuf-read": self.ringbuf_read,
@@ -271,7 +273,25 @@ class Node:
         elif self.set_run_state("running", "paused"):
             self.events.emit("STOP")
 
+    def migrated_away(self) -> bool:
+        """The guest's last outgoing migration completed (not into COLO): it runs on the destination."""
+        return (isinstance(self.migration, MigrationSource) and self.migration.status == "completed"
+                and self.migration.colo_handover is None and self._reclaimed is not self.migration)
+
     async def cont(self, args: dict, ctx: CallContext) -> None:
+        if self.run_state not in ("inmigrate", "running") and self.migrated_away():
+            raise QMPError("the guest was migrated to another node (migration completed) and runs there now; "
+                           "resuming it here too would run two copies with one MAC address. If the destination "
+                           "does not run it, resume it here with x-cont-after-migration")
+        await self._cont(args, ctx)
+
+    async def cont_after_migration(self, args: dict, ctx: CallContext) -> None:
+        """The operator's word that this copy is the one to run: cont works here again after it."""
+        await self._cont(args, ctx)
+        if self.migrated_away():
+            self._reclaimed = self.migration
+
+    async def _cont(self, args: dict, ctx: CallContext) -> None:
         if self.run_state in RESET_NEEDED_STATES:
             raise QMPError("Resetting the Virtual Machine is required")
         if self.run_state in ("inmigrate", "running"):
