@@ -35,12 +35,18 @@ reason and never harms the daemon; the guest's RAM is cleared so that another
 migration can follow.  Admitted channels have an idle timeout (no byte for
 ``idle_timeout`` s fails the stream) besides TCP keepalive; a COLO connection
 drops it (the heartbeat watches the pair).
+
+The COMPRESSED records of a compress stream (not multifd: each multifd
+channel's thread inflates its own) are inflated by decompress-threads threads,
+as QEMU's: the receiving thread reads each record and queues it; every
+PASS_END and the END wait until all queued pages are in RAM.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import mmap
+import queue
 import threading
 import time
 import zlib
@@ -71,12 +77,14 @@ class MigrationDestination(MigrationRun):
                  on_event: Callable[[str, dict], None], *, verify_ram: bool = False,
                  colo_handover: Callable[["MigrationDestination", Channel, Callable], None] | None = None,
                  tls: Callable[[], ServerTls | None] = lambda: None, refused: collections.Counter | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 parameters: dict | None = None):
         """``colo_handover(destination, channel, enter)`` runs COLO once a COLO stream's guest is
         loaded, calling ``enter()`` first (state colo, guest resumed);
         ``verify_ram`` refuses streams that do not carry a digest of all RAM; ``tls()`` gives the
         TLS a connection must pass (read per connection); ``refused`` counts refused connections
-        by reason (the node's, across incoming migrations)."""
+        by reason (the node's, across incoming migrations); ``parameters`` the node's migration
+        parameters, live (decompress-threads; None: inflate in the receiving thread)."""
         super().__init__(on_event)
         self.vm = vm
         self.verify_ram = verify_ram
@@ -96,6 +104,9 @@ class MigrationDestination(MigrationRun):
         self.pages_received = 0
         self._channels: list[Channel] = []
         self._workers: list[threading.Thread] = []
+        self.parameters = parameters
+        self._decompressors: list[threading.Thread] = []
+        self._inflate_queue: queue.Queue = queue.Queue()
         self._can_populate = True
 
     @property
@@ -141,6 +152,7 @@ class MigrationDestination(MigrationRun):
             self.digest = RamDigest(self.ram, self.ram_size, [])
             self._zstd = zstandard.ZstdDecompressor()
             self._start_multifd(header)
+            self._start_decompressors(header)
             sections = self._read_main(main, header, self._workers)
             self._finish(main, sections)
             if header.flags & stream.FLAG_COLO:
@@ -160,10 +172,12 @@ class MigrationDestination(MigrationRun):
                 channel.abort()
             for worker in self._workers:
                 worker.join(10)       # no receiver may write into RAM after it is cleared
+            self._stop_decompressors()
             self._clear_ram()
             self.end_time = time.monotonic()
             self.set_state(("setup", "active"), "failed")
         finally:
+            self._stop_decompressors()
             for channel in self._channels:
                 channel.close()
             self.listener.close()
@@ -252,6 +266,58 @@ class MigrationDestination(MigrationRun):
             self._workers.append(worker)
         self.admission.close_door()
 
+    def _start_decompressors(self, header: stream.Header) -> None:
+        if not header.flags & stream.FLAG_COMPRESS or self.parameters is None:
+            return
+        count = self.parameters["decompress-threads"]
+        self._inflate_queue = queue.Queue(maxsize=2 * count)     # records read ahead of the inflaters
+        for number in range(count):
+            thread = threading.Thread(target=self._decompressor, daemon=True, name=f"decompress-{number}")
+            thread.start()
+            self._decompressors.append(thread)
+
+    def _decompressor(self) -> None:
+        """Inflate queued records into RAM until None; after a failure, only drain the queue."""
+        while True:
+            item = self._inflate_queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    codec, pages, packed = item
+                    self._scatter(pages, self._decompress(codec, packed, len(pages) * self._page_size))
+            except Exception as e:
+                self.error = self.error or str(e)
+            finally:
+                self._inflate_queue.task_done()
+
+    def _queue_compressed(self, channel: Channel) -> None:
+        """A COMPRESSED record's body, read here and inflated by a decompress thread."""
+        codec = channel.read_exact(1)[0]
+        pages = stream.read_page_index(channel)
+        for p in pages:
+            self._check_pages(p, 1)
+        length = stream.read_compressed_length(channel, len(pages), self._page_size)
+        packed = channel.read_exact(length)
+        for p in pages:
+            self._mark(p, 1)
+        self.pages_received += len(pages)
+        self._inflate_queue.put((codec, pages, packed))
+
+    def _inflated(self) -> None:
+        """Every queued record is in RAM (or the first failure is raised)."""
+        if self._decompressors:
+            self._inflate_queue.join()
+        if self.error:
+            raise stream.StreamError(self.error)
+
+    def _stop_decompressors(self) -> None:
+        for _ in self._decompressors:
+            self._inflate_queue.put(None)
+        for thread in self._decompressors:
+            thread.join(10)
+        self._decompressors = []
+
     def _multifd_worker(self, channel: Channel) -> None:
         try:
             while True:
@@ -281,13 +347,18 @@ class MigrationDestination(MigrationRun):
                     raise stream.StreamError("page records on the main channel of a multifd stream")
                 if kind == stream.XBZRLE and not header.flags & stream.FLAG_XBZRLE:
                     raise stream.StreamError("an XBZRLE record in a stream that did not announce XBZRLE")
-                self.apply_record(main, kind)
+                if kind == stream.COMPRESSED and self._decompressors:
+                    self._queue_compressed(main)
+                else:
+                    self.apply_record(main, kind)
             elif kind == stream.PASS_END:
                 stream.read_pass_end(main)
+                self._inflated()
                 self.digest.refresh()          # while the source still runs: off the downtime
             elif kind == stream.DEVICE:
                 sections.append(stream.read_device(main))
             elif kind == stream.END:
+                self._inflated()
                 for worker in workers:
                     worker.join(MULTIFD_ACCEPT_TIMEOUT)
                     if worker.is_alive():

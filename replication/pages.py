@@ -5,7 +5,9 @@ runs for zero pages, PAGES for the rest, or XBZRLE deltas against the copy last
 sent when the cache has one.  Page data goes one of three ways::
 
     plain      PAGES on the main channel, from the writer's thread
-    compress   a pool of zlib threads; COMPRESSED records written in submission order
+    compress   a pool of compress-threads zlib threads; COMPRESSED records written in
+               submission order; when every thread is busy, wait for one
+               (compress-wait-thread) or send the pages uncompressed, as QEMU
     multifd    one sender thread per extra channel, batches dealt round robin;
                PASS_END on every channel, so a receiver never applies pass N+1
                before all of pass N
@@ -20,6 +22,7 @@ failure test, which raises to stop it.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import zlib
@@ -58,8 +61,9 @@ class PageWriter:
         self.xbzrle = xbzrle
         self.check = check
         self.sender_error: Exception | None = None      # the first failure of a multifd sender
-        self._compressor = ThreadPoolExecutor(params["compress-threads"], "compress") if compress else None
-        self._compressed: queue.Queue = queue.Queue()     # (pages, future) in the order they must be written
+        self._compress_threads = params["compress-threads"]      # the pool's size, fixed at its start
+        self._compressor = ThreadPoolExecutor(self._compress_threads, "compress") if compress else None
+        self._compressed: collections.deque = collections.deque()   # (pages, future) in the order they must be written
         self._senders: list[threading.Thread] = []
         self._sender_queues: list[queue.Queue] = []
         self._stop_senders = threading.Event()
@@ -184,12 +188,19 @@ class PageWriter:
     # -- compress: a pool of zlib threads, results written in order ------------------------
 
     def _compress(self, pages: list[int], data) -> None:
-        if self._compressed.qsize() >= self.params["compress-threads"]:
+        pending = self._compressed
+        while pending and pending[0][1].done():      # what is ready goes out at once
+            self._write_compressed(pending.popleft())
+        if len(pending) >= self._compress_threads:
             self.stats.compress_busy += 1
-            self._write_compressed(self._compressed.get())
+            if not self.params["compress-wait-thread"]:
+                self.write(self.main, stream.pack_page_index(stream.PAGES, pages))
+                self.write(self.main, data)
+                return
+            self._write_compressed(pending.popleft())
         self.stats.compress_submitted += 1
         future = self._compressor.submit(zlib.compress, bytes(data), self.params["compress-level"])
-        self._compressed.put((pages, future))
+        pending.append((pages, future))
 
     def _write_compressed(self, item) -> None:
         pages, future = item
@@ -201,8 +212,8 @@ class PageWriter:
         self.write(self.main, packed)
 
     def _drain_compressed(self) -> None:
-        while not self._compressed.empty():
-            self._write_compressed(self._compressed.get())
+        while self._compressed:
+            self._write_compressed(self._compressed.popleft())
 
     # -- multifd: pages spread over several connections ------------------------------------
 

@@ -150,7 +150,8 @@ class Node:
                                               self._migration_event, verify_ram=self.colo.settings.verify_ram,
                                               colo_handover=self.colo.run_secondary,
                                               tls=lambda: self.settings.tls.server(params), refused=self.incoming_refused,
-                                              handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout)
+                                              handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout,
+                                              parameters=self.settings.parameters)
         self.migration.start()
 
     def _migration_event(self, name: str, data: dict) -> None:
