@@ -56,11 +56,15 @@ PARAMETER_ERRORS = [
     ("x-checkpoint-delay", 2**32, "Parameter 'x-checkpoint-delay' expects uint32_t"),
     ("x-checkpoint-delay", -1, "Parameter 'x-checkpoint-delay' expects uint32_t"),
     ("block-incremental", None, "Invalid parameter type for 'block-incremental', expected: boolean"),
+    ("block-incremental", True, "Parameter 'block-incremental' needs old-style block migration, "
+                                "which this appliance does not support"),
     ("multifd-channels", 0, "Parameter 'multifd_channels' expects a value between 1 and 255"),
     ("multifd-channels", 256, "Parameter 'multifd-channels' expects uint8_t"),
     ("xbzrle-cache-size", 1000, "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size"),
     ("xbzrle-cache-size", 2048, "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size"),
     ("max-postcopy-bandwidth", {}, "Parameter 'max-postcopy-bandwidth' expects uint64"),
+    ("max-postcopy-bandwidth", 1 << 20, "Parameter 'max-postcopy-bandwidth' applies to postcopy, "
+                                        "which this appliance's migration engine does not support yet"),
     ("max-cpu-throttle", 10, "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
     ("max-cpu-throttle", 100, "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
     ("multifd-compression", "lz4", "Parameter 'multifd-compression' does not accept value 'lz4'"),

@@ -4,6 +4,11 @@
 ``query-migrate-capabilities`` and ``query-migrate-parameters`` report them.
 New values are checked on a copy and applied only when the whole request is
 valid, as QEMU's ``migrate_params_test_apply`` / ``migrate_params_check`` do.
+
+Every capability and parameter accepted here acts (docs/migration.md says
+where); what the engine cannot do is refused with a reason, never accepted and
+ignored: UNSUPPORTED_CAPABILITIES, and block-incremental, max-postcopy-bandwidth
+and block-bitmap-mapping away from their defaults.
 """
 from __future__ import annotations
 
@@ -98,6 +103,12 @@ def check_parameters(p: dict) -> None:
         raise _expects("announce_rounds", "a value between 0 and 1000")
     if not 1 <= p["announce-step"] <= 10000:
         raise _expects("announce_step", "a value between 0 and 10000")
+    if p["block-incremental"]:
+        raise QMPError("Parameter 'block-incremental' needs old-style block migration, "
+                       "which this appliance does not support")
+    if p["max-postcopy-bandwidth"]:
+        raise QMPError("Parameter 'max-postcopy-bandwidth' applies to postcopy, "
+                       "which this appliance's migration engine does not support yet")
     if p.get("block-bitmap-mapping"):
         raise QMPError("Invalid mapping given for block-bitmap-mapping: "
                        "block dirty bitmaps are not supported by this appliance")
