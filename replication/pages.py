@@ -13,8 +13,8 @@ sent when the cache has one.  Page data goes one of three ways::
                before all of pass N
 
 Every byte it puts on the wire is counted into a MigrationStats as it goes, in
-slices of SEND_SLICE so that ``account`` keeps max-bandwidth smoothly and the
-live figures see the bytes when they leave (a multifd sender counts what it
+slices of at most 10 ms of max-bandwidth (1 MiB unlimited) so that ``account``
+keeps max-bandwidth smoothly and the live figures see the bytes when they leave (a multifd sender counts what it
 writes, after compression); every page it deals with counts down ``remaining``.
 Every range it reads from RAM is marked stale in the RamDigest, so that the END it makes carries the digest of what it sent.  Before
 each batch and each blocking wait it calls ``check``, its owner's cancel and
@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 4096
 MULTIFD_QUEUE = 8                 # batches waiting for each multifd sender
-SEND_SLICE = 64 << 10             # bytes sent and counted at a time: 8 ms at 8 MiB/s
+MAX_SLICE = 1 << 20               # bytes sent and counted at a time, at most
+SLICES_PER_SECOND = 100           # under max-bandwidth: a slice is 10 ms of it
 
 
 class PageWriter:
@@ -102,8 +103,10 @@ class PageWriter:
         """Send ``data`` on ``channel``, counted slice by slice (and so kept to max-bandwidth);
         ``page_data``: whole pages, each slice of them counted as sent as it goes."""
         view = memoryview(data).cast("B")
-        for pos in range(0, len(view), SEND_SLICE):
-            piece = view[pos:pos + SEND_SLICE]
+        limit = self.params["max-bandwidth"] if self.stats.limit_rate else 0
+        size = min(max(limit // SLICES_PER_SECOND // PAGE_SIZE, 1) * PAGE_SIZE, MAX_SLICE) if limit else MAX_SLICE
+        for pos in range(0, len(view), size):
+            piece = view[pos:pos + size]
             channel.send(piece)
             self.stats.account(len(piece), multifd)
             if page_data:

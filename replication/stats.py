@@ -90,7 +90,7 @@ class MigrationStats:
     def account(self, nbytes: int, multifd: bool = False) -> None:
         """Count bytes put on the wire and keep to max-bandwidth during the live passes: each
         byte sent pushes the earliest time of the next send by 1/max-bandwidth seconds (so the
-        writer sends in slices, see pages.SEND_SLICE)."""
+        writer sends in slices of 10 ms of it, see PageWriter.write)."""
         limit = self.params["max-bandwidth"] if self.limit_rate else 0
         with self._lock:
             self.transferred += nbytes
