@@ -166,6 +166,8 @@ def progress_line(info: dict, width: int = 30) -> str:
     bar = "#" * int(fraction * width)
     line = (f"{info['status']:<10} [{bar:<{width}}] {fraction * 100:5.1f}%  sent {_size(ram['transferred'])}"
             f"  left {_size(ram['remaining'])}  pass {ram['dirty-sync-count']}  {ram['mbps']:.0f} Mbps")
+    if ram.get("dirty-pages-rate"):
+        line += f"  dirtied {_size(ram['dirty-pages-rate'] * ram['page-size'])}/s"
     if "expected-downtime" in info:
         line += f"  expected downtime {info['expected-downtime']} ms"
     if "downtime" in info:
