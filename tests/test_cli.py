@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+from appliance.cli import SyncQMPClient
 from conftest import REPO, free_port, start_daemon, stop_daemon
 
 CLI = [sys.executable, "-m", "appliance.cli"]
@@ -92,11 +93,11 @@ def test_migrate_with_progress(tmp_path):
         assert lines[-2].startswith("completed in ") and "downtime" in lines[-2] and "Mbps" in lines[-2]
         assert lines[-1] == ("restored: max-bandwidth=134217728, downtime-limit=300, capability events off, "
                              "capability validate-uuid off")
-        params = json.loads(run("qmp", src.qmp, "query-migrate-parameters").stdout)
+        source, destination = SyncQMPClient(src.qmp), SyncQMPClient(dst.qmp)
+        params = source.execute("query-migrate-parameters")["return"]
         assert params["max-bandwidth"] == 134217728 and params["downtime-limit"] == 300
-        caps = json.loads(run("qmp", src.qmp, "query-migrate-capabilities").stdout)
-        assert not any(c["state"] for c in caps)
-        assert json.loads(run("qmp", dst.qmp, "query-status").stdout)["status"] == "running"
+        assert not any(c["state"] for c in source.execute("query-migrate-capabilities")["return"])
+        assert destination.execute("query-status")["return"]["status"] == "running"
 
         # A failure prints the error, not an empty bar; --keep-settings says the value stays.
         result = run("migrate", src.qmp, "tcp:127.0.0.1:1", "--set", "downtime-limit=123", "--keep-settings")
@@ -104,8 +105,9 @@ def test_migrate_with_progress(tmp_path):
         assert "migration failed: " in result.stderr and "Connection refused" in result.stderr
         assert "[" not in result.stdout
         assert result.stdout.splitlines()[-1] == "kept for later migrations: downtime-limit=123"
-        params = json.loads(run("qmp", src.qmp, "query-migrate-parameters").stdout)
-        assert params["downtime-limit"] == 123
+        assert source.execute("query-migrate-parameters")["return"]["downtime-limit"] == 123
+        source.close()
+        destination.close()
     finally:
         stop_daemon(src)
         stop_daemon(dst)
