@@ -12,13 +12,15 @@ sent when the cache has one.  Page data goes one of three ways::
                PASS_END on every channel, so a receiver never applies pass N+1
                before all of pass N
 
-Every byte it puts on the wire is counted into a MigrationStats as it goes, in
-slices of at most 10 ms of max-bandwidth (1 MiB unlimited) so that ``account``
-keeps max-bandwidth smoothly and the live figures see the bytes when they leave (a multifd sender counts what it
-writes, after compression); every page it deals with counts down ``remaining``.
-Every range it reads from RAM is marked stale in the RamDigest, so that the END it makes carries the digest of what it sent.  Before
-each batch and each blocking wait it calls ``check``, its owner's cancel and
-failure test, which raises to stop it.
+Every byte it puts on the wire is counted into a MigrationStats as it goes
+(``write``), in slices of at most 10 ms of max-bandwidth (1 MiB unlimited), so
+that ``account`` keeps max-bandwidth smoothly and the live figures see the
+bytes when they leave; a multifd sender counts what it writes, after
+compression.  Every page it deals with counts down ``remaining``.  Every range
+it reads from RAM is marked stale in the RamDigest, so that the END it makes
+carries the digest of what it sent.  Before each batch and each blocking wait
+it calls ``check``, its owner's cancel and failure test, which raises to stop
+it.
 """
 from __future__ import annotations
 
@@ -79,11 +81,9 @@ class PageWriter:
         pos = 0
         for start, end in extents + [(self.ram.nbytes, self.ram.nbytes)]:
             first, last = start // PAGE_SIZE, -(-end // PAGE_SIZE)
-            first = max(first, pos)
             if first > pos:
                 self._send_zero_run(pos, first - pos)
-            if last > first:
-                self._send_pages(first, last - first, use_xbzrle=False)
+            self._send_pages(first, last - first, use_xbzrle=False)
             pos = max(pos, last)
 
     def send_dirty_runs(self, runs) -> None:

@@ -34,6 +34,7 @@ from .xbzrle import XbzrleCache
 
 RATE_WINDOW = 0.1                 # seconds between updates of the live figures (QEMU's BUFFER_DELAY)
 RATE_SPAN = 0.5                   # seconds the rates are measured over, once the migration is that old
+PACE_CREDIT = 0.1                 # seconds of unused max-bandwidth a late sender may catch up in a burst
 ENOUGH_TO_TELL = 10000            # bytes a window must carry to measure the bandwidth (QEMU's threshold)
 
 
@@ -70,13 +71,13 @@ class MigrationStats:
         self.compressed_size = 0
         # what the estimates are made of
         self.pages_sent = 0             # zero, normal and delta pages: pages-per-second
-        self.bandwidth: float | None = None   # bytes/s of the last window that sent enough to tell
+        self.bandwidth: float | None = None   # bytes/s of the last span that sent enough to tell
         self.hash_rate: float | None = None   # bytes/s of the last digest refresh that hashed anything
         self.limit_rate = True          # max-bandwidth holds for the live passes, not for stop-and-copy
         self.started_at = 0.0           # when pages began to go (after setup)
         self._samples: collections.deque = collections.deque()   # (time, transferred, pages_sent) per window
-        self._rate_window_start = 0.0
-        self._rate_window_bytes = 0
+        self._pace_start = 0.0          # max-bandwidth: bytes counted since _pace_start
+        self._pace_bytes = 0
         self._lock = threading.Lock()   # the multifd senders count too
 
     # -- counting (the page writer) ----------------------------------------------------
@@ -100,10 +101,10 @@ class MigrationStats:
             self._measure(now)
             if not limit:
                 return
-            if now > self._rate_window_start + self._rate_window_bytes / limit + RATE_WINDOW:
-                self._rate_window_start, self._rate_window_bytes = now, 0      # idle: no saved-up credit
-            self._rate_window_bytes += nbytes
-            due = self._rate_window_start + self._rate_window_bytes / limit
+            if now > self._pace_start + self._pace_bytes / limit + PACE_CREDIT:
+                self._pace_start, self._pace_bytes = now, 0      # idle: no saved-up credit
+            self._pace_bytes += nbytes
+            due = self._pace_start + self._pace_bytes / limit
         if due > now:
             time.sleep(due - now)
 
@@ -130,7 +131,7 @@ class MigrationStats:
             self.expected_downtime = self._downtime_for(self.remaining)
 
     def refresh(self) -> None:
-        """Bring the live figures up to date (query-migrate): the rates of the last window, the
+        """Bring the live figures up to date (query-migrate): the rates of the last span, the
         expected downtime of what remains now."""
         with self._lock:
             self._measure(time.monotonic())
