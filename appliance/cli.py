@@ -232,7 +232,7 @@ def _migrate_with_settings(client: SyncQMPClient, args: argparse.Namespace) -> i
             print(f"kept for later migrations: {', '.join(changed)}")
         elif changed:
             _restore(client, old_params, new_caps, status)
-    return 0 if status == "completed" else 1
+    return 0 if status in ("completed", "colo") else 1
 
 
 def _restore(client: SyncQMPClient, old_params: dict, new_caps: list[str], status: str) -> None:
