@@ -20,7 +20,7 @@ One thread runs the whole migration, as QEMU's migration thread does::
 Any error or a cancel ends in ``failed`` / ``cancelled`` with the guest
 running again as it was; the first error is the one reported.
 
-Three parts, each with one job; each calls those drawn under it::
+Four parts, each with one job; each calls those drawn under it::
 
     MigrationSource          states, passes and when to stop, the guest, devices,
       |   (this module)      END, the verdict, cancel; opens the channels
@@ -28,8 +28,10 @@ Three parts, each with one job; each calls those drawn under it::
       |     (pages.py)       plain / compress pool / multifd senders; marks the RamDigest;
       |       |              calls ``check`` (MigrationSource._check_cancel) as it goes
       |       '-- MigrationStats.account      counts what it sends, keeps to max-bandwidth
-      '-- MigrationStats     the figures; the driver times passes, syncs, digest refreshes;
-            (stats.py)       info() renders them as query-migrate
+      |-- DirtyLog           the dirty log: read at each sync, and every 100 ms between
+      |   (this module)      them by its own thread (the live dirty-pages-rate)
+      '-- MigrationStats     the figures, measured live; the driver adds syncs and digest
+            (stats.py)       refreshes; info() renders them as query-migrate
 
     x-colo: colo_handover(source, enter) -> ColoPrimary (colo/primary.py), which carries
             on with source.channel, source.writer and source.stats (and reads the
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 RUNSTATE_SECTION = "migration.runstate"
 VERDICT_TIMEOUT = 60.0            # seconds for the destination to check the digest and load devices
+DIRTY_SAMPLE = 0.1                # seconds between reads of the dirty log during the live passes
 
 
 class MigrationCancelled(Exception):
@@ -83,6 +86,61 @@ def describe(e: Exception) -> str:
     if isinstance(e, (TransportError, MigrationFailed)):
         return str(e)
     return f"{type(e).__name__}: {e}"
+
+
+class DirtyLog:
+    """The guest's dirty log for the pass driver.  Reading it clears it, so besides the syncs
+    (``sync``, one per pass) a thread of its own reads it every DIRTY_SAMPLE seconds while the
+    live passes run, keeping what it finds for the next sync: dirty-pages-rate is then measured
+    live, pages found since the last sync over the time since it."""
+
+    def __init__(self, vm, stats: MigrationStats):
+        self.vm = vm
+        self.stats = stats
+        self._found = 0                   # pages read from the log since the last sync (bit i = page i)
+        self._size = 0                    # bytes of a bitmap
+        self._last_sync = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start_sampling(self, since: float) -> None:
+        """Dirty tracking is on; ``since`` counts as the last sync."""
+        self._last_sync = since
+        self._thread = threading.Thread(target=self._sample, name="dirty-log", daemon=True)
+        self._thread.start()
+
+    def stop_sampling(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(DIRTY_SAMPLE):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._read()
+                except Exception as e:      # the next sync reads the log and fails on its own
+                    log.warning("dirty log sampling stopped: %s", e)
+                    return
+                found, seconds = self._found.bit_count(), time.monotonic() - self._last_sync
+            self.stats.dirty_sampled(found, seconds)
+
+    def _read(self) -> None:
+        bitmap = self.vm.fetch_dirty_bitmap()
+        self._size = len(bitmap)
+        self._found |= int.from_bytes(bitmap, "little")
+
+    def sync(self) -> tuple[bytes, float]:
+        """Every page dirtied since the last sync, as a bitmap, and the seconds since it."""
+        with self._lock:
+            self._read()
+            found, self._found = self._found, 0
+            now = time.monotonic()
+            seconds, self._last_sync = now - self._last_sync, now
+        return found.to_bytes(self._size, "little"), seconds
 
 
 class MigrationSource(MigrationRun):
@@ -116,9 +174,9 @@ class MigrationSource(MigrationRun):
         self.stats = MigrationStats(self.ram_size, self.params, self.xbzrle,
                                     auto_converge=self.caps["auto-converge"], compress=self.caps["compress"])
         self.writer: PageWriter | None = None     # once the main channel is open
+        self.dirty_log = DirtyLog(vm, self.stats)
         self._dirty_bitmap = b""                  # of the last live sync: the final pass sends it too
         self._dirty_runs: list[tuple[int, int]] = []
-        self._last_sync = 0.0
         self._high_dirty = 0                      # syncs in a row above auto-converge's threshold
 
     # -- control (called from the event loop) ----------------------------------------
@@ -155,9 +213,9 @@ class MigrationSource(MigrationRun):
 
     def _run(self) -> None:
         paused_here = False
-        self._last_sync = self.start_time      # the first dirty-pages-rate counts from the start
         try:
             self._setup()
+            self.dirty_log.start_sampling(since=self.start_time)   # the first rate counts from the start
             self._sync_event()                 # QEMU's first dirty sync, in setup: pass 1
             self.stats.setup_time = int((time.monotonic() - self.start_time) * 1000)
             self.set_state("setup", "active")
@@ -165,6 +223,7 @@ class MigrationSource(MigrationRun):
             self._bulk_pass()
             while not self._converged():
                 self._dirty_pass(final=False)
+            self.dirty_log.stop_sampling()
             pause_start = time.monotonic()
             was_running = self.vm.state == "running"      # the user may have stopped it meanwhile
             if was_running:
@@ -211,6 +270,7 @@ class MigrationSource(MigrationRun):
             else:
                 self.set_state(("setup", "active", "pre-switchover", "device", "cancelling"), "failed")
         finally:
+            self.dirty_log.stop_sampling()
             if self.stats.throttle_pct:
                 self.vm.throttle(0)
             self.vm.stop_dirty_tracking()
@@ -330,13 +390,11 @@ class MigrationSource(MigrationRun):
     def _converged(self) -> bool:
         """Sync the dirty log and decide whether the rest fits in downtime-limit."""
         self._check_cancel()
-        now = time.monotonic()
-        self._dirty_bitmap = self.vm.fetch_dirty_bitmap()
+        self._dirty_bitmap, seconds = self.dirty_log.sync()
         self._dirty_runs = bitmap_runs(self._dirty_bitmap)
         self._sync_event()
         dirty = sum(count for _, count in self._dirty_runs)
-        self.stats.dirty_synced(dirty, now - self._last_sync)
-        self._last_sync = now
+        self.stats.dirty_synced(dirty, seconds)
         self._auto_converge(dirty)
         return self.stats.expected_downtime <= self.params["downtime-limit"]
 
@@ -345,7 +403,7 @@ class MigrationSource(MigrationRun):
             # What the last live sync found (not sent: that sync decided to stop) and what
             # was dirtied since, together.
             pending = int.from_bytes(self._dirty_bitmap, "little")
-            final_bitmap = self.vm.fetch_dirty_bitmap()
+            final_bitmap, _ = self.dirty_log.sync()
             merged = pending | int.from_bytes(final_bitmap, "little")
             self._dirty_runs = bitmap_runs(merged.to_bytes(len(final_bitmap), "little"))
             self._sync_event()

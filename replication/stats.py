@@ -15,7 +15,9 @@ bursts)::
                              of what remains when asked
     remaining                pages of this pass not dealt with yet (the bulk pass: all
                              of RAM at first), counted down as pages go
-    dirty-pages-rate         at each dirty-log sync: pages found / time since the last sync
+    dirty-pages-rate         pages the dirty log reported since the last sync / the time
+                             since it: at each sync, and every 100 ms in between
+                             (source.DirtyLog reads the log for it)
 
 No figure is ever assumed: until something is measured it stays 0.  At
 completion ``mbps`` is all bytes over the transfer time (total - setup), as in
@@ -160,6 +162,12 @@ class MigrationStats:
             self.dirty_pages_rate = int(dirty_pages / max(seconds, 1e-6))
             self.remaining = dirty_pages * PAGE_SIZE
             self.expected_downtime = self._downtime_for(self.remaining)
+
+    def dirty_sampled(self, dirty_pages: int, seconds: float) -> None:
+        """Between syncs, the dirty log reported ``dirty_pages`` over ``seconds`` since the last
+        sync; a span shorter than a window keeps the last figure."""
+        if seconds >= RATE_WINDOW:
+            self.dirty_pages_rate = int(dirty_pages / seconds)
 
     def completed(self, transfer_seconds: float) -> None:
         """QEMU's migration_calculate_complete: the final mbps is all bytes over the transfer time."""
