@@ -6,7 +6,6 @@ of bytes, rates and pages arrived.  memdirty's counters in the source's RAM are
 its measure of pages dirtied (they advance by one page per page written).
 """
 import bisect
-import os
 import socket
 import threading
 import time
@@ -14,7 +13,6 @@ import time
 import blake3
 import pytest
 
-from replication import stream
 from replication.destination import MigrationDestination
 from replication.source import MigrationSource
 from replication.stats import RATE_SPAN
