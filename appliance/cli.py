@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import shlex
 import socket
 import sys
 
@@ -95,48 +94,13 @@ def _print_reply(reply: dict) -> int:
     return 0
 
 
-def _interactive(client: SyncQMPClient) -> int:
-    import readline
-    history = os.path.expanduser("~/.colo-appliance-qmp-history")
-    try:
-        readline.read_history_file(history)
-    except OSError:
-        pass
-    version = client.greeting["QMP"]["version"]
-    print(f"connected: {version['package']}; commands as 'name key=value ...', Ctrl-D quits")
-    try:
-        while True:
-            try:
-                line = input("(QMP) ").strip()
-            except EOFError:
-                print()
-                return 0
-            if not line:
-                continue
-            try:
-                words = shlex.split(line)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                continue
-            try:
-                _print_reply(client.execute(words[0], parse_arguments(words[1:])))
-            except QMPClientError as e:
-                print(f"error: {e}", file=sys.stderr)
-                if "closed" in str(e):
-                    return 1
-            for event in client.events:
-                print(f"event: {json.dumps(event)}")
-            client.events.clear()
-    finally:
-        readline.write_history_file(history)
-
-
 def cmd_qmp(args: argparse.Namespace) -> int:
     try:
         client = SyncQMPClient(args.socket)
         try:
             if args.command is None:
-                return _interactive(client)
+                from .shell import QMPShell
+                return QMPShell(client).run()
             return _print_reply(client.execute(args.command, parse_arguments(args.arguments)))
         finally:
             client.close()

@@ -5,6 +5,11 @@ single-quoted strings, ``true``/``false``, ``#`` comments to the end of the
 line.  ``{ 'include': 'other.json' }`` pulls another file in, relative to the
 including one, once.  The result is a flat list of plain Python dicts, in
 definition order; the meaning of each is given by ``appliance.qapi.schema``.
+
+A doc comment is a block of ``#`` lines between two lines that are exactly
+``##``; the block right before a definition is its documentation, kept (with
+the ``# `` prefixes removed) under the definition's ``doc`` key, as QEMU's
+parser attaches a QAPIDoc to each expression.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class _Reader:
         self.text = text
         self.pos = 0
         self.line = 1
+        self.doc: str | None = None     # the last doc comment, until a definition takes it
 
     def error(self, message: str) -> QAPISyntaxError:
         return QAPISyntaxError(self.path, self.line, message)
@@ -32,7 +38,9 @@ class _Reader:
         text = self.text
         while self.pos < len(text):
             ch = text[self.pos]
-            if ch == "#":
+            if ch == "#" and self._doc_marker(self.pos):
+                self.read_doc()
+            elif ch == "#":
                 end = text.find("\n", self.pos)
                 self.pos = len(text) if end < 0 else end
             elif ch == "\n":
@@ -42,6 +50,37 @@ class _Reader:
                 self.pos += 1
             else:
                 return
+
+    def _doc_marker(self, pos: int) -> bool:
+        """A line that is exactly ``##``."""
+        end = self.text.find("\n", pos)
+        line = self.text[pos:] if end < 0 else self.text[pos:end]
+        return line.rstrip() == "##" and (pos == 0 or self.text[pos - 1] == "\n")
+
+    def read_doc(self) -> None:
+        """From an opening ``##`` line through the closing one."""
+        lines: list[str] = []
+        pos = self.text.find("\n", self.pos)
+        while pos >= 0:
+            self.line += 1
+            start = pos + 1
+            if start >= len(self.text):
+                break
+            if self._doc_marker(start):
+                pos = self.text.find("\n", start)
+                self.pos = len(self.text) if pos < 0 else pos
+                self.doc = "\n".join(lines).strip("\n")
+                return
+            pos = self.text.find("\n", start)
+            line = self.text[start:] if pos < 0 else self.text[start:pos]
+            if not line.startswith("#"):
+                raise self.error("a doc comment line must start with '#'")
+            lines.append(line[2:] if line.startswith("# ") else line[1:])
+        raise self.error("doc comment not closed by a '##' line")
+
+    def take_doc(self) -> str | None:
+        doc, self.doc = self.doc, None
+        return doc
 
     def peek(self) -> str:
         self.skip_blank()
@@ -128,6 +167,9 @@ def parse_schema(path: str) -> list[dict]:
             if reader.peek() != "{":
                 raise reader.error("expected '{' at the start of a definition")
             expr = reader.obj()
+            doc = reader.take_doc()
+            if doc is not None and "doc" not in expr:
+                expr["doc"] = doc
             if "include" in expr:
                 load(os.path.join(os.path.dirname(file_path), expr["include"]))
             elif "pragma" not in expr:

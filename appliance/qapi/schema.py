@@ -78,6 +78,7 @@ class Command:
     returns: str | list | None = None
     allow_oob: bool = False
     features: list = field(default_factory=list)
+    doc: str = ""          # the schema's doc comment (for help in the QMP shell)
 
     @property
     def deprecated(self) -> bool:
@@ -88,6 +89,7 @@ class Command:
 class Event:
     name: str
     args: Struct | None
+    doc: str = ""
 
 
 def _condition_holds(cond, config) -> bool:
@@ -165,10 +167,10 @@ class Schema:
             name = expr["command"]
             self.commands[name] = Command(
                 name, self._implicit_struct(name, expr.get("data")), expr.get("boxed", False),
-                expr.get("returns"), expr.get("allow-oob", False), _features(expr))
+                expr.get("returns"), expr.get("allow-oob", False), _features(expr), expr.get("doc", ""))
         elif "event" in expr:
             name = expr["event"]
-            self.events[name] = Event(name, self._implicit_struct(name, expr.get("data")))
+            self.events[name] = Event(name, self._implicit_struct(name, expr.get("data")), expr.get("doc", ""))
         else:
             raise ValueError(f"unknown schema definition: {expr}")
 
