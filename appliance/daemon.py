@@ -7,52 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import os
 import resource
 import signal
 import sys
-import time
 
 from .config import NodeConfig, split_host_port
 from .control import Node, QMPServer
 from .control.jsonstream import MAX_NESTING
 from .control.node import PACKAGE, QEMU_VERSION
 from .http_api import HTTPAPI
+from .logs import log_startup
 
 log = logging.getLogger("appliance")
 
 GC_YOUNG_THRESHOLD = 20000     # allocations between collections of the youngest generation (Python's default: 700)
-
-
-class KeyValueFormatter(logging.Formatter):
-    """``ts=... level=... logger=... msg="..."``: one greppable line per record."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        line = f'ts={ts} level={record.levelname.lower()} logger={record.name} msg={json.dumps(record.getMessage())}'
-        if record.exc_info:
-            line += f" exc={json.dumps(self.formatException(record.exc_info))}"
-        return line
-
-
-class JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(fmt: str, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def _raise_fd_limit() -> None:
@@ -102,17 +72,17 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
                 idle_timeout=config.idle_timeout)
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
     http = None
+    qmp_addresses = []
     try:
         if config.qmp:
             server.listen_unix(config.qmp)
-            log.info("QMP listening on unix:%s", config.qmp)
+            qmp_addresses.append(f"unix:{config.qmp}")
         if config.qmp_tcp:
             host, port = split_host_port(config.qmp_tcp, "qmp_tcp")
             port = server.listen_tcp(host, port)
-            log.info("QMP listening on tcp:%s:%d", host, port)
+            qmp_addresses.append(f"tcp:{host}:{port}")
         if config.http:
             http = await HTTPAPI.start(node, config, http_token)
-            log.info("HTTP API listening on http://%s", http.address)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_quit, "host-signal")
         _quiet_collector()
@@ -120,7 +90,7 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
             node.start_incoming(config.incoming)
         elif vm is not None:
             vm.start()
-        log.info("node %s ready (run state %s)", node.name, node.run_state)
+        log_startup(log, node, vm, qmp_addresses, f"http://{http.address}" if http else None)
         await node.quit_requested.wait()
         await asyncio.sleep(0.05)       # let the last replies and SHUTDOWN reach the clients
         log.info("node %s shutting down", node.name)

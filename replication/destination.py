@@ -108,6 +108,7 @@ class MigrationDestination(MigrationRun):
         self._decompressors: list[threading.Thread] = []
         self._inflate_queue: queue.Queue = queue.Queue()
         self._can_populate = True
+        self.aborted = False            # the daemon is exiting: an expected end, not a failure to report
 
     @property
     def bytes_received(self) -> int:
@@ -116,6 +117,7 @@ class MigrationDestination(MigrationRun):
 
     def abort(self) -> None:
         """Stop listening and drop the channels (the daemon is exiting)."""
+        self.aborted = True
         self.listener.close()
         for channel in list(self._channels):
             channel.abort()
@@ -159,9 +161,10 @@ class MigrationDestination(MigrationRun):
                 main.sock.settimeout(None)      # from here the heartbeat watches the pair
                 self.colo_handover(self, main, self._enter_colo)     # COLO handles its own failures
         except Exception as e:
+            if self.aborted:
+                self.error = self.error or "the node is shutting down"
             self.error = self.error or (str(e) if isinstance(e, (stream.StreamError, TransportError))
                                         else f"{type(e).__name__}: {e}")
-            log.warning("incoming migration failed: %s", self.error)
             if main is not None and main.two_way:
                 try:
                     main.send(stream.pack_reply(False, self.error))
@@ -175,7 +178,11 @@ class MigrationDestination(MigrationRun):
             self._stop_decompressors()
             self._clear_ram()
             self.end_time = time.monotonic()
-            self.set_state(("setup", "active"), "failed")
+            if self.aborted:        # the daemon is exiting: a clean end, not a failure
+                self.set_state(("setup", "active"), "cancelling")
+                self.set_state("cancelling", "cancelled")
+            else:
+                self.set_state(("setup", "active"), "failed")
         finally:
             self._stop_decompressors()
             for channel in self._channels:

@@ -259,7 +259,6 @@ class MigrationSource(MigrationRun):
             cancelled = self._cancel.is_set()
             if not cancelled:
                 self.error = self.error or self._verdict_after(e) or describe(e)
-                log.warning("migration failed: %s", self.error)
             self._abort_all(str(self.error or "migration cancelled"))
             # After END, a lost verdict leaves the guest paused here: it may run on the destination,
             # and two running copies are worse than a stopped one.

@@ -12,12 +12,9 @@ event, a thread that runs the whole migration, and views of guest RAM released w
 from __future__ import annotations
 
 import enum
-import logging
 import threading
 import time
 from typing import Callable
-
-log = logging.getLogger(__name__)
 
 
 class MigrationStatus(str, enum.Enum):
@@ -70,8 +67,7 @@ class MigrationRun:
         with self._lock:
             if self.status not in olds:
                 return False
-            self.status = new = new.value       # plain strings for query-migrate, events and logs
-        log.info("%s %s", self.role, new)
+            self.status = new = new.value       # plain strings for query-migrate and events (the node logs them)
         self.on_event("MIGRATION", {"status": new})
         return True
 

@@ -312,6 +312,8 @@ class Listener:
         return Channel(sock=sock, description=self.uri)
 
     def close(self) -> None:
+        """Idempotent, and safe from two threads at once (the daemon's exit and the accepting
+        thread's own clean-up): whoever takes the socket closes it."""
         with self._close_lock:           # abort() and the destination's thread may both close it
             sock, self.sock = self.sock, None
         if sock is not None:

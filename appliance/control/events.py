@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Callable
 
+from appliance.logs import fields
 from appliance.qapi import Schema
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,6 @@ class EventBus:
             self.loop.call_soon_threadsafe(self._deliver, message)
 
     def _deliver(self, message: dict) -> None:
-        log.info("event %s %s", message["event"], message.get("data", ""))
+        log.info("event %s", message["event"], extra=fields(event=message["event"], data=message.get("data", {})))
         for listener in list(self._listeners):
             listener(message)

@@ -31,6 +31,7 @@ from replication.tls import TlsError, TlsRegistry
 from replication.transport import Listener, TransportError
 
 from appliance.announce import announce_self
+from appliance.logs import fields, log_migration_summary
 from appliance.metrics import OUTCOMES, MigrationTotals
 
 from .dispatch import CallContext, Dispatcher
@@ -100,7 +101,6 @@ class Node:
         olds = {old} if isinstance(old, str) else old
         if self._run_state not in olds:
             return False
-        log.info("run state %s -> %s", self._run_state, new)
         self._run_state = new
         return True
 
@@ -108,8 +108,7 @@ class Node:
         """VM events (from any thread) become QMP events, reduced to the schema's members."""
         if name == "SHUTDOWN" and not data.get("guest"):
             return                      # host-side shutdowns are announced by request_quit
-        if name == "GUEST_PANICKED":
-            log.error("guest panicked: %s", data.get("reason"))
+        if name == "GUEST_PANICKED":       # the VM logged the reason
             data = {"action": data["action"]}
         self.events.emit(name, data or None)
 
@@ -158,16 +157,30 @@ class Node:
         """From a migration thread: the event (QMP sees it with the 'events' capability), then
         what follows a finished incoming migration (announce the guest's new place; re-arm a
         failed socket for another try)."""
-        if self.migration.caps["events"]:
-            self.events.emit(name, data)
         incoming = isinstance(self.migration, MigrationDestination)
-        if name == "MIGRATION" and data["status"] in OUTCOMES:
+        finished = name == "MIGRATION" and data["status"] in OUTCOMES
+        if self.migration.caps["events"]:
+            self.events.emit(name, data)        # its log line tells the status
+        elif name == "MIGRATION" and not finished:         # a finished one's summary tells it
+            role = "incoming migration" if incoming else "migration"
+            log.info("%s %s", role, data["status"], extra=fields(role=role, status=data["status"]))
+        if finished:
+            self._log_migration_summary()
             self.migration_totals.finished(self.migration, self.migration_direction(), data["status"])
         if name == "MIGRATION" and data["status"] == "completed" and incoming and not self.migration.colo_stream:
             self._announce()            # a COLO secondary announces when it takes over, if it does
         if (name == "MIGRATION" and data["status"] == "failed" and isinstance(self.migration, MigrationDestination)
                 and self.incoming not in (None, "defer") and self.incoming.startswith(("tcp:", "unix:"))):
             self.loop.call_soon_threadsafe(self._rearm_incoming)
+
+    def _log_migration_summary(self) -> None:
+        migration, info = self.migration, self.migration.info()
+        if isinstance(migration, MigrationDestination):
+            role, moved = "incoming migration", migration.bytes_received
+        else:
+            role, moved = "migration", info.get("ram", {}).get("transferred", 0)
+        level = logging.WARNING if info["status"] == "failed" else logging.INFO
+        log_migration_summary(log, level, role, info, moved)
 
     def _announce(self) -> None:
         """From any thread: tell the bridges where the guest is now (QEMU's announce-self)."""

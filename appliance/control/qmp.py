@@ -267,13 +267,19 @@ class QMPServer:
         old_umask = os.umask(0o177)          # the socket is created 0600
         try:
             sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"QMP socket {path}: {e.strerror}") from None
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
         self._listen(sock)
 
     def listen_tcp(self, host: str, port: int) -> int:
-        sock = socket.create_server((host, port), reuse_port=False)
+        try:
+            sock = socket.create_server((host, port), reuse_port=False)
+        except OSError as e:
+            raise OSError(e.errno, f"QMP address {host}:{port}: {os.strerror(e.errno) if e.errno else e}") from None
         self._listen(sock)
         return sock.getsockname()[1]
 

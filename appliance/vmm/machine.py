@@ -500,10 +500,11 @@ class VirtualMachine:
             self._run_requested = False
             self.vcpu.run.immediate_exit = 1
         self._clock.freeze()
-        _log.info("VM %s stopped: %s (%s)", self.uuid, state, reason)
         if event:
-            self._emit(*event)
-        elif state == GUEST_PANICKED:
+            self._emit(*event)          # its log line says what happened
+            return
+        _log.error("VM %s stopped: %s (%s)", self.uuid, state, reason)    # STOP carries no reason: say it here
+        if state == GUEST_PANICKED:
             self._emit("GUEST_PANICKED", {"action": "pause", "reason": reason})
             self._emit("STOP", {})
         else:
