@@ -20,6 +20,8 @@ import appliance
 
 from .config import ConfigError, load_config, split_host_port
 
+log = logging.getLogger("appliance")
+
 
 class QMPClientError(Exception):
     pass
@@ -284,10 +286,12 @@ SERVE_SWITCHES = (("start_paused", "guest", "start_paused", "-S"),
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon import create_vm, serve, setup_logging
+    from .daemon import create_vm, serve
     from .http_api import load_token
+    from .logs import setup_logging
     from .qapi import QMPError
     from .vmm import VMError
+    setup_logging(args.log_format or "text")      # the config file may choose another format below
     try:
         if args.http_token is not None:
             raise ConfigError("--http-token is no longer accepted: every local user can read the command line; "
@@ -314,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             logging.getLogger("appliance.config").warning("%s", warning)
         http_token = load_token(config) if config.http else None
     except ConfigError as e:
-        print(f"colo-appliance: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     vm = None
     try:
@@ -322,14 +326,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             vm = create_vm(config, config.state_dir)
         return asyncio.run(serve(config, vm, http_token))
     except VMError as e:
-        print(f"colo-appliance: guest: {e}", file=sys.stderr)
+        log.error("guest: %s", e)
         return 1
     except QMPError as e:
-        print(f"colo-appliance: {e.desc}", file=sys.stderr)
+        log.error("%s", e.desc)
         return 1
-    except OSError as e:                # a socket that cannot be bound, a path that cannot be created
-        print(f"colo-appliance: cannot start: {e}", file=sys.stderr)
+    except OSError as e:            # e.g. a QMP socket in a missing directory, an address in use
+        log.error("cannot start: %s", f"{e.filename}: {e.strerror}" if e.filename else e.strerror or e)
         return 1
+    except KeyboardInterrupt:       # before the event loop took SIGINT over
+        log.info("interrupted while starting")
+        return 130
     finally:
         if vm is not None:
             vm.close()
@@ -356,10 +363,16 @@ def cmd_make_certs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="colo-appliance", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = argparse.ArgumentParser(prog="colo-appliance", description=(
+        "Fault tolerance for a KVM guest: a node daemon with a QEMU-compatible QMP control plane, "
+        "live migration and COLO, and the tools to drive them."))
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                                help="what to do ('colo-appliance COMMAND --help' explains one)")
 
-    serve = sub.add_parser("serve", help="run a node daemon")
+    def command(name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {details}".strip())
+
+    serve = command("serve", "run a node daemon", "It runs until quit over QMP, SIGTERM or SIGINT.")
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument("--name", help="node name")
     serve.add_argument("--qmp", help="QMP UNIX socket path (created 0600)")
@@ -376,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Host name the HTTP API answers to besides its address (repeatable)")
     serve.add_argument("--http-allow-local-uris", dest="http_allow_local_uris", action="store_true",
                        help="allow exec:, file:, unix: and fd: migration URIs over HTTP (QMP always allows them)")
-    serve.add_argument("--log-format", dest="log_format", choices=["text", "json"])
+    serve.add_argument("--log-format", dest="log_format", choices=["text", "json"],
+                       help="log lines on stderr as key=value text (default) or as JSON objects")
     serve.add_argument("--incoming", metavar="URI|defer", help="wait for an incoming migration, as QEMU's -incoming")
     serve.add_argument("--state-dir", dest="state_dir",
                        help="directory for the console log and the HTTP token (default /var/lib/colo-appliance/NAME)")
@@ -411,13 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("-S", dest="start_paused", action="store_true", help="do not start the guest (prelaunch)")
     serve.set_defaults(func=cmd_serve)
 
-    qmp = sub.add_parser("qmp", help="send a QMP command to a node, or talk to it interactively")
-    qmp.add_argument("socket", help="QMP UNIX socket path or HOST:PORT")
-    qmp.add_argument("command", nargs="?", help="command name (none: interactive mode)")
-    qmp.add_argument("arguments", nargs="*", metavar="key=value")
+    qmp = command("qmp", "send a QMP command to a node, or talk to it interactively", (
+        "Without COMMAND: an interactive shell as QEMU's qmp-shell, where Tab completes command and argument "
+        "names, 'help [COMMAND]' shows the schema's documentation, events print as they arrive, a line is "
+        "'COMMAND key=value ...' or a JSON request, Ctrl-C drops the line and Ctrl-D quits; history is kept in "
+        "$XDG_STATE_HOME/colo-appliance/qmp-history or ~/.colo-appliance-qmp-history."))
+    qmp.add_argument("socket", metavar="SOCKET", help="QMP UNIX socket path or HOST:PORT")
+    qmp.add_argument("command", nargs="?", metavar="COMMAND", help="command name (none: the interactive shell)")
+    qmp.add_argument("arguments", nargs="*", metavar="key=value",
+                     help="the command's arguments; a value that parses as JSON is taken as JSON")
     qmp.set_defaults(func=cmd_qmp)
 
-    migrate = sub.add_parser("migrate", help="live-migrate a node's guest, with a progress bar")
+    migrate = command("migrate", "live-migrate a node's guest, with a progress bar")
     migrate.add_argument("socket", help="the source node's QMP socket path or HOST:PORT")
     migrate.add_argument("uri", help="destination, as QEMU's migrate: tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH")
     migrate.add_argument("--cap", dest="capabilities", action="append", metavar="CAPABILITY",
@@ -431,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds between progress updates on a terminal (default 0.2)")
     migrate.set_defaults(func=cmd_migrate)
 
-    drill = sub.add_parser("drill", help="COLO failover drill on two running nodes, with a timed report")
+    drill = command("drill", "COLO failover drill on two running nodes, with a timed report")
     drill.add_argument("primary", help="the primary's QMP socket path (or HOST:PORT: not with kill or freeze)")
     drill.add_argument("secondary", help="the secondary's QMP socket path or HOST:PORT (its daemon started "
                                          "with --incoming tcp:...)")
@@ -451,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest wait of any step (default 60)")
     drill.set_defaults(func=cmd_drill)
 
-    certs = sub.add_parser("make-certs", help="make a test CA and node certificates in QEMU's x509 layout")
+    certs = command("make-certs", "make a test CA and node certificates in QEMU's x509 layout")
     certs.add_argument("dir", help="directory to write (ca-cert.pem, server-*.pem, client-*.pem)")
     certs.add_argument("--hostname", action="append", metavar="NAME|IP",
                        help="a name or address in the server certificate (repeatable; default localhost, 127.0.0.1)")
@@ -461,8 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
     certs.set_defaults(func=cmd_make_certs)
 
-    version = sub.add_parser("version", help="print the version")
+    version = command("version", "print the version")
     version.set_defaults(func=lambda a: print(f"colo-appliance {appliance.__version__}") or 0)
+    for each in (parser, *sub.choices.values()):
+        each.add_argument("--version", action="version", version=f"colo-appliance {appliance.__version__}",
+                          help="print the version and exit")
     return parser
 
 

@@ -120,3 +120,42 @@ def test_progress_line():
         "dirty-sync-count": 1, "mbps": 800.0, "page-size": 4096}}
     line = progress_line(info, width=10)
     assert line.startswith("active     [#####     ]  50.0%") and "expected downtime 12 ms" in line
+
+
+def _every_parser():
+    import argparse
+
+    from appliance.cli import build_parser
+    parsers = [("colo-appliance", build_parser())]
+    for name, parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return parsers
+
+
+def test_every_command_has_version(capsys):
+    import pytest
+
+    from appliance.cli import main
+    commands = [name.split()[1:] for name, _ in _every_parser()]
+    assert len(commands) >= 6
+    for words in commands:
+        with pytest.raises(SystemExit) as exit_status:
+            main([*words, "--version"])
+        assert exit_status.value.code == 0 and capsys.readouterr().out == "colo-appliance 0.1.0\n", words
+    result = run("serve", "--version")          # and as the installed command runs it
+    assert result.returncode == 0 and result.stdout == "colo-appliance 0.1.0\n"
+
+
+def test_help_explains_every_option_in_plain_text():
+    import argparse
+    for name, parser in _every_parser():
+        text = parser.format_help()
+        for markup in ("``", ":ref:", ":option:", ":class:", ".. "):
+            assert markup not in text, (name, markup)
+        assert parser.description, name
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS:
+                continue            # refused on purpose, never shown
+            assert action.help and action.help.strip(), (name, action.option_strings or action.dest)
