@@ -97,8 +97,8 @@ class ColoManager:
         self.last_mode, self.mode = self.mode, ColoMode.NONE
         self.exit_reason = reason
         self.session = None
-        log.info("COLO: %s left COLO (reason %s%s)", self.last_mode.value, reason.value,
-                 ", took over" if takeover else "")
+        if takeover:        # how COLO ended is COLO_EXIT's log line
+            log.info("COLO: this %s took over: its guest is the service guest now", self.last_mode.value)
         self.emit("COLO_EXIT", {"mode": self.last_mode.value, "reason": reason.value})
         session.migration.set_state("colo", "completed")
         if takeover:

@@ -133,4 +133,5 @@ def test_missing_image_is_a_clear_error(tmp_path):
     assert f"guest image {tmp_path / 'nope.elf'} does not exist" in result.stderr
     result = subprocess.run([sys.executable, "-m", "appliance.cli", "serve", "--no-http", "--guest", "/etc/passwd"],
                             capture_output=True, text=True, cwd=REPO, timeout=30)
-    assert result.returncode == 1 and "colo-appliance: guest:" in result.stderr
+    assert result.returncode == 1 and 'level=error logger=appliance msg="guest: not an ELF file' in result.stderr
+    assert "Traceback" not in result.stderr
