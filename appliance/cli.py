@@ -337,6 +337,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:       # before the event loop took SIGINT over
         log.info("interrupted while starting")
         return 130
+    except Exception:               # a bug: still one log line (JSON stays parseable), the trace in its exc
+        log.critical("fatal error", exc_info=True)
+        return 1
     finally:
         if vm is not None:
             vm.close()

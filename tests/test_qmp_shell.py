@@ -12,7 +12,7 @@ import pytest
 
 from appliance.qapi import default_schema
 from appliance.shell import InputError, command_help, completions, parse_line
-from conftest import REPO
+from conftest import REPO, free_port, start_daemon, stop_daemon
 
 CLI = [sys.executable, "-m", "appliance.cli"]
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
@@ -168,3 +168,19 @@ def test_help_text():
     assert text.startswith("event STOP\n") and "Emitted when the virtual machine is stopped" in text
     with pytest.raises(InputError, match="no command or event named 'nope'"):
         command_help(default_schema(), "nope")
+
+
+def test_shell_over_tcp_with_piped_input(tmp_path):
+    port = free_port()
+    d = start_daemon(tmp_path, "--qmp-tcp", f"127.0.0.1:{port}")
+    try:
+        result = subprocess.run([*CLI, "qmp", f"127.0.0.1:{port}"], input="stop\nbogus\nhelp stop\n", text=True,
+                                capture_output=True, cwd=REPO, timeout=60,
+                                env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")})
+    finally:
+        stop_daemon(d)
+    assert result.returncode == 0, result.stderr
+    assert "event STOP" in result.stdout and "Stop all guest VCPU execution." in result.stdout
+    assert "error: CommandNotFound: The command bogus has not been found" in result.stderr
+    assert (tmp_path / "state" / "colo-appliance" / "qmp-history").read_text().splitlines() == [
+        "stop", "bogus", "help stop"]
