@@ -2,6 +2,7 @@
 state change, a summary per finished migration, clean ends for expected conditions."""
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from appliance.cli import SyncQMPClient
 from appliance.logs import JSONFormatter, KeyValueFormatter, fields
+from appliance.netns import Topology
 from conftest import REPO, free_port, start_daemon, stop_daemon
 
 GUEST = ["--guest", "memdirty", "-m", "32", "--append", "mib=8 rate=0"]
@@ -148,3 +150,34 @@ def test_formats():
     assert KeyValueFormatter().format(spaced).endswith(' path="/a b" name="say \\"hi\\""')
     with pytest.raises(ValueError, match="may not be named"):
         fields(msg="clash")
+
+
+@pytest.mark.kvm
+@pytest.mark.netns
+def test_start_up_summary_names_the_nic_the_wire_sees(guest_images, tmp_path):
+    topo = Topology(f"lg{os.getpid() % 100000}", ["a"])
+    d = None
+    try:
+        d = start_daemon(tmp_path, "--guest", "kvstore", "-m", "64", "--log-format", "json",
+                         "--append", f"ip={topo.guest_address}/24 gw={topo.client_address}",
+                         "--nic", "tap=tap0,bridge=br0", namespace=topo.nodes["a"].namespace)
+        console = tmp_path / "test-node-console.log"
+        deadline = time.monotonic() + 20
+        while not (console.exists() and "listening" in console.read_text()):
+            assert d.alive() and time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        ping = topo.run_client(["redis-cli", "-h", topo.guest_address, "PING"], capture_output=True, text=True,
+                               timeout=30)
+        assert ping.stdout == "PONG\n", ping
+        neighbour = topo.run_client(["ip", "-j", "neigh", "show", topo.guest_address], capture_output=True,
+                                    text=True, timeout=30)
+        (entry,) = json.loads(neighbour.stdout)
+    finally:
+        if d is not None:
+            stop_daemon(d)
+        topo.close()
+    summary = next(e for e in json_lines(d.log()) if e["msg"].startswith("node test-node ready"))
+    assert summary["nic"] == "tap0" and summary["bridge"] == "br0"
+    assert summary["mac"].lower() == entry["lladdr"].lower()        # the MAC the guest answers ARP with
+    assert summary["image"].endswith("kvstore.elf") and summary["memory_mib"] == 64
+    assert summary["console"] == str(console) and "NIC tap0 (" in summary["msg"]
