@@ -11,6 +11,7 @@ in $XDG_STATE_HOME/colo-appliance/qmp-history, else ~/.colo-appliance-qmp-histor
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -135,6 +136,18 @@ def overview(schema: Schema) -> str:
             "Tab completes names; Ctrl-C drops the line; Ctrl-D quits.\n")
 
 
+def _redraw_prompt() -> None:
+    """Draw the prompt and the half-typed line again on a fresh line.  Python's readline.redisplay()
+    only draws what changed, so nothing; GNU readline's rl_forced_update_display draws it all (the
+    main thread waits in select() meanwhile, and this thread holds the GIL that readline needs)."""
+    import readline
+    try:
+        ctypes.CDLL(readline.__file__).rl_forced_update_display()
+    except (OSError, AttributeError):       # not GNU readline (libedit): draw it by hand
+        sys.stdout.write(PROMPT + readline.get_line_buffer())
+        sys.stdout.flush()
+
+
 def _save_history(path: str) -> None:
     """After every line, so a killed shell loses nothing."""
     import readline
@@ -168,11 +181,10 @@ class QMPShell:
         stream = stream or sys.stdout
         with self.print_lock:
             if self.at_prompt and self.interactive:
-                import readline
                 sys.stdout.write("\r\x1b[K")
                 sys.stdout.flush()
                 print(text, file=stream, flush=True)
-                readline.redisplay()
+                _redraw_prompt()
             else:
                 print(text, file=stream, flush=True)
 

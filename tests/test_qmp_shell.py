@@ -109,6 +109,15 @@ def test_shell_session(shell, daemon, tmp_path):
     assert subprocess.run([*CLI, "qmp", daemon.qmp, "cont"], cwd=REPO, capture_output=True,
                           timeout=60).returncode == 0
     shell.expect("event RESUME")
+    # ... and while a line is half typed: the prompt and the line come back, and the line goes on.
+    shell.type("query-sta")
+    shell.expect("query-sta")
+    assert subprocess.run([*CLI, "qmp", daemon.qmp, "stop"], cwd=REPO, capture_output=True,
+                          timeout=60).returncode == 0
+    shell.expect("event STOP")
+    shell.expect("(QMP) query-sta")
+    assert '"status": "paused"' in shell.command("tus")
+    shell.command("cont")
     # Raw JSON, with the caller's own id.
     assert '"status": "running"' in shell.command('{"execute": "query-status", "id": "mine"}')
     # Ctrl-C drops the half-typed line; the next one runs alone.
