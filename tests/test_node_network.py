@@ -82,11 +82,18 @@ def test_a_failed_start_removes_the_tap_it_created(host, guest_images, tmp_path)
     assert result.returncode == 1 and mac_of(host, "tap9") is not None
 
 
+def error_line(stderr: str) -> str:
+    """The message of the daemon's one log line on stderr, which must be an error."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and " level=error " in lines[0], stderr
+    return lines[0].split(' msg="', 1)[1][:-1].replace('\\"', '"')
+
+
 def test_a_missing_bridge_says_how_to_create_it(host, guest_images, tmp_path):
     result = serve(host, tmp_path, "--nic", "tap=tap0,bridge=br7")
     assert result.returncode == 1
-    assert result.stderr.strip() == (
-        "colo-appliance: guest: bridge br7 does not exist: create it first, e.g. "
+    assert error_line(result.stderr) == (
+        "guest: bridge br7 does not exist: create it first, e.g. "
         "'ip link add br7 type bridge && ip link set br7 up' (docs/operations.md)")
     assert mac_of(host, "tap0") is None
     result = serve(host, tmp_path, "--nic", "tap=tap0,bridge=notbr")
@@ -97,7 +104,7 @@ def test_a_missing_bridge_says_how_to_create_it(host, guest_images, tmp_path):
 def test_no_permission_for_the_tap_is_a_clear_error(host, guest_images, tmp_path):
     result = serve(host, tmp_path, "--nic", "tap=tap0,bridge=br0", wrapper=("setpriv", "--bounding-set=-net_admin", "--"))
     assert result.returncode == 1
-    assert result.stderr.strip() == ("colo-appliance: guest: cannot set up tap tap0: Operation not permitted "
+    assert error_line(result.stderr) == ("guest: cannot set up tap tap0: Operation not permitted "
                                      "(creating a tap needs CAP_NET_ADMIN)")
 
 
@@ -113,7 +120,7 @@ def test_a_missing_state_dir_is_created_and_an_impossible_one_is_a_clear_error(h
     (tmp_path / "a-file").write_text("")
     result = serve(host, tmp_path, "--state-dir", str(tmp_path / "a-file" / "node"))
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"colo-appliance: cannot create the state directory "
+    assert error_line(result.stderr) == (f"cannot create the state directory "
                                      f"{tmp_path / 'a-file' / 'node'}: Not a directory")
 
 
