@@ -198,6 +198,9 @@ class QMPShell:
     # -- the connection -------------------------------------------------------------
 
     def _read_loop(self) -> None:
+        # Ctrl-C must reach the main thread: readline's select() there sees it only if the
+        # kernel delivers SIGINT to that thread, not to this one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             for line in self.client.file:
                 message = json.loads(line)
