@@ -5,17 +5,20 @@ is taken as JSON, ``k='a b'`` is a string, ``a.b=1`` builds ``{"a": {"b": 1}}``)
 ``{"execute": ...}``.  Tab completes command names, argument names and enum values
 from the node's schema; ``help [COMMAND]`` answers from the schema's doc comments
 without asking the node.  Events are printed as they arrive, also while the prompt
-waits for input (a reader thread prints them and redraws the prompt).  Ctrl-C drops
-the line being typed (or stops waiting for a reply), Ctrl-D leaves.  History is kept
+waits for input: a reader thread takes the node's messages into an inbox and wakes the
+main thread, which alone prints and alone drives readline (readline is not thread-safe).
+Ctrl-C drops the line being typed (or stops waiting for a reply), Ctrl-D leaves.  History is kept
 in $XDG_STATE_HOME/colo-appliance/qmp-history, else ~/.colo-appliance-qmp-history.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import queue
 import re
+import select
 import signal
 import sys
 import textwrap
@@ -136,16 +139,90 @@ def overview(schema: Schema) -> str:
             "Tab completes names; Ctrl-C drops the line; Ctrl-D quits.\n")
 
 
-def _redraw_prompt() -> None:
-    """Draw the prompt and the half-typed line again on a fresh line.  Python's readline.redisplay()
-    only draws what changed, so nothing; GNU readline's rl_forced_update_display draws it all (the
-    main thread waits in select() meanwhile, and this thread holds the GIL that readline needs)."""
-    import readline
-    try:
-        ctypes.CDLL(readline.__file__).rl_forced_update_display()
-    except (OSError, AttributeError):       # not GNU readline (libedit): draw it by hand
-        sys.stdout.write(PROMPT + readline.get_line_buffer())
-        sys.stdout.flush()
+def _nonblocking_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    return read_end, write_end
+
+
+def _drain(fd: int) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+LINE_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class LineEditor:
+    """GNU readline's callback interface, fed one key at a time by the shell's own select() loop.
+
+    input() runs CPython's loop instead, which acts on a signal only when it interrupts select():
+    a Ctrl-C that lands while readline still handles the previous key is noted, then ignored
+    until Enter.  Here a signal is a byte on a wakeup pipe that the loop selects on, and the loop
+    also prints the node's events above the prompt, all on the main thread."""
+
+    def __init__(self):
+        import readline         # sets up the completer and history that the callback interface shares
+        self.lib = ctypes.CDLL(readline.__file__)     # the module's handle also resolves libreadline's symbols
+        self.libc = ctypes.CDLL(None)
+        self.lib.rl_callback_handler_install.argtypes = [ctypes.c_char_p, LINE_HANDLER]
+        self.lib.rl_free.argtypes = [ctypes.c_void_p]
+        self.libc.fflush.argtypes = [ctypes.c_void_p]
+        # Readline's own handlers would eat Ctrl-C inside rl_callback_read_char: the shell's loop owns it.
+        ctypes.c_int.in_dll(self.lib, "rl_catch_signals").value = 0
+        self.on_line = LINE_HANDLER(self._take_line)      # kept alive: readline holds the pointer
+        self.active = False
+        self.done = False
+        self.line: bytes | None = None
+
+    def start(self, prompt: str) -> None:
+        """Draw the prompt and take keys into a new line."""
+        self.done, self.line = False, None
+        self.lib.rl_callback_handler_install(prompt.encode(), self.on_line)
+        self.active = True
+
+    def feed(self) -> bool:
+        """Handle one key from stdin; True once the line is complete (``line`` None: Ctrl-D)."""
+        self.lib.rl_callback_read_char()
+        return self.done
+
+    def _take_line(self, text: int | None) -> None:
+        self.line = ctypes.string_at(text) if text else None
+        self.lib.rl_free(text)
+        self.lib.rl_callback_handler_remove()
+        self.active = False
+        self.done = True
+
+    def cancel(self) -> None:
+        """Drop the half-typed line and give the terminal back, as CPython does on Ctrl-C."""
+        self.lib.rl_free_line_state()
+        self.lib.rl_callback_sigcleanup()
+        self.lib.rl_cleanup_after_signal()
+        self.lib.rl_callback_handler_remove()
+        self.active = False
+
+    def print_above(self, text: str, stream) -> None:
+        """Print ``text`` where the prompt was, then the prompt and the half-typed line again below it
+        (readline.redisplay() would draw only what changed: nothing)."""
+        self.lib.rl_clear_visible_line()
+        self.libc.fflush(None)          # readline writes through C's buffered stdout
+        print(text, file=stream, flush=True)
+        self.lib.rl_forced_update_display()
+
+    def resize(self) -> None:
+        self.lib.rl_resize_terminal()
+
+
+def _wake_only(signum, frame) -> None:
+    """A Python-level handler, so the signal reaches the wakeup pipe; the select() loop acts on it."""
 
 
 def _save_history(path: str) -> None:
@@ -163,30 +240,29 @@ class QMPShell:
     def __init__(self, client: SyncQMPClient, schema: Schema | None = None):
         self.client = client
         self.schema = schema or default_schema()
-        self.interactive = sys.stdin.isatty()
-        self.replies: queue.Queue[dict | None] = queue.Queue()
+        self.interactive = sys.stdin.isatty() and sys.stdout.isatty()   # as input() decides on readline
+        self.editor = LineEditor() if self.interactive else None
+        self.piped_input = b""          # read from a non-terminal stdin, not yet a whole line
+        # The reader thread puts each message (None: the connection ended) and rings the doorbell.
+        self.inbox: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self.doorbell_r, self.doorbell_w = _nonblocking_pipe()
+        self.signals_r, self.signals_w = _nonblocking_pipe()    # signal.set_wakeup_fd writes signal numbers
+        self.read_error: str | None = None
         self.closed = False
-        self.at_prompt = False
-        self.print_lock = threading.Lock()
         self.next_id = 0
         self.quit_sent = False          # then the node closing the connection is what was asked
         self.matches: list[str] = []
         self.reader = threading.Thread(target=self._read_loop, name="qmp-shell-reader", daemon=True)
 
-    # -- output ---------------------------------------------------------------------
+    # -- output (main thread only) ----------------------------------------------------
 
     def show(self, text: str, stream=None) -> None:
-        """Print, also from the reader thread while the prompt waits: clear the prompt's line,
-        print, and let readline draw the prompt and the half-typed line again."""
+        """Print; while the prompt waits for input, above it, and draw the prompt and the line again."""
         stream = stream or sys.stdout
-        with self.print_lock:
-            if self.at_prompt and self.interactive:
-                sys.stdout.write("\r\x1b[K")
-                sys.stdout.flush()
-                print(text, file=stream, flush=True)
-                _redraw_prompt()
-            else:
-                print(text, file=stream, flush=True)
+        if self.editor is not None and self.editor.active:
+            self.editor.print_above(text, stream)
+        else:
+            print(text, file=stream, flush=True)
 
     def show_event(self, event: dict) -> None:
         stamp = event.get("timestamp", {})
@@ -198,23 +274,52 @@ class QMPShell:
     # -- the connection -------------------------------------------------------------
 
     def _read_loop(self) -> None:
-        # Ctrl-C must reach the main thread: readline's select() there sees it only if the
-        # kernel delivers SIGINT to that thread, not to this one.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        """The reader thread: it only passes messages on, never prints or touches readline."""
         try:
             for line in self.client.file:
-                message = json.loads(line)
-                if "event" in message:
-                    self.show_event(message)
-                else:
-                    self.replies.put(message)
+                self._deliver(json.loads(line))
         except (OSError, ValueError) as e:
-            self.show(f"error: reading from the node: {e}", sys.stderr)
-        self.closed = True
-        self.replies.put(None)
-        if self.at_prompt:
-            self.show("the node quit" if self.quit_sent else "connection closed by the node", sys.stderr)
-            os.kill(os.getpid(), signal.SIGINT)     # wake input() so the session ends
+            self.read_error = f"error: reading from the node: {e}"
+        self._deliver(None)
+
+    def _deliver(self, message: dict | None) -> None:
+        self.inbox.put(message)
+        try:
+            os.write(self.doorbell_w, b"\0")
+        except BlockingIOError:         # the pipe is full: the main thread has been woken already
+            pass
+
+    def _wait(self, *fds: int) -> list[int]:
+        """Sleep until the node sent something, a signal came, or one of ``fds`` can be read.  Ctrl-C
+        raises KeyboardInterrupt here, at a known point: its byte on the wakeup pipe wakes this select()
+        even when the signal landed before it, and no handler raises inside readline's callbacks."""
+        ready, _, _ = select.select([*fds, self.doorbell_r, self.signals_r], [], [])
+        if self.doorbell_r in ready:
+            _drain(self.doorbell_r)
+        if self.signals_r in ready:
+            signals = _drain(self.signals_r)
+            if signal.SIGWINCH in signals and self.editor is not None:
+                self.editor.resize()
+            if signal.SIGINT in signals:
+                raise KeyboardInterrupt
+        return ready
+
+    def _next_reply(self) -> dict | None:
+        """Print the events that came in, in order, up to the next reply; that reply, or None once
+        the inbox is empty.  Call before every _wait(): the doorbell rang for what is still here."""
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return None
+            if message is None:
+                self.closed = True
+                if self.read_error:
+                    self.show(self.read_error, sys.stderr)
+                return None
+            if "event" not in message:
+                return message
+            self.show_event(message)
 
     def execute(self, request: dict) -> dict | None:
         """Send ``request``; its reply, or None when Ctrl-C stopped the wait."""
@@ -225,17 +330,59 @@ class QMPShell:
         self.client.file.flush()
         try:
             while True:
-                try:
-                    reply = self.replies.get(timeout=0.2)
-                except queue.Empty:
-                    continue
+                reply = self._next_reply()
                 if reply is None:
-                    raise QMPClientError("connection closed by the node")
-                if reply.get("id") == request["id"]:
+                    if self.closed:
+                        raise QMPClientError("connection closed by the node")
+                    self._wait()
+                elif reply.get("id") == request["id"]:
                     return reply
         except KeyboardInterrupt:
             self.show("(no longer waiting for the reply)", sys.stderr)
             return None
+
+    # -- input ----------------------------------------------------------------------
+
+    def _show_events(self) -> None:
+        """At the prompt: print what came in.  A reply here is one whose wait Ctrl-C stopped: dropped."""
+        while self._next_reply() is not None:
+            pass
+
+    def read_line(self) -> str | None:
+        """The next line of input; None at its end (Ctrl-D) or when the node closed the connection."""
+        if self.editor is None:
+            return self._read_piped_line()
+        stdin = sys.stdin.fileno()
+        self.editor.start(PROMPT)
+        try:
+            while True:
+                self._show_events()
+                if self.closed:
+                    self.editor.cancel()
+                    print()
+                    return None
+                if stdin in self._wait(stdin) and self.editor.feed():
+                    line = self.editor.line
+                    return None if line is None else line.decode(sys.stdin.encoding, "replace")
+        except KeyboardInterrupt:
+            self.editor.cancel()
+            raise
+
+    def _read_piped_line(self) -> str | None:
+        stdin = sys.stdin.fileno()
+        print(PROMPT, end="", flush=True)
+        while b"\n" not in self.piped_input:
+            self._show_events()
+            if self.closed:
+                return None
+            if stdin in self._wait(stdin):
+                chunk = os.read(stdin, 65536)
+                if not chunk:
+                    rest, self.piped_input = self.piped_input, b""
+                    return rest.decode(sys.stdin.encoding, "replace") if rest else None
+                self.piped_input += chunk
+        line, _, self.piped_input = self.piped_input.partition(b"\n")
+        return line.decode(sys.stdin.encoding, "replace")
 
     # -- the session ------------------------------------------------------------------
 
@@ -262,7 +409,24 @@ class QMPShell:
             self.quit_sent = request.get("execute") == "quit"
             self.show(json.dumps(reply["return"], indent=2, sort_keys=True))
 
+    @contextlib.contextmanager
+    def signals_to_the_loop(self):
+        """Ctrl-C and window resizes come to the select() loop as bytes on the wakeup pipe."""
+        watched = (signal.SIGINT, signal.SIGWINCH)
+        previous_handlers = {signum: signal.signal(signum, _wake_only) for signum in watched}
+        previous_wakeup_fd = signal.set_wakeup_fd(self.signals_w)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous_wakeup_fd)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
     def run(self) -> int:
+        with self.signals_to_the_loop():
+            return self._session()
+
+    def _session(self) -> int:
         import readline
         history = history_path()
         os.makedirs(os.path.dirname(history), exist_ok=True)
@@ -283,26 +447,26 @@ class QMPShell:
         try:
             while not self.closed:
                 try:
-                    self.at_prompt = True
-                    line = input(PROMPT).strip()
-                except EOFError:
-                    print()
-                    return 0
+                    line = self.read_line()
                 except KeyboardInterrupt:
                     print()
                     continue
-                finally:
-                    self.at_prompt = False
+                if line is None:
+                    if self.closed:
+                        break
+                    print()
+                    return 0
+                line = line.strip()
                 if not line:
                     continue
-                if not self.interactive:
-                    readline.add_history(line)
+                readline.add_history(line)
                 try:
                     self.handle(line)
                 except InputError as e:
                     self.show(f"error: {e}", sys.stderr)
                 finally:
                     _save_history(history)
+            self.show("the node quit" if self.quit_sent else "connection closed by the node", sys.stderr)
             return 0 if self.quit_sent else 1
         except QMPClientError as e:
             self.show(f"error: {e}", sys.stderr)
