@@ -28,7 +28,12 @@ scatter_pages = _impl.scatter_pages
 copy_pages = _impl.copy_pages
 equal_prefix = _impl.equal_prefix
 parse_headers = _impl.parse_headers
+ring_tx_pop = _impl.ring_tx_pop
+ring_tx_write = _impl.ring_tx_write
+ring_rx_push = _impl.ring_rx_push
+ring_rx_read = _impl.ring_rx_read
+ring_arm = _impl.ring_arm
 
 __all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bitmap_pages",
            "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "equal_prefix", "parse_headers",
-           "reference", "IMPLEMENTATION"]
+           "ring_tx_pop", "ring_tx_write", "ring_rx_push", "ring_rx_read", "ring_arm", "reference", "IMPLEMENTATION"]

@@ -832,6 +832,345 @@ other:
     Py_RETURN_NONE;
 }
 
+/* --- NIC rings (docs/guest-abi.md; contracts in reference.py) ------------------------ */
+
+#include <errno.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define RING_TX_PROD 0
+#define RING_TX_CONS 64
+#define RING_TX_NOTIFY 68
+#define RING_RX_AVAIL 128
+#define RING_RX_USED 192
+#define RING_RX_NOTIFY 196
+#define RING_CTRL_SIZE 256
+#define RING_DESC_SIZE 16
+#define RING_MAX_FRAME 65536
+
+typedef struct {
+    Py_buffer ram, dirty;
+    uint8_t *mem, *bits;
+    uint64_t size_bytes, ctrl, ring;
+    uint32_t slots;
+    char error[200];
+} ring_ctx;
+
+static void ring_mark(ring_ctx *r, uint64_t gpa, uint64_t len)
+{
+    for (uint64_t page = gpa >> 12; page <= (gpa + len - 1) >> 12; page++)
+        r->bits[page >> 3] |= (uint8_t)(1u << (page & 7));
+}
+
+static uint32_t ring_u32(ring_ctx *r, uint64_t off)
+{
+    uint32_t v;
+    memcpy(&v, r->mem + off, 4);
+    return __atomic_load_n(&v, __ATOMIC_ACQUIRE);
+}
+
+static void ring_put_u32(ring_ctx *r, uint64_t off, uint32_t v)
+{
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(r->mem + off, &v, 4);
+    ring_mark(r, off, 4);
+}
+
+static int ring_open(ring_ctx *r, PyObject *ram, PyObject *dirty, uint64_t ctrl, uint64_t ring, uint64_t slots)
+{
+    if (PyObject_GetBuffer(ram, &r->ram, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(dirty, &r->dirty, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&r->ram);
+        return -1;
+    }
+    r->mem = r->ram.buf;
+    r->bits = r->dirty.buf;
+    r->size_bytes = (uint64_t)r->ram.len;
+    r->ctrl = ctrl;
+    r->ring = ring;
+    r->slots = (uint32_t)slots;
+    r->error[0] = 0;
+    const char *bad = NULL;
+    if ((uint64_t)r->dirty.len * 8 < (r->size_bytes + 4095) / 4096)
+        bad = "dirty bitmap too small for RAM";
+    else if (slots == 0 || (slots & (slots - 1)) || slots > 32768)
+        snprintf(r->error, sizeof r->error, "ring size %llu is not a power of two up to 32768",
+                 (unsigned long long)slots);
+    else if (ctrl + RING_CTRL_SIZE > r->size_bytes || ctrl + RING_CTRL_SIZE < ctrl ||
+             ring + slots * RING_DESC_SIZE > r->size_bytes || ring + slots * RING_DESC_SIZE < ring)
+        bad = "ring outside guest RAM";
+    if (bad)
+        snprintf(r->error, sizeof r->error, "%s", bad);
+    if (r->error[0]) {
+        PyErr_SetString(PyExc_ValueError, r->error);
+        PyBuffer_Release(&r->ram);
+        PyBuffer_Release(&r->dirty);
+        return -1;
+    }
+    return 0;
+}
+
+static void ring_close(ring_ctx *r)
+{
+    PyBuffer_Release(&r->ram);
+    PyBuffer_Release(&r->dirty);
+}
+
+/* Outstanding entries between two free-running indexes, or -1 (r->error set) on overrun. */
+static int64_t ring_outstanding(ring_ctx *r, uint32_t ahead, uint32_t behind, const char *what)
+{
+    uint32_t count = ahead - behind;
+    if (count > r->slots) {
+        snprintf(r->error, sizeof r->error, "%s index overrun: %u outstanding on a ring of %u",
+                 what, count, r->slots);
+        return -1;
+    }
+    return count;
+}
+
+/* The descriptor at `index`: 0 with its gpa, buffer and length, or -1 (r->error set). */
+static int ring_desc(ring_ctx *r, uint32_t index, const char *what, uint64_t *at, uint64_t *addr, uint32_t *len)
+{
+    uint32_t slot = index & (r->slots - 1);
+    *at = r->ring + (uint64_t)slot * RING_DESC_SIZE;
+    memcpy(addr, r->mem + *at, 8);
+    memcpy(len, r->mem + *at + 8, 4);
+    if (*len == 0 || *len > RING_MAX_FRAME) {
+        snprintf(r->error, sizeof r->error, "%s descriptor %u: absurd length %u", what, slot, *len);
+        return -1;
+    }
+    if (*addr > r->size_bytes || *addr + *len > r->size_bytes) {
+        snprintf(r->error, sizeof r->error,
+                 "%s descriptor %u: buffer [%#llx, +%#x) is outside guest RAM (size %#llx)", what, slot,
+                 (unsigned long long)*addr, *len, (unsigned long long)r->size_bytes);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *ring_fail(ring_ctx *r)
+{
+    PyErr_SetString(PyExc_ValueError, r->error);
+    ring_close(r);
+    return NULL;
+}
+
+static PyObject *ring_tx_pop(PyObject *self, PyObject *args)
+{
+    PyObject *ram, *dirty;
+    unsigned long long ctrl, ring, slots, limit;
+    unsigned int cons;
+    if (!PyArg_ParseTuple(args, "OOKKKIK", &ram, &dirty, &ctrl, &ring, &slots, &cons, &limit))
+        return NULL;
+    ring_ctx r;
+    if (ring_open(&r, ram, dirty, ctrl, ring, slots) < 0)
+        return NULL;
+    int64_t pending = ring_outstanding(&r, ring_u32(&r, ctrl + RING_TX_PROD), cons, "TX producer");
+    if (pending < 0)
+        return ring_fail(&r);
+    if ((uint64_t)pending > limit)
+        pending = (int64_t)limit;
+    PyObject *frames = PyList_New(0);
+    if (!frames) {
+        ring_close(&r);
+        return NULL;
+    }
+    for (int64_t i = 0; i < pending; i++, cons++) {
+        uint64_t at, addr;
+        uint32_t len;
+        if (ring_desc(&r, cons, "TX", &at, &addr, &len) < 0) {
+            Py_DECREF(frames);
+            return ring_fail(&r);
+        }
+        PyObject *frame = PyBytes_FromStringAndSize((const char *)r.mem + addr, len);
+        if (!frame || PyList_Append(frames, frame) < 0) {
+            Py_XDECREF(frame);
+            Py_DECREF(frames);
+            ring_close(&r);
+            return NULL;
+        }
+        Py_DECREF(frame);
+    }
+    if (pending)
+        ring_put_u32(&r, ctrl + RING_TX_CONS, cons);
+    ring_close(&r);
+    return Py_BuildValue("(IN)", cons, frames);
+}
+
+static PyObject *ring_tx_write(PyObject *self, PyObject *args)
+{
+    PyObject *ram, *dirty;
+    unsigned long long ctrl, ring, slots, limit;
+    unsigned int cons;
+    int fd;
+    if (!PyArg_ParseTuple(args, "OOKKKIiK", &ram, &dirty, &ctrl, &ring, &slots, &cons, &fd, &limit))
+        return NULL;
+    ring_ctx r;
+    if (ring_open(&r, ram, dirty, ctrl, ring, slots) < 0)
+        return NULL;
+    long sent = 0, dropped = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t pending = ring_outstanding(&r, ring_u32(&r, ctrl + RING_TX_PROD), cons, "TX producer");
+    if (pending < 0)
+        failed = 1;
+    else if ((uint64_t)pending > limit)
+        pending = (int64_t)limit;
+    for (int64_t i = 0; !failed && i < pending; i++, cons++) {
+        uint64_t at, addr;
+        uint32_t len;
+        if (ring_desc(&r, cons, "TX", &at, &addr, &len) < 0) {
+            failed = 1;
+            break;
+        }
+        if (write(fd, r.mem + addr, len) == (ssize_t)len)
+            sent++;
+        else
+            dropped++;
+    }
+    if (sent || dropped)
+        ring_put_u32(&r, ctrl + RING_TX_CONS, cons);
+    Py_END_ALLOW_THREADS
+    if (failed)
+        return ring_fail(&r);
+    ring_close(&r);
+    return Py_BuildValue("(Ill)", cons, sent, dropped);
+}
+
+/* Publishes a frame of `len` bytes already in the buffer of descriptor `used`. */
+static void ring_rx_publish(ring_ctx *r, uint64_t at, uint64_t addr, uint32_t len)
+{
+    ring_mark(r, addr, len);
+    memcpy(r->mem + at + 8, &len, 4);
+    ring_mark(r, at + 8, 4);
+}
+
+static PyObject *ring_rx_push(PyObject *self, PyObject *args)
+{
+    PyObject *ram, *dirty, *frames;
+    unsigned long long ctrl, ring, slots;
+    unsigned int used;
+    if (!PyArg_ParseTuple(args, "OOKKKIO", &ram, &dirty, &ctrl, &ring, &slots, &used, &frames))
+        return NULL;
+    PyObject *seq = PySequence_Fast(frames, "frames must be a sequence of bytes");
+    if (!seq)
+        return NULL;
+    ring_ctx r;
+    if (ring_open(&r, ram, dirty, ctrl, ring, slots) < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    int64_t free_slots = ring_outstanding(&r, ring_u32(&r, ctrl + RING_RX_AVAIL), used, "RX available");
+    if (free_slots < 0) {
+        Py_DECREF(seq);
+        return ring_fail(&r);
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), taken = 0, too_big = 0, placed = 0;
+    for (; taken < n && placed < free_slots; taken++) {
+        PyObject *frame = PySequence_Fast_GET_ITEM(seq, taken);
+        char *data;
+        Py_ssize_t flen;
+        if (PyBytes_AsStringAndSize(frame, &data, &flen) < 0) {
+            Py_DECREF(seq);
+            ring_close(&r);
+            return NULL;
+        }
+        uint64_t at, addr;
+        uint32_t cap;
+        if (ring_desc(&r, used, "RX", &at, &addr, &cap) < 0) {
+            Py_DECREF(seq);
+            return ring_fail(&r);
+        }
+        if ((uint64_t)flen > cap) {
+            too_big++;
+            continue;
+        }
+        memcpy(r.mem + addr, data, (size_t)flen);
+        ring_rx_publish(&r, at, addr, (uint32_t)flen);
+        used++;
+        placed++;
+    }
+    Py_DECREF(seq);
+    if (placed)
+        ring_put_u32(&r, ctrl + RING_RX_USED, used);
+    ring_close(&r);
+    return Py_BuildValue("(Inn)", used, taken, too_big);
+}
+
+static PyObject *ring_rx_read(PyObject *self, PyObject *args)
+{
+    PyObject *ram, *dirty;
+    unsigned long long ctrl, ring, slots, limit;
+    unsigned int used;
+    int fd;
+    if (!PyArg_ParseTuple(args, "OOKKKIiK", &ram, &dirty, &ctrl, &ring, &slots, &used, &fd, &limit))
+        return NULL;
+    ring_ctx r;
+    if (ring_open(&r, ram, dirty, ctrl, ring, slots) < 0)
+        return NULL;
+    long received = 0, too_big = 0;
+    int failed = 0;
+    static __thread uint8_t scratch[RING_MAX_FRAME];
+    Py_BEGIN_ALLOW_THREADS
+    int64_t free_slots = ring_outstanding(&r, ring_u32(&r, ctrl + RING_RX_AVAIL), used, "RX available");
+    if (free_slots < 0)
+        failed = 1;
+    else if ((uint64_t)free_slots > limit)
+        free_slots = (int64_t)limit;
+    for (int64_t placed = 0; !failed && placed < free_slots;) {
+        uint64_t at, addr;
+        uint32_t cap;
+        if (ring_desc(&r, used, "RX", &at, &addr, &cap) < 0) {
+            failed = 1;
+            break;
+        }
+        struct iovec iov[2] = {{r.mem + addr, cap}, {scratch, sizeof scratch}};
+        ssize_t got = readv(fd, iov, 2);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            break;  /* EAGAIN: the tap is empty */
+        }
+        if ((uint64_t)got > cap) {  /* the buffer holds the frame's head, unpublished */
+            ring_mark(&r, addr, cap);
+            too_big++;
+            continue;
+        }
+        if (got == 0)
+            break;
+        ring_rx_publish(&r, at, addr, (uint32_t)got);
+        used++;
+        placed++;
+        received++;
+    }
+    if (received)
+        ring_put_u32(&r, ctrl + RING_RX_USED, used);
+    Py_END_ALLOW_THREADS
+    if (failed)
+        return ring_fail(&r);
+    ring_close(&r);
+    return Py_BuildValue("(Ill)", used, received, too_big);
+}
+
+static PyObject *ring_arm(PyObject *self, PyObject *args)
+{
+    PyObject *ram, *dirty;
+    unsigned long long ctrl;
+    unsigned int tx_notify, rx_notify;
+    if (!PyArg_ParseTuple(args, "OOKII", &ram, &dirty, &ctrl, &tx_notify, &rx_notify))
+        return NULL;
+    ring_ctx r;
+    if (ring_open(&r, ram, dirty, ctrl, ctrl, 1) < 0)
+        return NULL;
+    ring_put_u32(&r, ctrl + RING_TX_NOTIFY, tx_notify);
+    ring_put_u32(&r, ctrl + RING_RX_NOTIFY, rx_notify);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* the guest's mfence pairs with this */
+    uint32_t tx_prod = ring_u32(&r, ctrl + RING_TX_PROD), rx_avail = ring_u32(&r, ctrl + RING_RX_AVAIL);
+    ring_close(&r);
+    return Py_BuildValue("(II)", tx_prod, rx_avail);
+}
+
 static PyMethodDef methods[] = {
     {"zero_pages", (PyCFunction)(void (*)(void))zero_pages, METH_VARARGS | METH_KEYWORDS,
      "One byte per page (or per listed page): 1 when the page is all zero."},
@@ -856,6 +1195,16 @@ static PyMethodDef methods[] = {
      "How many leading bytes a and b have in common (at most the shorter length)."},
     {"parse_headers", parse_headers, METH_O,
      "An IPv4 frame's headers as reference.parse_headers' tuple; None for any other frame."},
+    {"ring_tx_pop", ring_tx_pop, METH_VARARGS,
+     "Copy up to limit queued TX frames out of guest RAM; (cons, [frames])."},
+    {"ring_tx_write", ring_tx_write, METH_VARARGS,
+     "Write up to limit queued TX frames to a tap fd from guest RAM; (cons, sent, dropped)."},
+    {"ring_rx_push", ring_rx_push, METH_VARARGS,
+     "Copy frames into the guest's posted RX buffers; (used, taken, too_big)."},
+    {"ring_rx_read", ring_rx_read, METH_VARARGS,
+     "Read frames from a tap fd into the guest's posted RX buffers; (used, received, too_big)."},
+    {"ring_arm", ring_arm, METH_VARARGS,
+     "Set the notify flags, fence, read (tx_prod, rx_avail)."},
     {"memcmp_bandwidth_probe", memcmp_bandwidth_probe, METH_VARARGS,
      "Benchmark baseline: memcmp every page pair, return how many differ."},
     {NULL, NULL, 0, NULL},

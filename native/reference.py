@@ -1,6 +1,7 @@
 """Pure-Python twins of the C hot paths in ``_native.c``: same contracts, used as
 the reference in tests and wherever the extension is unavailable or disabled."""
 import itertools
+import os
 import operator
 import re
 import socket
@@ -279,3 +280,162 @@ def parse_headers(frame) -> tuple:
             raise ValueError(f"ICMP header truncated: {end - start} of 8 bytes", "icmp")
         return head + (1, *_ICMP.unpack_from(frame, start), 0, 0, 0)
     return head + (0,) * 9
+# --- NIC rings (docs/guest-abi.md, "NIC rings") ------------------------------------------
+# ``ram`` is guest RAM (writable), ``dirty`` the VMM's dirty bitmap (bit i = page i); every
+# byte these functions write into ``ram`` is marked there after it is written.  A ring is
+# (ctrl, ring, size): the control block's and the descriptor array's guest-physical
+# addresses and the slot count (a power of two).  Indexes are free-running u32.  What the
+# guest got wrong raises ValueError with the reason, before anything of that slot is used.
+
+RING_TX_PROD, RING_TX_CONS, RING_TX_NOTIFY = 0, 64, 68
+RING_RX_AVAIL, RING_RX_CONS, RING_RX_USED, RING_RX_NOTIFY = 128, 132, 192, 196
+RING_CTRL_SIZE = 256
+RING_DESC_SIZE = 16
+RING_MAX_FRAME = 65536
+_U32 = 0xFFFFFFFF
+
+
+def _mark(dirty, gpa: int, length: int) -> None:
+    for page in range(gpa >> 12, ((gpa + length - 1) >> 12) + 1):
+        dirty[page >> 3] |= 1 << (page & 7)
+
+
+def _u32(view, offset: int) -> int:
+    return int.from_bytes(view[offset:offset + 4], "little")
+
+
+def _put_u32(view, dirty, offset: int, value: int) -> None:
+    view[offset:offset + 4] = (value & _U32).to_bytes(4, "little")
+    _mark(dirty, offset, 4)
+
+
+def _check_ring(view, ctrl: int, ring: int, size: int) -> None:
+    if size <= 0 or size & (size - 1) or size > 32768:
+        raise ValueError(f"ring size {size} is not a power of two up to 32768")
+    if ctrl < 0 or ctrl + RING_CTRL_SIZE > len(view) or ring < 0 or ring + size * RING_DESC_SIZE > len(view):
+        raise ValueError("ring outside guest RAM")
+
+
+def _outstanding(ahead: int, behind: int, size: int, what: str) -> int:
+    count = (ahead - behind) & _U32
+    if count > size:
+        raise ValueError(f"{what} index overrun: {count} outstanding on a ring of {size}")
+    return count
+
+
+def _desc(view, ring: int, size: int, index: int, what: str) -> tuple[int, int, int]:
+    """(gpa of the descriptor, buffer address, length), checked against RAM."""
+    at = ring + (index & (size - 1)) * RING_DESC_SIZE
+    addr = int.from_bytes(view[at:at + 8], "little")
+    length = _u32(view, at + 8)
+    if length == 0 or length > RING_MAX_FRAME:
+        raise ValueError(f"{what} descriptor {index & (size - 1)}: absurd length {length}")
+    if addr + length > len(view):
+        raise ValueError(f"{what} descriptor {index & (size - 1)}: buffer [{addr:#x}, +{length:#x}) "
+                         f"is outside guest RAM (size {len(view):#x})")
+    return at, addr, length
+
+
+def ring_tx_pop(ram, dirty, ctrl: int, ring: int, size: int, cons: int, limit: int):
+    """Up to ``limit`` frames the guest queued on the TX ring, copied out; the new consumer
+    index is published in the control block.  Returns (cons, [frames])."""
+    view = memoryview(ram).cast("B")
+    _check_ring(view, ctrl, ring, size)
+    pending = _outstanding(_u32(view, ctrl + RING_TX_PROD), cons, size, "TX producer")
+    frames = []
+    for _ in range(min(pending, limit)):
+        _, addr, length = _desc(view, ring, size, cons, "TX")
+        frames.append(bytes(view[addr:addr + length]))
+        cons = (cons + 1) & _U32
+    if frames:
+        _put_u32(view, dirty, ctrl + RING_TX_CONS, cons)
+    return cons, frames
+
+
+def ring_tx_write(ram, dirty, ctrl: int, ring: int, size: int, cons: int, fd: int, limit: int):
+    """Writes up to ``limit`` queued TX frames to ``fd`` (a tap: one frame per write) straight
+    from guest RAM, then publishes the consumer index.  Returns (cons, sent, dropped):
+    a frame the fd refuses is dropped, as a tap's own queue would."""
+    view = memoryview(ram).cast("B")
+    _check_ring(view, ctrl, ring, size)
+    pending = _outstanding(_u32(view, ctrl + RING_TX_PROD), cons, size, "TX producer")
+    sent = dropped = 0
+    for _ in range(min(pending, limit)):
+        _, addr, length = _desc(view, ring, size, cons, "TX")
+        try:
+            os.write(fd, view[addr:addr + length])
+            sent += 1
+        except OSError:
+            dropped += 1
+        cons = (cons + 1) & _U32
+    if sent or dropped:
+        _put_u32(view, dirty, ctrl + RING_TX_CONS, cons)
+    return cons, sent, dropped
+
+
+def _rx_store(view, dirty, ring: int, size: int, used: int, frame_len: int, data) -> None:
+    at, addr, _ = _desc(view, ring, size, used, "RX")
+    if data is not None:
+        view[addr:addr + frame_len] = data
+    _mark(dirty, addr, frame_len)
+    view[at + 8:at + 12] = frame_len.to_bytes(4, "little")
+    _mark(dirty, at + 8, 4)
+
+
+def ring_rx_push(ram, dirty, ctrl: int, ring: int, size: int, used: int, frames):
+    """Copies frames into the buffers the guest posted, in order, and publishes the used
+    index.  Returns (used, taken, too_big): ``taken`` frames of the list were consumed,
+    ``too_big`` of them dropped for being longer than their buffer."""
+    view = memoryview(ram).cast("B")
+    _check_ring(view, ctrl, ring, size)
+    free = _outstanding(_u32(view, ctrl + RING_RX_AVAIL), used, size, "RX available")
+    taken = too_big = placed = 0
+    for frame in frames:
+        if placed == free:
+            break
+        _, _, capacity = _desc(view, ring, size, used, "RX")
+        taken += 1
+        if len(frame) > capacity:
+            too_big += 1
+            continue
+        _rx_store(view, dirty, ring, size, used, len(frame), frame)
+        used, placed = (used + 1) & _U32, placed + 1
+    if placed:
+        _put_u32(view, dirty, ctrl + RING_RX_USED, used)
+    return used, taken, too_big
+
+
+def ring_rx_read(ram, dirty, ctrl: int, ring: int, size: int, used: int, fd: int, limit: int):
+    """Reads frames from ``fd`` (a non-blocking tap) straight into the posted buffers, at
+    most ``limit``, and publishes the used index.  Returns (used, received, too_big)."""
+    view = memoryview(ram).cast("B")
+    _check_ring(view, ctrl, ring, size)
+    free = _outstanding(_u32(view, ctrl + RING_RX_AVAIL), used, size, "RX available")
+    received = too_big = placed = 0
+    scratch = bytearray(RING_MAX_FRAME)
+    while placed < min(free, limit):
+        _, addr, capacity = _desc(view, ring, size, used, "RX")
+        try:
+            length = os.readv(fd, [view[addr:addr + capacity], scratch])
+        except BlockingIOError:
+            break
+        if length > capacity:  # the buffer holds the frame's head, unpublished
+            _mark(dirty, addr, capacity)
+            too_big += 1
+            continue
+        _rx_store(view, dirty, ring, size, used, length, None)
+        used, placed, received = (used + 1) & _U32, placed + 1, received + 1
+    if placed:
+        _put_u32(view, dirty, ctrl + RING_RX_USED, used)
+    return used, received, too_big
+
+
+def ring_arm(ram, dirty, ctrl: int, tx_notify: int, rx_notify: int):
+    """Sets the control block's notify flags (the guest rings the doorbell while one is
+    set), then reads the guest's indexes after a full fence: (tx_prod, rx_avail)."""
+    view = memoryview(ram).cast("B")
+    if ctrl < 0 or ctrl + RING_CTRL_SIZE > len(view):
+        raise ValueError("ring outside guest RAM")
+    _put_u32(view, dirty, ctrl + RING_TX_NOTIFY, tx_notify)
+    _put_u32(view, dirty, ctrl + RING_RX_NOTIFY, rx_notify)
+    return _u32(view, ctrl + RING_TX_PROD), _u32(view, ctrl + RING_RX_AVAIL)

@@ -88,15 +88,20 @@ def test_take_waits_for_the_guest_and_close_wakes_it():
 # --- the NIC with queue backends ----------------------------------------------------------------
 
 
-def test_nic_state_format_is_unchanged():
-    """Saved states and migration streams from before the backends still load."""
+def test_nic_state_format_v2_carries_the_ring_registers():
+    """dev.nic v2: v1's head, then where the rings are and the host's two indexes."""
     state = NicState(mac=bytes.fromhex("525400abcdef"), rx_frames=1, tx_frames=2, rx_dropped=3,
-                     tx_dropped=4, injected=[b"ab"])
+                     tx_dropped=4, rings=(0x1000, 0x2000, 256, 0x3000, 128), tx_cons=7, rx_used=0xFFFFFFFF,
+                     injected=[b"ab"])
     expected = bytes.fromhex("525400abcdef0000" "0100000000000000" "0200000000000000" "0300000000000000"
-                             "0400000000000000" "01000000" "02000000") + b"ab"
+                             "0400000000000000" "01000000"
+                             "0010000000000000" "0020000000000000" "0001000000000000" "0030000000000000"
+                             "8000000000000000" "07000000" "ffffffff"
+                             "02000000") + b"ab"
     assert state.save() == expected
     assert NicState.restore(expected) == state
-    assert (Nic.SECTION, Nic.VERSION) == ("dev.nic", 1)
+    assert NicState.restore(NicState(mac=bytes(6)).save()).rings is None
+    assert (Nic.SECTION, Nic.VERSION) == ("dev.nic", 2)
 
 
 def test_attach_moves_the_nic_to_another_backend():

@@ -1,11 +1,11 @@
-"""Guest ABI v1 numbers and the guest-physical memory layout (docs/guest-abi.md).
+"""Guest ABI v2 numbers and the guest-physical memory layout (docs/guest-abi.md).
 
 appliance/guest/lib/abi.h is the C side of the same contract.
 """
 
 import struct
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 BOOT_MAGIC = 0x4F4C4F43  # "COLO"
 
 PAGE_SIZE = 4096
@@ -20,6 +20,7 @@ PDPT_GPA = 0x3000
 PD_GPA = 0x4000  # four page directories: 0x4000-0x7fff
 PT0_GPA = 0x8000  # 4 KiB pages for the first 2 MiB
 BOOT_INFO_GPA = 0x9000
+CLOCK_GPA = 0xA000  # the clock page: monotonic time from the TSC without an exit
 STACK_BOTTOM = 0x20000
 STACK_TOP = 0x100000
 IMAGE_BASE = 0x100000
@@ -33,18 +34,22 @@ HYPERCALL_PORT_BASE = 0x500  # ports 0x500-0x5ff are reserved for hypercalls
 HC_CONSOLE_WRITE = 0x500
 HC_TIME = 0x501
 HC_POLL = 0x502
-HC_NET_WRITE = 0x503
-HC_NET_READ = 0x504
+HC_NET_WRITE_V1 = 0x503  # guest ABI v1 only: refused with a clear reason
+HC_NET_READ_V1 = 0x504
 HC_BLOCK_READ = 0x505
 HC_BLOCK_WRITE = 0x506
 HC_HALT = 0x507
+HC_NET_SETUP = 0x508
+HC_NET_DOORBELL = 0x509  # an ioeventfd: the write wakes the NIC thread without an exit
+HC_NET_WAIT_TX = 0x50A
 
 # Argument structs, all little-endian u64 fields.
 HC_CONSOLE_WRITE_ARGS = struct.Struct("<QQ")  # data, len
 HC_TIME_ARGS = struct.Struct("<QQ")  # out: monotonic_ns, wall_ns
 HC_POLL_ARGS = struct.Struct("<QQ")  # deadline_ns, out: ready
-HC_NET_WRITE_ARGS = struct.Struct("<QQq")  # data, len, out: ret
-HC_NET_READ_ARGS = struct.Struct("<QQQ")  # data, cap, out: len
+HC_NET_SETUP_ARGS = struct.Struct("<QQQQQq")  # ctrl, tx_ring, tx_size, rx_ring, rx_size, out: ret
+# The clock page: valid, base_ns, base_tsc, mult; ns = base_ns + ((tsc - base_tsc) * mult >> 32).
+CLOCK_PAGE = struct.Struct("<QQQQ")
 HC_BLOCK_ARGS = struct.Struct("<QQQq")  # sector, data, count, out: ret
 HC_HALT_ARGS = struct.Struct("<Q")  # status
 

@@ -137,6 +137,11 @@ class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
+class kvm_ioeventfd(ctypes.Structure):
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", ctypes.c_int32),
+                ("flags", u32), ("pad", u8 * 36)]
+
+
 class _kvm_run_io(ctypes.Structure):
     _fields_ = [("direction", u8), ("size", u8), ("port", u16), ("count", u32), ("data_offset", u64)]
 
@@ -177,6 +182,7 @@ KVM_CREATE_VCPU = _IO(0x41)
 KVM_GET_DIRTY_LOG = _IOW(0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _IOW(0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _IO(0x47)
+KVM_IOEVENTFD = _IOW(0x79, kvm_ioeventfd)
 KVM_SET_CLOCK = _IOW(0x7b, kvm_clock_data)
 KVM_GET_CLOCK = _IOR(0x7c, kvm_clock_data)
 KVM_RUN = _IO(0x80)
@@ -205,6 +211,7 @@ KVM_SET_XCRS = _IOW(0xa7, kvm_xcrs)
 KVM_ENABLE_CAP = _IOW(0xa3, kvm_enable_cap)
 
 KVM_CAP_IRQCHIP = 0
+KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_IMMEDIATE_EXIT = 136
@@ -217,6 +224,8 @@ KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_XSAVE2 = 208
 
 KVM_MEM_LOG_DIRTY_PAGES = 1
+KVM_IOEVENTFD_FLAG_PIO = 2
+MSR_IA32_TSC = 0x10
 
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_EXCEPTION = 1
@@ -236,7 +245,7 @@ KVM_MP_STATE_RUNNABLE = 0
 
 _REQUEST_NAMES = {value: name for name, value in dict(globals()).items()
                   if name.startswith("KVM_") and isinstance(value, int) and value > 0xff
-                  and not name.startswith(("KVM_CAP", "KVM_EXIT", "KVM_MEM", "KVM_MP"))}
+                  and not name.startswith(("KVM_CAP", "KVM_EXIT", "KVM_MEM", "KVM_MP", "KVM_IOEVENTFD_FLAG"))}
 
 
 def ioctl(fd, request, arg=0):

@@ -1,7 +1,9 @@
 """The virtual machine: guest RAM, one CPL3 long-mode vCPU, devices, run states.
 
 Threads: the caller's thread drives the public methods; one vCPU thread loops
-on KVM_RUN and serves hypercalls (docs/guest-abi.md); a throttle timer thread
+on KVM_RUN and serves hypercalls (docs/guest-abi.md); with a NIC, a NIC thread
+(devices/rings.py) moves frames between the guest's rings and the backend, and
+runs only while the vCPU thread is out of its park; a throttle timer thread
 exists while throttle() is above 0.  To stop the vCPU the VMM sets
 kvm_run.immediate_exit, signals the eventfd a blocking poll() waits on, and
 sends SIGUSR1 to the vCPU thread so KVM_RUN returns EINTR.  A pending port-I/O
@@ -12,7 +14,10 @@ Events (listener(name, data), called from any thread, QEMU names):
   RESUME {}                 resume()
   STOP {}                   pause(), or the VM stopping with internal-error
   SHUTDOWN {"guest": bool, "reason": "guest-shutdown" | "host-qmp-quit"}
-  GUEST_PANICKED {"action": "pause", "reason": str}   triple fault, bad hypercall...
+  GUEST_PANICKED {"action": "pause", "reason": str}   triple fault, bad hypercall, bad NIC ring...
+
+Counters: `exits` counts KVM_RUN returns to userspace (each ~40 us here), the figure
+the ring ABI exists to keep low; ioeventfd doorbells are not exits.
 """
 
 import errno
@@ -27,7 +32,7 @@ import uuid as uuid_module
 from dataclasses import dataclass
 
 from . import abi, kvm
-from .devices import BlockDevice, BlockState, Console, ConsoleState, Nic, NicState, TapBackend, tap_mac
+from .devices import BlockDevice, BlockState, Console, ConsoleState, Nic, NicRings, NicState, TapBackend, tap_mac
 from .elf import load_elf
 from .errors import GuestError, GuestImageError, KVMUnavailableError, StateFileError, VMError
 from .memory import GuestMemory
@@ -163,6 +168,9 @@ class VirtualMachine:
         self._throttle_pending = False
         self._throttle_thread = None
         self._clock = GuestClock()
+        self.exits = 0  # KVM_RUN returns to userspace
+        self.rings = None
+        self._tsc_khz = 0
         self._closers = []
         try:
             self._kvm_fd = _open_kvm()
@@ -185,15 +193,21 @@ class VirtualMachine:
                 self._closers.append(self.disk.close)
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._closers.append(lambda: os.close(self._wake_fd))
+            if self.nic:
+                self.rings = NicRings(self.nic, self.memory, self._device_fault)
+                self._closers.append(self.rings.close)
+                kvm.ioctl(self._vm_fd, kvm.KVM_IOEVENTFD, kvm.kvm_ioeventfd(
+                    addr=abi.HC_NET_DOORBELL, len=4, fd=self.rings.doorbell_fd, flags=kvm.KVM_IOEVENTFD_FLAG_PIO))
             self._boot(image)
         except BaseException:
             self._release()
             raise
         self._hypercalls = {
             abi.HC_CONSOLE_WRITE: self._hc_console_write, abi.HC_TIME: self._hc_time,
-            abi.HC_POLL: self._hc_poll, abi.HC_NET_WRITE: self._hc_net_write,
-            abi.HC_NET_READ: self._hc_net_read, abi.HC_BLOCK_READ: self._hc_block_read,
+            abi.HC_POLL: self._hc_poll, abi.HC_NET_WRITE_V1: self._hc_net_v1,
+            abi.HC_NET_READ_V1: self._hc_net_v1, abi.HC_BLOCK_READ: self._hc_block_read,
             abi.HC_BLOCK_WRITE: self._hc_block_write, abi.HC_HALT: self._hc_halt,
+            abi.HC_NET_SETUP: self._hc_net_setup, abi.HC_NET_WAIT_TX: self._hc_net_wait_tx,
         }
         self.hypercall_exits = dict.fromkeys(self._hypercalls, 0)   # port -> exits to this VMM (metrics)
         self._thread = threading.Thread(target=self._vcpu_main, name=f"vcpu-{self.uuid[:8]}", daemon=True)
@@ -215,7 +229,7 @@ class VirtualMachine:
         if len(cmdline) >= abi.CMDLINE_MAX:
             raise VMError(f"command line longer than {abi.CMDLINE_MAX - 1} bytes")
         try:
-            tsc_khz = kvm.ioctl(self.vcpu.fd, kvm.KVM_GET_TSC_KHZ)
+            tsc_khz = self._tsc_khz = kvm.ioctl(self.vcpu.fd, kvm.KVM_GET_TSC_KHZ)
         except OSError:
             tsc_khz = 0
         mac = self.nic.state.mac if self.nic else bytes(6)
@@ -412,6 +426,8 @@ class VirtualMachine:
 
     def _vcpu_main(self):
         while True:
+            if self.rings:
+                self.rings.stop()  # no host writes into guest RAM while the vCPU is parked
             with self._cond:
                 self._parked = True
                 self._cond.notify_all()
@@ -426,6 +442,9 @@ class VirtualMachine:
             except BlockingIOError:
                 pass
             try:
+                self._write_clock_page()
+                if self.rings:
+                    self.rings.start()
                 self._run_vcpu()
             except Exception as exc:  # a VMM bug must not leave a wedged thread
                 _log.exception("vCPU thread failed")
@@ -438,12 +457,14 @@ class VirtualMachine:
             try:
                 kvm.ioctl(self.vcpu.fd, kvm.KVM_RUN)
             except OSError as exc:
+                self.exits += 1
                 if exc.errno not in (errno.EINTR, errno.EAGAIN):
                     self._stop(INTERNAL_ERROR, f"KVM_RUN failed: {exc}")
                     return
                 if not self._continue_after_kick():
                     return
                 continue
+            self.exits += 1
             reason = run.exit_reason
             if reason == kvm.KVM_EXIT_IO:
                 try:
@@ -492,6 +513,34 @@ class VirtualMachine:
             select.select([self._wake_fd], [], [], _THROTTLE_TIMESLICE * pct / (100 - pct))
         return True
 
+    def _write_clock_page(self):
+        """The clock page (docs/guest-abi.md) for the run about to start: the guest's TSC and
+        its monotonic time now, so the guest reads the time without an exit.  The guest clock
+        stood still while the vCPU was parked; the TSC did not, hence a new base every run."""
+        if not self._tsc_khz:
+            return
+        msrs = kvm.msrs_buffer([kvm.MSR_IA32_TSC])
+        if kvm.ioctl(self.vcpu.fd, kvm.KVM_GET_MSRS, msrs) != 1:
+            return
+        page = abi.CLOCK_PAGE.pack(1, self._clock.now(), msrs.entries[0].data,
+                                   (1_000_000 << 32) // self._tsc_khz)
+        self.memory.write(abi.CLOCK_GPA, page, "clock page")
+
+    def _device_fault(self, reason: str):
+        """From a device thread: the guest broke its device's contract; stop it as
+        guest-panicked (the vCPU thread parks on its own)."""
+        with self._cond:
+            if self._state != RUNNING:
+                return
+            self._state = GUEST_PANICKED
+            self.stop_reason = reason
+            self._run_requested = False
+            self._kick(wake_poll=True)
+        self._clock.freeze()
+        _log.info("VM %s stopped: %s (%s)", self.uuid, GUEST_PANICKED, reason)
+        self._emit("GUEST_PANICKED", {"action": "pause", "reason": reason})
+        self._emit("STOP", {})
+
     def _stop(self, state: str, reason: str, event=None):
         """From the vCPU thread: the VM stops on its own in `state`."""
         with self._cond:
@@ -536,32 +585,47 @@ class VirtualMachine:
         ready = False
         if self._run_requested:
             wait = min(max(deadline - self._clock.now(), 0) / 1e9, _MAX_POLL_WAIT)
-            if self.nic:
-                ready = self.nic.wait([self._wake_fd], wait)
+            if self.rings and self.nic.state.rings:
+                ready = self._wait_for(self.rings.rx_ready_fd, self.rings.rx_pending, wait)
             else:
                 select.select([self._wake_fd], [], [], wait)
         self.memory.pack(abi.HC_POLL_ARGS, gpa, deadline, int(ready))
 
-    def _hc_net_write(self, gpa):
-        data, length, _ = self.memory.unpack(abi.HC_NET_WRITE_ARGS, gpa, "net write arguments")
-        frame = self.memory.read(data, length, "frame")
-        ok = self.nic is not None and self.nic.write_frame(frame)
-        self.memory.pack(abi.HC_NET_WRITE_ARGS, gpa, data, length, 0 if ok else -1)
+    def _wait_for(self, event_fd: int, condition, timeout: float) -> bool:
+        """Block until condition() holds (re-checked whenever event_fd is signalled), the
+        VMM wants the vCPU (wake_fd) or `timeout` passes; returns condition()."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.eventfd_read(event_fd)  # what it announced is seen by the check below
+            except BlockingIOError:
+                pass
+            if condition():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._run_requested:
+                return False
+            readable, _, _ = select.select([self._wake_fd, event_fd], [], [], left)
+            if self._wake_fd in readable:
+                return condition()
 
-    def _hc_net_read(self, gpa):
-        data, capacity, _ = self.memory.unpack(abi.HC_NET_READ_ARGS, gpa, "net read arguments")
-        self.memory.check(data, capacity, "frame buffer")
-        length = 0
-        while self.nic:
-            frame = self.nic.read_frame()
-            if frame is None:
-                break
-            if len(frame) <= capacity:
-                self.memory.write(data, frame)
-                length = len(frame)
-                break
-            self.nic.count_rx_dropped()  # too big for the guest's buffer
-        self.memory.pack(abi.HC_NET_READ_ARGS, gpa, data, capacity, length)
+    def _hc_net_v1(self, _gpa):
+        raise GuestError("net read/write hypercalls are guest ABI v1; this VMM speaks guest ABI v2 "
+                         "(NIC rings, docs/guest-abi.md): rebuild the guest with appliance/guest/lib")
+
+    def _hc_net_setup(self, gpa):
+        ctrl, tx_ring, tx_size, rx_ring, rx_size, _ = self.memory.unpack(
+            abi.HC_NET_SETUP_ARGS, gpa, "net setup arguments")
+        ok = self.rings is not None
+        if ok:
+            self.rings.setup(ctrl, tx_ring, tx_size, rx_ring, rx_size)
+            os.eventfd_write(self.rings.doorbell_fd, 1)  # the NIC thread starts serving them
+        self.memory.pack(abi.HC_NET_SETUP_ARGS, gpa, ctrl, tx_ring, tx_size, rx_ring, rx_size, 0 if ok else -1)
+
+    def _hc_net_wait_tx(self, _gpa):
+        """The guest's TX ring is full: wait until the NIC thread frees a slot."""
+        if self.rings and self.nic.state.rings:
+            self._wait_for(self.rings.tx_done_fd, lambda: not self.rings.tx_full(), _MAX_POLL_WAIT)
 
     def _hc_block_read(self, gpa):
         sector, data, count, _ = self.memory.unpack(abi.HC_BLOCK_ARGS, gpa, "block read arguments")

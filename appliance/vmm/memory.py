@@ -4,6 +4,7 @@ The dirty bitmap handed out has KVM's layout: bit i (byte i // 8, bit i % 8)
 stands for the 4 KiB page at guest-physical i * 4096.
 """
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -73,6 +74,13 @@ class GuestMemory:
         with self._dirty_lock:
             for page in range(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1):
                 self._vmm_dirty[page >> 3] |= 1 << (page & 7)
+
+    @contextlib.contextmanager
+    def vmm_dirty(self):
+        """The VMM's own dirty bitmap, under its lock, for code that writes guest RAM in bulk
+        (the NIC rings): it sets the bits of the pages it wrote, after writing them."""
+        with self._dirty_lock:
+            yield self._vmm_dirty
 
     def start_dirty_tracking(self):
         """Log writes from now on; the first fetch reports pages written since this call."""

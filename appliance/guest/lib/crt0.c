@@ -26,5 +26,6 @@ void runtime_start(const struct abi_boot_info *info)
         plat_halt(255);
     }
     heap_init(info->heap_start, info->heap_end);
+    net_rings_init();
     plat_halt(guest_main());
 }

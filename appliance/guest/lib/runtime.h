@@ -8,5 +8,7 @@
 extern const struct abi_boot_info *boot_info;
 
 void heap_init(uint64_t start, uint64_t end);
+/* Sets up the NIC rings when the VM has a NIC (platform.c). */
+void net_rings_init(void);
 
 #endif

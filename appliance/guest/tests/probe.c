@@ -8,6 +8,7 @@
  *   disk     write, read back and compare sectors, then keep reading them
  *   echo     send every received frame back with the MACs swapped
  *   hcbench  time 100000 time hypercalls (the VMM's exit-handling rate)
+ *   clock    print the clock page's time and the time hypercall's, side by side
  */
 #include "platform.h"
 #include "console.h"
@@ -117,12 +118,24 @@ int guest_main(void)
     if (is(mode, "hcbench")) {
         enum { CALLS = 100000 };
         uint64_t start = plat_now_ns();
+        struct hc_time t;
         for (int i = 0; i < CALLS; i++)
-            plat_now_ns();
+            hypercall(HC_TIME, &t);
         uint64_t elapsed = plat_now_ns() - start;
         console_printf("hcbench: %d calls in %llu us, %llu calls/s\n", CALLS,
                        (unsigned long long)(elapsed / 1000),
                        (unsigned long long)(CALLS * 1000000000ull / elapsed));
+        return 0;
+    }
+    if (is(mode, "clock")) {
+        for (int i = 0; i < 3; i++) {
+            struct hc_time t;
+            uint64_t page = plat_now_ns();
+            hypercall(HC_TIME, &t);
+            console_printf("clock page=%llu hypercall=%llu\n", (unsigned long long)page,
+                           (unsigned long long)t.monotonic_ns);
+            plat_poll(plat_now_ns() + 20000000);
+        }
         return 0;
     }
     if (is(mode, "disk"))

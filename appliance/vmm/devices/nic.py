@@ -1,10 +1,10 @@
 """The guest's NIC, apart from the host side its frames come from and go to.
 
-                      vCPU thread: hypercalls poll, net read, net write
+            NIC thread (devices/rings.py): moves frames between the guest's rings and here
                                            |
           +--------------------------------v---------------------------------+
-          | Nic: the device the guest sees (saved state: section dev.nic v1) |
-          |   state: MAC, counters, injected frames                          |
+          | Nic: the device the guest sees (saved state: section dev.nic v2) |
+          |   state: MAC, counters, ring registers, injected frames          |
           |   hook(direction, frame): where netfilter sees the frames        |
           |   inject_rx(frame) / transmit(frame): from any thread, no hook   |
           +--------------------------------+---------------------------------+
@@ -22,17 +22,19 @@ on (possibly changed) or None to hold or drop it.  A filter that holds frames
 releases them later with inject_rx() (to the guest) or transmit() (to the
 backend); both bypass the hook.  Injected frames not yet read by the guest are
 part of the saved state; frames waiting in a backend are not (as a tap's
-kernel queue is not).
+kernel queue is not).  Frames in the guest's rings are in guest RAM, and the
+ring registers (where the rings are, the host's two indexes) in NicState.
 
-Threads: the vCPU thread calls wait(), read_frame() and write_frame(); the
-rest may be called from any thread.  Frames cross threads through queues
-(injected frames, a QueueBackend's queues, the tap), never by a call into the
-vCPU thread; an eventfd wakes the vCPU thread's wait().  Backend calls happen
-under the NIC's lock, and attach() returns only once the vCPU thread no longer
-waits on the previous backend's fds, so the previous backend is then unused by
-the NIC and its owner may close it.
+Threads: the NIC thread calls wait(), read_frame(), write_frame() and
+tap_fast_path(), each of its passes inside io_pass(); the rest may be called
+from any thread.  Frames cross threads through queues (injected frames, a
+QueueBackend's queues, the tap), never by a call into the NIC thread; an
+eventfd wakes the NIC thread's wait().  Backend calls happen under the NIC's
+lock, and attach() returns only once the NIC thread neither waits on the
+previous backend's fds nor is in a pass that may use it, so the previous
+backend is then unused by the NIC and its owner may close it.
 
-Counters (NicState): rx_frames the guest read, tx_frames the backend took,
+Counters (NicState): rx_frames the guest was given, tx_frames the backend took,
 tx_dropped guest frames the backend refused (tap write error, a QueueBackend
 with no room or no consumer), rx_dropped frames too big for the guest's
 buffer.  A QueueBackend also counts the frames it dropped itself.  The NIC's
@@ -74,14 +76,22 @@ class NicState:
     tx_frames: int = 0
     rx_dropped: int = 0
     tx_dropped: int = 0
+    rings: tuple | None = None  # (ctrl, tx_ring, tx_size, rx_ring, rx_size) once the guest set them up
+    tx_cons: int = 0  # the host's ring indexes (also published in the guest's control block)
+    rx_used: int = 0
     injected: list[bytes] = field(default_factory=list)  # queued for the guest by inject_rx()
 
+    # dev.nic v2: mac, rx_frames, tx_frames, rx_dropped, tx_dropped, injected count, then
+    #   ctrl, tx_ring, tx_size, rx_ring, rx_size (all 0: no rings), tx_cons, rx_used,
+    # then per injected frame: u32 length, the frame.
     _HEAD = struct.Struct("<6s2xQQQQI")
+    _RINGS = struct.Struct("<QQQQQII")
     _FRAME_LEN = struct.Struct("<I")
 
     def save(self) -> bytes:
         parts = [self._HEAD.pack(self.mac, self.rx_frames, self.tx_frames, self.rx_dropped,
-                                 self.tx_dropped, len(self.injected))]
+                                 self.tx_dropped, len(self.injected)),
+                 self._RINGS.pack(*(self.rings or (0, 0, 0, 0, 0)), self.tx_cons, self.rx_used)]
         for frame in self.injected:
             parts += [self._FRAME_LEN.pack(len(frame)), frame]
         return b"".join(parts)
@@ -90,7 +100,8 @@ class NicState:
     def restore(cls, data: bytes) -> "NicState":
         try:
             *counters, count = cls._HEAD.unpack_from(data)
-            offset, injected = cls._HEAD.size, []
+            *rings, tx_cons, rx_used = cls._RINGS.unpack_from(data, cls._HEAD.size)
+            offset, injected = cls._HEAD.size + cls._RINGS.size, []
             for _ in range(count):
                 (length,) = cls._FRAME_LEN.unpack_from(data, offset)
                 offset += cls._FRAME_LEN.size
@@ -102,7 +113,8 @@ class NicState:
             raise StateFileError(f"nic state: truncated ({exc})") from exc
         if offset != len(data):
             raise StateFileError(f"nic state: {len(data) - offset} stray bytes")
-        return cls(*counters, injected=injected)
+        return cls(*counters, rings=tuple(rings) if rings[0] else None, tx_cons=tx_cons, rx_used=rx_used,
+                   injected=injected)
 
 
 class NicBackend(Protocol):
@@ -188,6 +200,10 @@ class TapBackend:
             os.close(fd)
             raise VMError(f"cannot attach to tap {self.name}: {exc}") from exc
         return fd
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def wait_fds(self) -> list[int]:
         return [self._fd]
@@ -308,7 +324,7 @@ class QueueBackend:
 
 
 class Nic:
-    SECTION, VERSION = "dev.nic", 1
+    SECTION, VERSION = "dev.nic", 2
 
     def __init__(self, mac: str, backend: NicBackend):
         """`backend` is the VM's tap: attached now, and kept as tap_backend for failover
@@ -323,6 +339,7 @@ class Nic:
         self.tap_backend = backend
         self._backend = backend
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()  # held by the NIC thread during a pass (io_pass)
         self._wait_ended = threading.Condition(self._lock)
         self._waiting_on = None  # the backend whose fds the vCPU thread waits on, if it does
         self.guest_ipv4: bytes | None = None  # learnt from the guest's frames, for gratuitous ARP
@@ -345,20 +362,35 @@ class Nic:
             os.eventfd_write(self._event_fd, 1)
             while self._waiting_on is not None and self._waiting_on is not backend:
                 self._wait_ended.wait()
+        with self._io_lock:  # a pass that started on the previous backend is over
+            pass
         return previous
 
-    def wait(self, other_fds: list[int], timeout: float) -> bool:
-        """From the vCPU thread: block until a frame for the guest may be waiting (True),
-        or until one of `other_fds` is readable or `timeout` seconds pass (False)."""
+    def io_pass(self):
+        """The NIC thread holds this while it moves frames, so attach() can wait for it."""
+        return self._io_lock
+
+    def tap_fast_path(self) -> int | None:
+        """The tap's fd when frames may go straight between it and the rings: the tap is
+        attached, no hook looks at frames and no injected frame waits to go first."""
         with self._lock:
-            if self.state.injected:
+            if self._backend is self.tap_backend and self.hook is None and not self.state.injected:
+                return self.tap_backend.fd
+        return None
+
+    def wait(self, other_fds: list[int], timeout: float, rx: bool = True) -> bool:
+        """From the NIC thread: block until a frame for the guest may be waiting (True),
+        or until one of `other_fds` is readable or `timeout` seconds pass (False).
+        With rx False (no room for frames in the guest) only `other_fds` and attach() wake it."""
+        with self._lock:
+            if rx and self.state.injected:
                 return True
             try:
                 os.eventfd_read(self._event_fd)  # whatever it announced is seen from here on
             except BlockingIOError:
                 pass
             self._waiting_on = self._backend
-            nic_fds = [self._event_fd, *self._backend.wait_fds()]
+            nic_fds = [self._event_fd, *(self._backend.wait_fds() if rx else [])]
         try:
             readable, _, _ = select.select(other_fds + nic_fds, [], [], timeout)
         finally:
@@ -395,20 +427,28 @@ class Nic:
                 self.rx_bytes += len(frame)
             return frame
 
-    def count_rx_dropped(self):
+    def count_rx(self, given: int, too_big: int):
+        """Frames that went to the guest without read_frame(), and frames too big for its buffers."""
         with self._lock:
-            self.state.rx_dropped += 1
+            self.state.rx_frames += given
+            self.state.rx_dropped += too_big
+
+    def count_tx(self, sent: int, dropped: int):
+        """Frames the tap took, or refused, without write_frame()."""
+        with self._lock:
+            self.state.tx_frames += sent
+            self.state.tx_dropped += dropped
 
     def write_frame(self, frame: bytes) -> bool:
         """A frame from the guest: through the hook, then out through the backend."""
-        self._learn_address(frame)
+        self.learn_address(frame)
         if self.hook:
             frame = self.hook("tx", frame)
             if frame is None:
                 return True  # held or dropped by the hook: not an error for the guest
         return self.transmit(frame)
 
-    def _learn_address(self, frame: bytes) -> None:
+    def learn_address(self, frame: bytes) -> None:
         """The guest's IPv4 address, as its own IPv4 packets and ARP frames give it."""
         ethertype = frame[12:14]
         if ethertype == b"\x08\x00" and len(frame) >= 30:

@@ -1,0 +1,261 @@
+"""The host side of the guest's NIC rings: a NIC thread that moves frames between the
+rings in guest RAM and the NIC (its backend, hook and injected frames), off the vCPU thread.
+
+    guest (vCPU)              guest RAM                         NIC thread
+    ------------              ---------                         ----------
+    plat_net_write: fill slot, tx_prod++  --> TX ring -->  ring_tx_write (tap) / ring_tx_pop
+      outl doorbell if tx_notify (ioeventfd: no exit)         + Nic.write_frame (hook, backend)
+    plat_net_read: rx_cons++, rx_avail++  <-- RX ring <--  ring_rx_read (tap) / ring_rx_push
+      outl doorbell if rx_notify                              of Nic.read_frame's frames
+    plat_poll: nothing in the RX ring: HC_POLL (one exit) <-- rx_ready_fd after a publish
+
+The thread runs only while the vCPU thread is out of its park (start()/stop() from the
+vCPU thread): so a paused, saving or checkpointing VM has no host writes into its RAM, and
+stop() first sends every frame the guest queued, leaving no TX frame in flight.  RX frames
+the host published and the guest has not read stay in the ring, in guest RAM, and travel
+with it.  Every host write into guest RAM is marked in the VMM's dirty bitmap under the
+bitmap's lock (GuestMemory.vmm_dirty), after the write.
+
+A ring the guest got wrong (out-of-RAM buffers, absurd lengths, index overruns) makes
+on_fault(reason) stop the VM as guest-panicked; the host never trusts an index it reads.
+"""
+
+import logging
+import os
+import select
+import threading
+
+import native
+
+from ..errors import GuestError
+from .nic import Nic
+
+_log = logging.getLogger(__name__)
+
+RING_MAX_SLOTS = 4096
+_BATCH = 64  # frames per direction per pass, so neither direction starves the other
+_SAFETY_WAIT = 0.05  # seconds: an idle thread re-checks the rings this often regardless
+
+
+class NicRings:
+    """The NIC thread and the ring registers' checks; the registers live in nic.state."""
+
+    def __init__(self, nic: Nic, memory, on_fault):
+        self.nic = nic
+        self.memory = memory
+        self._on_fault = on_fault  # on_fault(reason), from the NIC thread
+        self.doorbell_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # KVM_IOEVENTFD target
+        self.rx_ready_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # frames published
+        self.tx_done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # TX slots freed
+        self._control_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # stop() or close()
+        self._cond = threading.Condition()
+        self._run = False
+        self._active = False
+        self._quit = False
+        self.passes = 0  # NIC thread passes that moved frames (for the benchmark)
+        self._thread = threading.Thread(target=self._main, name="nic-rings", daemon=True)
+        self._thread.start()
+
+    # --- from the vCPU thread ------------------------------------------------------------
+
+    def setup(self, ctrl: int, tx_ring: int, tx_size: int, rx_ring: int, rx_size: int):
+        """HC_NET_SETUP: check and record where the guest put its rings."""
+        if self.nic.state.rings is not None:
+            raise GuestError("NIC rings are already set up")
+        for name, size in (("TX", tx_size), ("RX", rx_size)):
+            if not 1 <= size <= RING_MAX_SLOTS or size & (size - 1):
+                raise GuestError(f"{name} ring size {size} is not a power of two up to {RING_MAX_SLOTS}")
+        if ctrl % 64 or tx_ring % 16 or rx_ring % 16:
+            raise GuestError("NIC rings: control block must be 64-byte and rings 16-byte aligned")
+        self.memory.check(ctrl, native.reference.RING_CTRL_SIZE, "NIC control block")
+        self.memory.check(tx_ring, tx_size * native.reference.RING_DESC_SIZE, "TX ring")
+        self.memory.check(rx_ring, rx_size * native.reference.RING_DESC_SIZE, "RX ring")
+        tx_prod = int.from_bytes(self.memory.read(ctrl, 4), "little")
+        if tx_prod:
+            raise GuestError(f"NIC rings set up with {tx_prod} TX frames already queued")
+        self.memory.write(ctrl + native.reference.RING_TX_CONS, bytes(8))  # tx_cons, tx_notify
+        self.memory.write(ctrl + native.reference.RING_RX_USED, bytes(8))  # rx_used, rx_notify
+        state = self.nic.state
+        state.rings, state.tx_cons, state.rx_used = (ctrl, tx_ring, tx_size, rx_ring, rx_size), 0, 0
+
+    def rx_pending(self) -> bool:
+        """Frames published in the RX ring that the guest has not taken (its rx_cons)."""
+        ctrl = self.nic.state.rings[0]
+        ram = self.memory.mmap
+        off = ctrl + native.reference.RING_RX_CONS
+        return int.from_bytes(ram[off:off + 4], "little") != self.nic.state.rx_used
+
+    def tx_full(self) -> bool:
+        ctrl, _, tx_size, _, _ = self.nic.state.rings
+        ram = self.memory.mmap
+        tx_prod = int.from_bytes(ram[ctrl:ctrl + 4], "little")
+        return (tx_prod - self.nic.state.tx_cons) & 0xFFFFFFFF >= tx_size
+
+    def start(self):
+        """Let the NIC thread run (the vCPU is about to enter the guest)."""
+        with self._cond:
+            self._run = True
+            self._cond.notify_all()
+
+    def stop(self):
+        """Send what the guest queued, then park the NIC thread; returns once it is parked."""
+        with self._cond:
+            self._run = False
+            os.eventfd_write(self._control_fd, 1)
+            while self._active:
+                self._cond.wait()
+
+    def close(self):
+        with self._cond:
+            self._quit, self._run = True, False
+            os.eventfd_write(self._control_fd, 1)
+            self._cond.notify_all()
+        self._thread.join()
+        for fd in (self.doorbell_fd, self.rx_ready_fd, self.tx_done_fd, self._control_fd):
+            os.close(fd)
+
+    # --- the NIC thread ------------------------------------------------------------------
+
+    def _main(self):
+        while True:
+            with self._cond:
+                self._active = False
+                self._cond.notify_all()
+                while not (self._quit or self._run):
+                    self._cond.wait()
+                if self._quit:
+                    return
+                self._active = True
+            try:
+                if self.nic.state.rings is not None:
+                    self._serve()
+                else:
+                    self._idle()
+            except ValueError as exc:  # the ring functions' word for a guest error
+                self._on_fault(f"bad NIC ring: {exc}")
+            except Exception as exc:
+                _log.exception("NIC thread failed")
+                self._on_fault(f"VMM error in the NIC thread: {exc!r}")
+
+    def _stopping(self) -> bool:
+        try:
+            os.eventfd_read(self._control_fd)
+        except BlockingIOError:
+            pass
+        with self._cond:
+            return not self._run
+
+    def _idle(self):
+        """No rings yet: wait for the guest's HC_NET_SETUP (its doorbell follows) or stop()."""
+        while not self._stopping():
+            select.select([self._control_fd, self.doorbell_fd], [], [], _SAFETY_WAIT)
+            if self.nic.state.rings is not None:
+                return self._serve()
+
+    def _serve(self):
+        while True:
+            if self._stopping():
+                while self._tx_pass(limit=1 << 16):
+                    pass
+                return
+            moved = self._tx_pass(_BATCH) + self._rx_pass(_BATCH)
+            if moved:
+                self.passes += 1
+                continue
+            self._sleep()
+
+    def _sleep(self):
+        """Ask the guest for doorbells, re-check, and wait for one (or the backend, or stop)."""
+        state = self.nic.state
+        ctrl, _, tx_size, _, rx_size = state.rings
+        rx_free = self._rx_free(ctrl, rx_size)
+        with self.memory.vmm_dirty() as dirty:
+            tx_prod, rx_avail = native.ring_arm(self.memory.mmap, dirty, ctrl, 1, int(rx_free == 0))
+        tx_pending = self._outstanding(tx_prod, state.tx_cons, tx_size, "TX producer")
+        rx_free_now = self._outstanding(rx_avail, state.rx_used, rx_size, "RX available")
+        if not tx_pending and (rx_free_now == 0) == (rx_free == 0):
+            self.nic.wait([self.doorbell_fd, self._control_fd], _SAFETY_WAIT, rx=rx_free_now > 0)
+        try:
+            os.eventfd_read(self.doorbell_fd)
+        except BlockingIOError:
+            pass
+        with self.memory.vmm_dirty() as dirty:
+            native.ring_arm(self.memory.mmap, dirty, ctrl, 0, 0)
+
+    @staticmethod
+    def _outstanding(ahead: int, behind: int, size: int, what: str) -> int:
+        count = (ahead - behind) & 0xFFFFFFFF
+        if count > size:
+            raise ValueError(f"{what} index overrun: {count} outstanding on a ring of {size}")
+        return count
+
+    def _rx_free(self, ctrl: int, rx_size: int) -> int:
+        off = ctrl + native.reference.RING_RX_AVAIL
+        rx_avail = int.from_bytes(self.memory.mmap[off:off + 4], "little")
+        return self._outstanding(rx_avail, self.nic.state.rx_used, rx_size, "RX available")
+
+    def _tx_pass(self, limit: int) -> int:
+        """Frames the guest queued, out through the tap directly or through the NIC."""
+        state = self.nic.state
+        ctrl, tx_ring, tx_size, _, _ = state.rings
+        ram = self.memory.mmap
+        with self.nic.io_pass():
+            tap_fd = self.nic.tap_fast_path()
+            if tap_fd is not None:
+                with self.memory.vmm_dirty() as dirty:
+                    cons, sent, dropped = native.ring_tx_write(ram, dirty, ctrl, tx_ring, tx_size,
+                                                               state.tx_cons, tap_fd, limit)
+                moved = (cons - state.tx_cons) & 0xFFFFFFFF
+                if moved:
+                    self._learn_address(tx_ring, tx_size, cons)
+                    self.nic.count_tx(sent, dropped)
+            else:
+                with self.memory.vmm_dirty() as dirty:
+                    cons, frames = native.ring_tx_pop(ram, dirty, ctrl, tx_ring, tx_size, state.tx_cons, limit)
+                moved = len(frames)
+                for frame in frames:
+                    self.nic.write_frame(frame)
+            state.tx_cons = cons
+        if moved:
+            os.eventfd_write(self.tx_done_fd, 1)
+        return moved
+
+    def _learn_address(self, tx_ring: int, tx_size: int, cons: int):
+        """The guest's IPv4 address from the last frame sent, as write_frame learns it."""
+        ram = self.memory.mmap
+        at = tx_ring + ((cons - 1) & (tx_size - 1)) * native.reference.RING_DESC_SIZE
+        addr = int.from_bytes(ram[at:at + 8], "little")
+        if addr + 32 <= self.memory.size:
+            self.nic.learn_address(ram[addr:addr + 32])
+
+    def _rx_pass(self, limit: int) -> int:
+        """Frames for the guest into its posted buffers: from the tap directly, or the NIC's."""
+        state = self.nic.state
+        ctrl, _, _, rx_ring, rx_size = state.rings
+        free = self._rx_free(ctrl, rx_size)
+        if not free:
+            return 0
+        ram = self.memory.mmap
+        with self.nic.io_pass():
+            tap_fd = self.nic.tap_fast_path()
+            if tap_fd is not None:
+                with self.memory.vmm_dirty() as dirty:
+                    used, received, too_big = native.ring_rx_read(ram, dirty, ctrl, rx_ring, rx_size,
+                                                                  state.rx_used, tap_fd, min(free, limit))
+                self.nic.count_rx(received, too_big)
+            else:
+                frames = []
+                while len(frames) < min(free, limit):
+                    frame = self.nic.read_frame()
+                    if frame is None:
+                        break
+                    frames.append(frame)
+                with self.memory.vmm_dirty() as dirty:
+                    used, taken, too_big = native.ring_rx_push(ram, dirty, ctrl, rx_ring, rx_size,
+                                                               state.rx_used, frames)
+                received = taken - too_big
+                self.nic.count_rx(0, too_big)  # read_frame() counted the frames it gave
+            state.rx_used = used
+        if received:
+            os.eventfd_write(self.rx_ready_fd, 1)
+        return received + too_big
