@@ -212,6 +212,9 @@ class VirtualMachine:
         self.hypercall_exits = dict.fromkeys(self._hypercalls, 0)   # port -> exits to this VMM (metrics)
         self._thread = threading.Thread(target=self._vcpu_main, name=f"vcpu-{self.uuid[:8]}", daemon=True)
         self._thread.start()
+        with self._cond:  # parked, so load_state() may follow at once
+            while not self._parked:
+                self._cond.wait()
 
     # --- boot -----------------------------------------------------------------
 

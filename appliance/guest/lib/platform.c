@@ -51,14 +51,14 @@ void plat_console_write(const char *s, size_t n)
 #define RING_SIZE 256
 #define RING_BUF  2048
 
-static struct nic_ctrl *ctrl;
-static struct nic_desc *tx_ring, *rx_ring;
+struct nic_ctrl *nic_ctrl;
+struct nic_desc *nic_tx_ring, *nic_rx_ring;
 static uint8_t *tx_bufs;
 
 #define barrier() __asm__ volatile("" ::: "memory")
 #define fence()   __asm__ volatile("mfence" ::: "memory")
 
-static void doorbell(void)
+void doorbell(void)
 {
     __asm__ volatile("outl %%eax, %0" : : "Nd"((uint16_t)HC_NET_DOORBELL), "a"(0) : "memory");
 }
@@ -74,29 +74,29 @@ void net_rings_init(void)
         return;
     memset(block, 0, need);
     uint8_t *p = (uint8_t *)(((uintptr_t)block + 4095) & ~(uintptr_t)4095);
-    ctrl = (struct nic_ctrl *)p;
-    p += sizeof *ctrl;
-    tx_ring = (struct nic_desc *)p;
-    p += RING_SIZE * sizeof *tx_ring;
-    rx_ring = (struct nic_desc *)p;
-    p += RING_SIZE * sizeof *rx_ring;
+    nic_ctrl = (struct nic_ctrl *)p;
+    p += sizeof *nic_ctrl;
+    nic_tx_ring = (struct nic_desc *)p;
+    p += RING_SIZE * sizeof *nic_tx_ring;
+    nic_rx_ring = (struct nic_desc *)p;
+    p += RING_SIZE * sizeof *nic_rx_ring;
     tx_bufs = p;
     p += RING_SIZE * RING_BUF;
     for (uint32_t i = 0; i < RING_SIZE; i++) {
-        rx_ring[i].addr = (uint64_t)(uintptr_t)(p + i * RING_BUF);
-        rx_ring[i].len = RING_BUF;
+        nic_rx_ring[i].addr = (uint64_t)(uintptr_t)(p + i * RING_BUF);
+        nic_rx_ring[i].len = RING_BUF;
     }
-    ctrl->rx_avail = RING_SIZE;
-    struct hc_net_setup arg = { (uint64_t)(uintptr_t)ctrl, (uint64_t)(uintptr_t)tx_ring, RING_SIZE,
-                                (uint64_t)(uintptr_t)rx_ring, RING_SIZE, -1 };
+    nic_ctrl->rx_avail = RING_SIZE;
+    struct hc_net_setup arg = { (uint64_t)(uintptr_t)nic_ctrl, (uint64_t)(uintptr_t)nic_tx_ring, RING_SIZE,
+                                (uint64_t)(uintptr_t)nic_rx_ring, RING_SIZE, -1 };
     hypercall(HC_NET_SETUP, &arg);
     if (arg.ret != 0)
-        ctrl = 0;
+        nic_ctrl = 0;
 }
 
 static bool rx_pending(void)
 {
-    return ctrl && ctrl->rx_used != ctrl->rx_cons;
+    return nic_ctrl && nic_ctrl->rx_used != nic_ctrl->rx_cons;
 }
 
 /* Spin this long for a frame before blocking: under load the next request is
@@ -124,17 +124,17 @@ size_t plat_net_read(void *frame, size_t cap)
 {
     while (rx_pending()) {
         barrier();
-        struct nic_desc *d = &rx_ring[ctrl->rx_cons % RING_SIZE];
+        struct nic_desc *d = &nic_rx_ring[nic_ctrl->rx_cons % RING_SIZE];
         size_t len = d->len;
         bool fits = len <= cap;
         if (fits)
             memcpy(frame, (const void *)(uintptr_t)d->addr, len);
         d->len = RING_BUF;
         barrier();
-        ctrl->rx_cons++;
-        ctrl->rx_avail++;
+        nic_ctrl->rx_cons++;
+        nic_ctrl->rx_avail++;
         fence();
-        if (ctrl->rx_notify)
+        if (nic_ctrl->rx_notify)
             doorbell();
         if (fits)
             return len;
@@ -144,22 +144,22 @@ size_t plat_net_read(void *frame, size_t cap)
 
 int plat_net_write(const void *frame, size_t len)
 {
-    if (!ctrl || len > RING_BUF)
+    if (!nic_ctrl || len > RING_BUF)
         return -1;
-    while (ctrl->tx_prod - ctrl->tx_cons >= RING_SIZE) {   /* full: the host is behind */
+    while (nic_ctrl->tx_prod - nic_ctrl->tx_cons >= RING_SIZE) {   /* full: the host is behind */
         doorbell();
         struct hc_net_wait_tx arg = { 0 };
         hypercall(HC_NET_WAIT_TX, &arg);
     }
-    uint32_t slot = ctrl->tx_prod % RING_SIZE;
+    uint32_t slot = nic_ctrl->tx_prod % RING_SIZE;
     uint8_t *buf = tx_bufs + (size_t)slot * RING_BUF;
     memcpy(buf, frame, len);
-    tx_ring[slot].addr = (uint64_t)(uintptr_t)buf;
-    tx_ring[slot].len = (uint32_t)len;
+    nic_tx_ring[slot].addr = (uint64_t)(uintptr_t)buf;
+    nic_tx_ring[slot].len = (uint32_t)len;
     barrier();
-    ctrl->tx_prod++;
+    nic_ctrl->tx_prod++;
     fence();
-    if (ctrl->tx_notify)
+    if (nic_ctrl->tx_notify)
         doorbell();
     return 0;
 }

@@ -10,5 +10,9 @@ extern const struct abi_boot_info *boot_info;
 void heap_init(uint64_t start, uint64_t end);
 /* Sets up the NIC rings when the VM has a NIC (platform.c). */
 void net_rings_init(void);
+/* The NIC rings and their doorbell, for the probe guest's malformed-ring tests. */
+extern struct nic_ctrl *nic_ctrl;
+extern struct nic_desc *nic_tx_ring, *nic_rx_ring;
+void doorbell(void);
 
 #endif

@@ -8,11 +8,17 @@
  *   disk     write, read back and compare sectors, then keep reading them
  *   echo     send every received frame back with the MACs swapped
  *   hcbench  time 100000 time hypercalls (the VMM's exit-handling rate)
+ *   badring=KIND  break the NIC rings as KIND says (txaddr txlen txoverrun rxoverrun rxaddr), then spin
+ *   flood    n=N: send N numbered frames back to back (the TX ring fills), then read
+ *            N numbered frames slowly (the RX ring fills) and report whether any was
+ *            lost, duplicated or reordered
+ *   slowecho echo every frame back, spending delay_us before each one
  *   clock    print the clock page's time and the time hypercall's, side by side
  */
 #include "platform.h"
 #include "console.h"
 #include "abi.h"
+#include "runtime.h"
 
 static const char *arg(const char *key)
 {
@@ -73,6 +79,99 @@ __attribute__((noreturn)) static void echo(void)
             plat_net_write(frame, n);
         }
     }
+}
+
+static unsigned long number(const char *key)
+{
+    unsigned long n = 0;
+    for (const char *p = arg(key); *p >= '0' && *p <= '9'; p++)
+        n = n * 10 + (unsigned long)(*p - '0');
+    return n;
+}
+
+static void spin_us(unsigned long us)
+{
+    uint64_t until = plat_now_ns() + us * 1000;
+    while (plat_now_ns() < until)
+        __asm__ volatile("pause");
+}
+
+/* Frames of the flood test: broadcast, ethertype 0x88b5, a u32 sequence number. */
+__attribute__((noreturn)) static void flood(void)
+{
+    static uint8_t frame[64];
+    unsigned long n = number("n");
+    memset(frame, 0xff, 6);
+    plat_net_mac(frame + 6);
+    frame[12] = 0x88, frame[13] = 0xb5;
+    for (uint32_t i = 0; i < n; i++) {
+        memcpy(frame + 14, &i, 4);
+        if (plat_net_write(frame, sizeof frame) != 0) {
+            console_printf("flood: send %u failed\n", i);
+            plat_halt(1);
+        }
+    }
+    console_printf("flood: sent %lu\n", n);
+    uint32_t expect = 0;
+    unsigned long bad = 0;
+    uint8_t in[2048];
+    while (expect < n) {
+        plat_poll(plat_now_ns() + 1000000000ull);
+        size_t len;
+        while ((len = plat_net_read(in, sizeof in)) > 0) {
+            uint32_t seq;
+            memcpy(&seq, in + 14, 4);
+            if (len < 18 || seq != expect)
+                bad++;
+            expect = seq + 1;
+            spin_us(20);
+        }
+    }
+    console_printf("flood: received %u bad %lu\n", expect, bad);
+    plat_halt(bad ? 1 : 0);
+}
+
+__attribute__((noreturn)) static void slowecho(void)
+{
+    static uint8_t frame[2048];
+    unsigned long delay = number("delay_us");
+    console_printf("echo ready\n");
+    for (;;) {
+        plat_poll(plat_now_ns() + 1000000000ull);
+        size_t n;
+        while ((n = plat_net_read(frame, sizeof frame)) > 0) {
+            spin_us(delay);
+            uint8_t mac[6];
+            memcpy(mac, frame, 6);
+            memcpy(frame, frame + 6, 6);
+            memcpy(frame + 6, mac, 6);
+            plat_net_write(frame, n);
+        }
+    }
+}
+
+__attribute__((noreturn)) static void badring(const char *kind)
+{
+    uint32_t slot = nic_ctrl->tx_prod % 256;
+    if (is(kind, "txaddr")) {
+        nic_tx_ring[slot].addr = 0x7f0000000000ull;
+        nic_tx_ring[slot].len = 60;
+        nic_ctrl->tx_prod++;
+    } else if (is(kind, "txlen")) {
+        nic_tx_ring[slot].len = 1u << 30;
+        nic_ctrl->tx_prod++;
+    } else if (is(kind, "txoverrun")) {
+        nic_ctrl->tx_prod += 1000;
+    } else if (is(kind, "rxoverrun")) {
+        nic_ctrl->rx_avail += 1000;
+    } else if (is(kind, "rxaddr")) {
+        for (int i = 0; i < 256; i++)
+            nic_rx_ring[i].addr = 0xfffffffffffff000ull;
+    }
+    console_printf("badring %s\n", kind);
+    doorbell();
+    for (;;)
+        __asm__ volatile("" ::: "memory");
 }
 
 int guest_main(void)
@@ -140,6 +239,12 @@ int guest_main(void)
     }
     if (is(mode, "disk"))
         disk();
+    if (is(mode, "flood"))
+        flood();
+    if (is(mode, "slowecho"))
+        slowecho();
+    if (*arg("badring"))
+        badring(arg("badring"));
     if (is(mode, "echo"))
         echo();
     console_printf("probe: unknown mode '%s'\n", mode);
