@@ -856,10 +856,17 @@ typedef struct {
     char error[200];
 } ring_ctx;
 
-static void ring_mark(ring_ctx *r, uint64_t gpa, uint64_t len)
+/* Dirty bits are set and taken atomically (bitmap_mark, bitmap_take): the NIC thread marks
+ * pages without the GIL or the bitmap's lock while the vCPU thread and migration use it. */
+static void mark_pages(uint8_t *bits, uint64_t gpa, uint64_t len)
 {
     for (uint64_t page = gpa >> 12; page <= (gpa + len - 1) >> 12; page++)
-        r->bits[page >> 3] |= (uint8_t)(1u << (page & 7));
+        __atomic_fetch_or(&bits[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELEASE);
+}
+
+static void ring_mark(ring_ctx *r, uint64_t gpa, uint64_t len)
+{
+    mark_pages(r->bits, gpa, len);
 }
 
 static uint32_t ring_u32(ring_ctx *r, uint64_t off)
@@ -1171,6 +1178,237 @@ static PyObject *ring_arm(PyObject *self, PyObject *args)
     return Py_BuildValue("(II)", tx_prod, rx_avail);
 }
 
+#include <poll.h>
+#include <stdint.h>
+
+#define ring_mark_atomic(bits, gpa, len) mark_pages(bits, gpa, len)
+
+static void eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t ignored = write(fd, &one, 8);
+    (void)ignored;
+}
+
+static void eventfd_drain(int fd)
+{
+    uint64_t value;
+    ssize_t ignored = read(fd, &value, 8);
+    (void)ignored;
+}
+
+/* The two rings of ring_serve_tap: TX and RX share RAM and the bitmap. */
+typedef struct {
+    ring_ctx tx, rx;
+    uint32_t tx_cons, rx_used;
+    long sent, dropped, received, too_big;
+} serve_ctx;
+
+/* One TX batch straight to the tap: frames moved, or -1 (error in s->tx.error). */
+static long serve_tx(serve_ctx *s, int fd, long limit)
+{
+    ring_ctx *r = &s->tx;
+    int64_t pending = ring_outstanding(r, ring_u32(r, r->ctrl + RING_TX_PROD), s->tx_cons, "TX producer");
+    if (pending < 0)
+        return -1;
+    if (pending > limit)
+        pending = limit;
+    for (int64_t i = 0; i < pending; i++, s->tx_cons++) {
+        uint64_t at, addr;
+        uint32_t len;
+        if (ring_desc(r, s->tx_cons, "TX", &at, &addr, &len) < 0)
+            return -1;
+        if (write(fd, r->mem + addr, len) == (ssize_t)len)
+            s->sent++;
+        else
+            s->dropped++;
+    }
+    if (pending) {
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        memcpy(r->mem + r->ctrl + RING_TX_CONS, &s->tx_cons, 4);
+        ring_mark_atomic(r->bits, r->ctrl + RING_TX_CONS, 4);
+    }
+    return (long)pending;
+}
+
+/* One RX batch straight from the tap: frames moved (too big ones included), or -1. */
+static long serve_rx(serve_ctx *s, int fd, long limit, uint8_t *scratch, int *room)
+{
+    ring_ctx *r = &s->rx;
+    int64_t free_slots = ring_outstanding(r, ring_u32(r, r->ctrl + RING_RX_AVAIL), s->rx_used, "RX available");
+    if (free_slots < 0)
+        return -1;
+    *room = free_slots > 0;
+    long moved = 0, placed = 0;
+    while (placed < free_slots && moved < limit) {
+        uint64_t at, addr;
+        uint32_t cap;
+        if (ring_desc(r, s->rx_used, "RX", &at, &addr, &cap) < 0)
+            return -1;
+        struct iovec iov[2] = {{r->mem + addr, cap}, {scratch, RING_MAX_FRAME}};
+        ssize_t got = readv(fd, iov, 2);
+        if (got <= 0) {
+            if (got < 0 && errno == EINTR)
+                continue;
+            break;
+        }
+        moved++;
+        if ((uint64_t)got > cap) {
+            ring_mark_atomic(r->bits, addr, cap);
+            s->too_big++;
+            continue;
+        }
+        ring_mark_atomic(r->bits, addr, (uint64_t)got);
+        uint32_t len = (uint32_t)got;
+        memcpy(r->mem + at + 8, &len, 4);
+        ring_mark_atomic(r->bits, at + 8, 4);
+        s->rx_used++;
+        placed++;
+        s->received++;
+    }
+    if (placed) {
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        memcpy(r->mem + r->ctrl + RING_RX_USED, &s->rx_used, 4);
+        ring_mark_atomic(r->bits, r->ctrl + RING_RX_USED, 4);
+        *room = placed < free_slots;
+    }
+    return moved;
+}
+
+static void serve_arm(serve_ctx *s, uint32_t tx_notify, uint32_t rx_notify)
+{
+    ring_ctx *r = &s->tx;
+    memcpy(r->mem + r->ctrl + RING_TX_NOTIFY, &tx_notify, 4);
+    memcpy(r->mem + r->ctrl + RING_RX_NOTIFY, &rx_notify, 4);
+    ring_mark_atomic(r->bits, r->ctrl + RING_TX_NOTIFY, 132);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* the guest's mfence pairs with this */
+}
+
+static PyObject *ring_serve_tap(PyObject *self, PyObject *args)
+{
+    PyObject *ram, *dirty;
+    unsigned long long ctrl, tx_ring, tx_size, rx_ring, rx_size, max_frames;
+    unsigned int tx_cons, rx_used;
+    int tap, doorbell, control, event, rx_ready, tx_done, timeout_ms;
+    if (!PyArg_ParseTuple(args, "OOKKKKKIIiiiiiiiK", &ram, &dirty, &ctrl, &tx_ring, &tx_size, &rx_ring,
+                          &rx_size, &tx_cons, &rx_used, &tap, &doorbell, &control, &event, &rx_ready,
+                          &tx_done, &timeout_ms, &max_frames))
+        return NULL;
+    serve_ctx s = {.tx_cons = tx_cons, .rx_used = rx_used};
+    if (ring_open(&s.tx, ram, dirty, ctrl, tx_ring, tx_size) < 0)
+        return NULL;
+    if (ring_open(&s.rx, ram, dirty, ctrl, rx_ring, rx_size) < 0) {
+        ring_close(&s.tx);
+        return NULL;
+    }
+    uint8_t *scratch = PyMem_RawMalloc(RING_MAX_FRAME);
+    if (!scratch) {
+        ring_close(&s.tx);
+        ring_close(&s.rx);
+        return PyErr_NoMemory();
+    }
+    ring_ctx *failed = NULL;
+    const char *why = "timeout";
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t total = 0;
+    for (;;) {
+        int room = 0;
+        long tx = serve_tx(&s, tap, 64);
+        if (tx < 0) {
+            failed = &s.tx;
+            break;
+        }
+        long received_before = s.received;
+        long rx = serve_rx(&s, tap, 64, scratch, &room);
+        if (rx < 0) {
+            failed = &s.rx;
+            break;
+        }
+        if (s.received != received_before)
+            eventfd_signal(rx_ready);
+        if (tx > 0)
+            eventfd_signal(tx_done);
+        total += (uint64_t)(tx + rx);
+        if (tx + rx) {
+            if (total >= max_frames) {
+                why = "batch";
+                break;
+            }
+            struct pollfd quick[2] = {{control, POLLIN, 0}, {event, POLLIN, 0}};
+            if (poll(quick, 2, 0) > 0) {
+                why = "event";
+                break;
+            }
+            continue;
+        }
+        /* Idle: ask for doorbells (and for RX buffers when out of them), re-check, sleep. */
+        serve_arm(&s, 1, room ? 0 : 1);
+        uint32_t tx_prod = ring_u32(&s.tx, ctrl + RING_TX_PROD);
+        uint32_t rx_avail = ring_u32(&s.rx, ctrl + RING_RX_AVAIL);
+        int busy = tx_prod != s.tx_cons || (!room && rx_avail != s.rx_used);
+        int woke = 0;
+        if (!busy) {
+            struct pollfd fds[4] = {{doorbell, POLLIN, 0}, {control, POLLIN, 0}, {event, POLLIN, 0},
+                                    {room ? tap : -1, POLLIN, 0}};
+            int n = poll(fds, 4, timeout_ms);
+            if (fds[0].revents)
+                eventfd_drain(doorbell);
+            woke = n == 0 ? -1 : (fds[1].revents || fds[2].revents);
+        }
+        serve_arm(&s, 0, 0);
+        if (woke == -1) {
+            why = "timeout";
+            break;
+        }
+        if (woke) {
+            why = "event";
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(scratch);
+    PyObject *result = NULL;
+    if (failed)
+        PyErr_SetString(PyExc_ValueError, failed->error);
+    else
+        result = Py_BuildValue("(IIlllls)", s.tx_cons, s.rx_used, s.sent, s.dropped, s.received, s.too_big, why);
+    ring_close(&s.tx);
+    ring_close(&s.rx);
+    return result;
+}
+
+static PyObject *bitmap_mark(PyObject *self, PyObject *args)
+{
+    Py_buffer bm;
+    unsigned long long gpa, length;
+    if (!PyArg_ParseTuple(args, "w*KK", &bm, &gpa, &length))
+        return NULL;
+    if (length && ((gpa + length - 1) >> 12) >= (uint64_t)bm.len * 8) {
+        PyBuffer_Release(&bm);
+        PyErr_SetString(PyExc_ValueError, "range past the end of the bitmap");
+        return NULL;
+    }
+    if (length)
+        mark_pages(bm.buf, gpa, length);
+    PyBuffer_Release(&bm);
+    Py_RETURN_NONE;
+}
+
+static PyObject *bitmap_take(PyObject *self, PyObject *args)
+{
+    Py_buffer bm;
+    if (!PyArg_ParseTuple(args, "w*", &bm))
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, bm.len);
+    if (out) {
+        uint8_t *src = bm.buf, *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        for (Py_ssize_t i = 0; i < bm.len; i++)
+            dst[i] = __atomic_exchange_n(&src[i], 0, __ATOMIC_ACQ_REL);
+    }
+    PyBuffer_Release(&bm);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"zero_pages", (PyCFunction)(void (*)(void))zero_pages, METH_VARARGS | METH_KEYWORDS,
      "One byte per page (or per listed page): 1 when the page is all zero."},
@@ -1205,6 +1443,10 @@ static PyMethodDef methods[] = {
      "Read frames from a tap fd into the guest's posted RX buffers; (used, received, too_big)."},
     {"ring_arm", ring_arm, METH_VARARGS,
      "Set the notify flags, fence, read (tx_prod, rx_avail)."},
+    {"ring_serve_tap", ring_serve_tap, METH_VARARGS,
+     "Move frames between the rings and a tap until an event, a timeout or max_frames."},
+    {"bitmap_mark", bitmap_mark, METH_VARARGS, "Set the bits of the pages of [gpa, gpa+length), atomically."},
+    {"bitmap_take", bitmap_take, METH_VARARGS, "The bitmap's bytes, each cleared atomically as it is read."},
     {"memcmp_bandwidth_probe", memcmp_bandwidth_probe, METH_VARARGS,
      "Benchmark baseline: memcmp every page pair, return how many differ."},
     {NULL, NULL, 0, NULL},

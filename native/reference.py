@@ -4,6 +4,7 @@ import itertools
 import os
 import operator
 import re
+import select
 import socket
 import struct
 from array import array
@@ -439,3 +440,62 @@ def ring_arm(ram, dirty, ctrl: int, tx_notify: int, rx_notify: int):
     _put_u32(view, dirty, ctrl + RING_TX_NOTIFY, tx_notify)
     _put_u32(view, dirty, ctrl + RING_RX_NOTIFY, rx_notify)
     return _u32(view, ctrl + RING_TX_PROD), _u32(view, ctrl + RING_RX_AVAIL)
+
+
+def bitmap_mark(bitmap, gpa: int, length: int) -> None:
+    """Sets the bits of the pages [gpa, gpa + length) touches (atomically, in C)."""
+    if length and (gpa + length - 1) >> 12 >= len(bitmap) * 8:
+        raise ValueError("range past the end of the bitmap")
+    if length:
+        _mark(bitmap, gpa, length)
+
+
+def bitmap_take(bitmap) -> bytes:
+    """The bitmap's bytes, the bitmap cleared (in C each byte atomically as it is read)."""
+    taken = bytes(bitmap)
+    bitmap[:] = bytes(len(bitmap))
+    return taken
+
+
+def ring_serve_tap(ram, dirty, ctrl: int, tx_ring: int, tx_size: int, rx_ring: int, rx_size: int,
+                   tx_cons: int, rx_used: int, tap: int, doorbell: int, control: int, event: int,
+                   rx_ready: int, tx_done: int, timeout_ms: int, max_frames: int):
+    """The NIC thread's loop on a tap: TX frames to it, its frames into the RX ring, signalling
+    rx_ready and tx_done; idle, it asks the guest for doorbells and sleeps on the doorbell, the
+    tap (when there is room for its frames), ``control`` and ``event``.  Returns when one of the
+    last two is readable ("event"), after ``timeout_ms`` idle ("timeout") or ``max_frames``
+    frames ("batch"): (tx_cons, rx_used, sent, dropped, received, too_big, why)."""
+    sent = dropped = received = too_big = total = 0
+    while True:
+        new_cons, s, d = ring_tx_write(ram, dirty, ctrl, tx_ring, tx_size, tx_cons, tap, 64)
+        tx = (new_cons - tx_cons) & _U32
+        tx_cons, sent, dropped = new_cons, sent + s, dropped + d
+        view = memoryview(ram).cast("B")
+        room = _outstanding(_u32(view, ctrl + RING_RX_AVAIL), rx_used, rx_size, "RX available")
+        new_used, r, big = ring_rx_read(ram, dirty, ctrl, rx_ring, rx_size, rx_used, tap, 64)
+        rx_used, received, too_big = new_used, received + r, too_big + big
+        room -= r
+        if r:
+            os.eventfd_write(rx_ready, 1)
+        if tx:
+            os.eventfd_write(tx_done, 1)
+        total += tx + r + big
+        if tx + r + big:
+            if total >= max_frames:
+                return tx_cons, rx_used, sent, dropped, received, too_big, "batch"
+            if select.select([control, event], [], [], 0)[0]:
+                return tx_cons, rx_used, sent, dropped, received, too_big, "event"
+            continue
+        tx_prod, rx_avail = ring_arm(ram, dirty, ctrl, 1, 0 if room else 1)
+        busy = tx_prod != tx_cons or (not room and rx_avail != rx_used)
+        readable = None
+        if not busy:
+            readable = select.select([doorbell, control, event] + ([tap] if room else []), [], [],
+                                     timeout_ms / 1000)[0]
+            if doorbell in readable:
+                os.eventfd_read(doorbell)
+        ring_arm(ram, dirty, ctrl, 0, 0)
+        if readable is not None and not readable:
+            return tx_cons, rx_used, sent, dropped, received, too_big, "timeout"
+        if readable and (control in readable or event in readable):
+            return tx_cons, rx_used, sent, dropped, received, too_big, "event"

@@ -301,3 +301,56 @@ def test_dirty_log_covers_every_page_the_nic_thread_writes(guest_images, vms):
     changed = {p for p in range(vm.memory.pages)
                if after[p * 4096:(p + 1) * 4096] != before[p * 4096:(p + 1) * 4096]}
     assert len(changed) > 10 and changed <= dirty, sorted(changed - dirty)[:10]
+
+
+@IMPLS
+def test_the_tap_loop_moves_frames_both_ways_and_returns_on_events(impl):
+    """ring_serve_tap: frames both ways, doorbells asked for only while idle, back to the
+    caller on an event, after the idle timeout, or after max_frames."""
+    import socket
+    host, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(5)]
+    doorbell, control, event, rx_ready, tx_done = fds
+    with host, tap:
+        tap.setblocking(False)
+        size = 8
+        ram, dirty = ring_ram(size, rx_avail=size)
+        queue_tx(ram, size, [b"out %d" % i for i in range(3)])
+        for i in range(5):
+            host.send(b"in %d" % i)
+        result = impl.ring_serve_tap(ram, dirty, CTRL, TX, size, RX, size, 0, 0, tap.fileno(), doorbell,
+                                     control, event, rx_ready, tx_done, 20, 1000)
+        assert result == (3, 5, 3, 0, 5, 0, "timeout")
+        assert [host.recv(100) for _ in range(3)] == [b"out 0", b"out 1", b"out 2"]
+        assert take_rx(ram, size, 0, 5)[0] == [b"in %d" % i for i in range(5)]
+        assert os.eventfd_read(rx_ready) and os.eventfd_read(tx_done)
+        assert struct.unpack_from("<II", ram, CTRL + reference.RING_TX_CONS) == (3, 0), "notify cleared"
+        assert {CTRL // 4096, BUFS // 4096} <= set(dirty_pages(dirty))
+        # A full RX ring leaves the tap's frames in the tap.
+        for i in range(12):
+            host.send(b"more %d" % i)
+        used = impl.ring_serve_tap(ram, dirty, CTRL, TX, size, RX, size, 3, 5, tap.fileno(), doorbell,
+                                   control, event, rx_ready, tx_done, 20, 1000)[1]
+        assert used == 5 + size
+        os.eventfd_write(event, 1)
+        assert impl.ring_serve_tap(ram, dirty, CTRL, TX, size, RX, size, 3, used, tap.fileno(), doorbell,
+                                   control, event, rx_ready, tx_done, 5000, 1000)[-1] == "event"
+        queue_tx(ram, size, [b"x"] * 4)
+        assert impl.ring_serve_tap(ram, dirty, CTRL, TX, size, RX, size, 3, used, tap.fileno(), doorbell,
+                                   control, event, rx_ready, tx_done, 5000, 2)[-1] == "batch"
+        struct.pack_into("<I", ram, CTRL, 100)
+        with pytest.raises(ValueError, match="TX producer index overrun"):
+            impl.ring_serve_tap(ram, dirty, CTRL, TX, size, RX, size, 3, used, tap.fileno(), doorbell,
+                                control, event, rx_ready, tx_done, 20, 1000)
+    for fd in fds:
+        os.close(fd)
+
+
+@IMPLS
+def test_bitmap_mark_and_take(impl):
+    bitmap = bytearray(4)
+    impl.bitmap_mark(bitmap, 4095, 2)
+    impl.bitmap_mark(bitmap, 31 * 4096, 1)
+    with pytest.raises(ValueError):
+        impl.bitmap_mark(bitmap, 32 * 4096, 1)
+    assert impl.bitmap_take(bitmap) == bytes([0b11, 0, 0, 0x80]) and bitmap == bytearray(4)

@@ -10,6 +10,8 @@ import mmap
 import os
 import threading
 
+import native
+
 from . import kvm
 from .abi import PAGE_SIZE
 from .errors import GuestError
@@ -72,8 +74,7 @@ class GuestMemory:
         if not self.tracking or length == 0:
             return
         with self._dirty_lock:
-            for page in range(gpa // PAGE_SIZE, (gpa + length - 1) // PAGE_SIZE + 1):
-                self._vmm_dirty[page >> 3] |= 1 << (page & 7)
+            native.bitmap_mark(self._vmm_dirty, gpa, length)
 
     @contextlib.contextmanager
     def vmm_dirty(self):
@@ -81,6 +82,16 @@ class GuestMemory:
         (the NIC rings): it sets the bits of the pages it wrote, after writing them."""
         with self._dirty_lock:
             yield self._vmm_dirty
+
+    @contextlib.contextmanager
+    def vmm_dirty_unlocked(self):
+        """The same bitmap for native code that sets its bits atomically without the GIL (and
+        without the lock, so it may run long); the reference twin still needs the lock."""
+        if native.IMPLEMENTATION == "native":
+            yield self._vmm_dirty
+        else:
+            with self._dirty_lock:
+                yield self._vmm_dirty
 
     def start_dirty_tracking(self):
         """Log writes from now on; the first fetch reports pages written since this call."""
@@ -101,8 +112,7 @@ class GuestMemory:
         log = kvm.kvm_dirty_log(slot=_SLOT, dirty_bitmap=ctypes.addressof(self._kvm_bitmap))
         kvm.ioctl(self._vm_fd, kvm.KVM_GET_DIRTY_LOG, log)
         with self._dirty_lock:
-            vmm = bytes(self._vmm_dirty)
-            self._vmm_dirty[:] = bytes(self._bitmap_bytes)
+            vmm = native.bitmap_take(self._vmm_dirty)
         merged = int.from_bytes(self._kvm_bitmap.raw, "little") | int.from_bytes(vmm, "little")
         return merged.to_bytes(self._bitmap_bytes, "little")
 

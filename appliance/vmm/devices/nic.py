@@ -335,7 +335,7 @@ class Nic:
         except BaseException:
             backend.close()
             raise
-        self.hook = None
+        self._hook = None
         self.tap_backend = backend
         self._backend = backend
         self._lock = threading.Lock()
@@ -349,6 +349,29 @@ class Nic:
     @property
     def backend(self) -> NicBackend:
         return self._backend
+
+    @property
+    def hook(self):
+        return self._hook
+
+    @hook.setter
+    def hook(self, hook):
+        """Setting a hook wakes the NIC thread, so no frame bypasses it from then on."""
+        with self._lock:
+            self._hook = hook
+            os.eventfd_write(self._event_fd, 1)
+
+    @property
+    def event_fd(self) -> int:
+        """Readable after inject_rx(), attach() or a new hook: the NIC thread re-checks its path."""
+        return self._event_fd
+
+    def clear_event(self):
+        """From the NIC thread, before it looks at the NIC's state again."""
+        try:
+            os.eventfd_read(self._event_fd)
+        except BlockingIOError:
+            pass
 
     def attach(self, backend: NicBackend) -> NicBackend:
         """Put `backend` behind the NIC (any thread, the guest may run); returns the
@@ -374,7 +397,7 @@ class Nic:
         """The tap's fd when frames may go straight between it and the rings: the tap is
         attached, no hook looks at frames and no injected frame waits to go first."""
         with self._lock:
-            if self._backend is self.tap_backend and self.hook is None and not self.state.injected:
+            if self._backend is self.tap_backend and self._hook is None and not self.state.injected:
                 return self.tap_backend.fd
         return None
 

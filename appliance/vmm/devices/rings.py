@@ -35,6 +35,8 @@ _log = logging.getLogger(__name__)
 RING_MAX_SLOTS = 4096
 _BATCH = 64  # frames per direction per pass, so neither direction starves the other
 _SAFETY_WAIT = 0.05  # seconds: an idle thread re-checks the rings this often regardless
+_SERVE_IDLE_MS = 50  # the native loop returns (to publish counters) after this long idle...
+_SERVE_FRAMES = 4096  # ...or after this many frames
 
 
 class NicRings:
@@ -78,18 +80,19 @@ class NicRings:
         state = self.nic.state
         state.rings, state.tx_cons, state.rx_used = (ctrl, tx_ring, tx_size, rx_ring, rx_size), 0, 0
 
+    def _ctrl_u32(self, field: int) -> int:
+        at = self.nic.state.rings[0] + field
+        return int.from_bytes(self.memory.mmap[at:at + 4], "little")
+
     def rx_pending(self) -> bool:
-        """Frames published in the RX ring that the guest has not taken (its rx_cons)."""
-        ctrl = self.nic.state.rings[0]
-        ram = self.memory.mmap
-        off = ctrl + native.reference.RING_RX_CONS
-        return int.from_bytes(ram[off:off + 4], "little") != self.nic.state.rx_used
+        """Frames the host published (rx_used, as in the control block: the NIC thread's
+        own copy lags while it runs natively) that the guest has not taken (rx_cons)."""
+        return self._ctrl_u32(native.reference.RING_RX_USED) != self._ctrl_u32(native.reference.RING_RX_CONS)
 
     def tx_full(self) -> bool:
-        ctrl, _, tx_size, _, _ = self.nic.state.rings
-        ram = self.memory.mmap
-        tx_prod = int.from_bytes(ram[ctrl:ctrl + 4], "little")
-        return (tx_prod - self.nic.state.tx_cons) & 0xFFFFFFFF >= tx_size
+        tx_size = self.nic.state.rings[2]
+        in_flight = self._ctrl_u32(native.reference.RING_TX_PROD) - self._ctrl_u32(native.reference.RING_TX_CONS)
+        return in_flight & 0xFFFFFFFF >= tx_size
 
     def start(self):
         """Let the NIC thread run (the vCPU is about to enter the guest)."""
@@ -158,11 +161,37 @@ class NicRings:
                 while self._tx_pass(limit=1 << 16):
                     pass
                 return
+            self.nic.clear_event()
+            if self._tap_loop():
+                continue
             moved = self._tx_pass(_BATCH) + self._rx_pass(_BATCH)
             if moved:
                 self.passes += 1
                 continue
             self._sleep()
+
+    def _tap_loop(self) -> bool:
+        """While the tap is attached and nothing else looks at frames: the native loop,
+        which returns on stop(), on a NIC event (attach, inject, hook), when idle for a while,
+        or every few thousand frames to publish the counters.  False if this path is closed."""
+        state = self.nic.state
+        ctrl, tx_ring, tx_size, rx_ring, rx_size = state.rings
+        with self.nic.io_pass():
+            tap_fd = self.nic.tap_fast_path()
+            if tap_fd is None:
+                return False
+            with self.memory.vmm_dirty_unlocked() as dirty:
+                cons, used, sent, dropped, received, too_big, _why = native.ring_serve_tap(
+                    self.memory.mmap, dirty, ctrl, tx_ring, tx_size, rx_ring, rx_size, state.tx_cons,
+                    state.rx_used, tap_fd, self.doorbell_fd, self._control_fd, self.nic.event_fd,
+                    self.rx_ready_fd, self.tx_done_fd, _SERVE_IDLE_MS, _SERVE_FRAMES)
+            if cons != state.tx_cons:
+                self._learn_address(tx_ring, tx_size, cons)
+            state.tx_cons, state.rx_used = cons, used
+            self.nic.count_tx(sent, dropped)
+            self.nic.count_rx(received, too_big)
+            self.passes += 1
+        return True
 
     def _sleep(self):
         """Ask the guest for doorbells, re-check, and wait for one (or the backend, or stop)."""
