@@ -354,3 +354,83 @@ def test_bitmap_mark_and_take(impl):
     with pytest.raises(ValueError):
         impl.bitmap_mark(bitmap, 32 * 4096, 1)
     assert impl.bitmap_take(bitmap) == bytes([0b11, 0, 0, 0x80]) and bitmap == bytearray(4)
+
+
+@pytest.mark.kvm
+def test_live_migration_with_frames_in_flight(guest_images, vms, tmp_path):
+    """The source echoes a stream of frames while it migrates: the NIC thread keeps writing
+    RX buffers during precopy, so equal RAM at the end proves the dirty log saw them; the
+    destination then echoes the frames left in the ring, none lost, none twice."""
+    import blake3
+    from appliance.control.migration_settings import DEFAULT_PARAMETERS
+    from replication.destination import MigrationDestination
+    from replication.source import MigrationSource
+    from replication.transport import Listener
+    caps = {"xbzrle": False, "compress": False, "multifd": False, "auto-converge": False, "events": True,
+            "pause-before-switchover": False, "validate-uuid": False, "return-path": False, "release-ram": False}
+    src, src_backend = queue_vm(vms, "ms", "mode=slowecho delay_us=200")
+    dst, dst_backend = queue_vm(vms, "md", "mode=slowecho delay_us=200", start_paused=True)
+    assert dst.set_state("prelaunch", "inmigrate")
+    src.start()
+    wait_for(lambda: "echo ready" in src.read_console(), what="the echo guest")
+    n, stop = 4000, []
+
+    def feed():
+        for i in range(n):
+            if stop:
+                return
+            src_backend.deliver(numbered(i, mac=bytes.fromhex("525400123456")))
+            if i % 50 == 49:
+                time.sleep(0.002)
+
+    import threading
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    wait_for(lambda: src.nic.state.tx_frames > 200, what="echoes before the migration")
+    uri = f"unix:{tmp_path}/mig.sock"
+    params = {**DEFAULT_PARAMETERS, "max-bandwidth": 0}
+    source = MigrationSource(src, uri, caps, params, {}, lambda *_: None)
+    destination = MigrationDestination(dst, Listener(uri), caps, False, lambda *_: None)
+    destination.start()
+    source.start()
+    source.join(60)
+    destination.join(60)
+    stop.append(True)
+    feeder.join()
+    assert source.status == "completed" and destination.status == "completed", (source.error, destination.error)
+    assert blake3.blake3(src.memory.mmap).digest() == blake3.blake3(dst.memory.mmap).digest()
+    ctrl = src.nic.state.rings[0]
+    rx_cons = struct.unpack_from("<I", src.memory.mmap, ctrl + reference.RING_RX_CONS)[0]
+    in_flight = (src.nic.state.rx_used - rx_cons) & U32
+    echoed = list(iter(lambda: src_backend.take(0), None))
+    dst.resume()
+    rest = echo_count(dst_backend, in_flight)
+    time.sleep(0.1)
+    rest += list(iter(lambda: dst_backend.take(0), None))
+    seqs = [struct.unpack_from("<I", f, 14)[0] for f in echoed + rest]
+    assert seqs == list(range(len(seqs))), "echoes out of order, lost or repeated"
+    assert in_flight > 0 and len(rest) >= in_flight and len(echoed) > 200
+
+
+@pytest.mark.kvm
+def test_the_clock_page_time_follows_the_guest_clock_across_a_restore(guest_images, vms, tmp_path):
+    """plat_now_ns (TSC and clock page, no exit) against the time hypercall, before and after
+    a restore into another VM, whose TSC is another counter altogether."""
+    def pairs(vm):
+        return [(int(a), int(b)) for a, b in re.findall(r"clock page=(\d+) hypercall=(\d+)", vm.read_console())]
+
+    vm = vms.new("probe", "mode=clock n=100000")
+    vm.start()
+    wait_for(lambda: len(pairs(vm)) >= 5, what="clock lines")
+    vm.pause()
+    stopped_at = vm.guest_monotonic_ns()
+    vm.save_state(str(tmp_path / "clock.state"))
+    restored = vms.new("probe", "mode=clock n=100000")
+    restored.load_state(str(tmp_path / "clock.state"))
+    restored.resume()
+    wait_for(lambda: len(pairs(restored)) >= 5, what="clock lines after the restore")
+    restored.pause()
+    for page, hypercall in pairs(vm) + pairs(restored):
+        assert 0 <= hypercall - page < 5_000_000, (page, hypercall)  # the exit sits between them
+    assert min(page for page, _ in pairs(restored)) >= stopped_at
+    assert pairs(restored)[-1][0] > stopped_at

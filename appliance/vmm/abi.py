@@ -48,8 +48,8 @@ HC_CONSOLE_WRITE_ARGS = struct.Struct("<QQ")  # data, len
 HC_TIME_ARGS = struct.Struct("<QQ")  # out: monotonic_ns, wall_ns
 HC_POLL_ARGS = struct.Struct("<QQ")  # deadline_ns, out: ready
 HC_NET_SETUP_ARGS = struct.Struct("<QQQQQq")  # ctrl, tx_ring, tx_size, rx_ring, rx_size, out: ret
-# The clock page: valid, base_ns, base_tsc, mult; ns = base_ns + ((tsc - base_tsc) * mult >> 32).
-CLOCK_PAGE = struct.Struct("<QQQQ")
+# The clock page: generation (changes whenever the vCPU starts running), mult = 2**32 * 10**6 / tsc_khz.
+CLOCK_PAGE = struct.Struct("<QQ")
 HC_BLOCK_ARGS = struct.Struct("<QQQq")  # sector, data, count, out: ret
 HC_HALT_ARGS = struct.Struct("<Q")  # status
 

@@ -517,16 +517,14 @@ class VirtualMachine:
         return True
 
     def _write_clock_page(self):
-        """The clock page (docs/guest-abi.md) for the run about to start: the guest's TSC and
-        its monotonic time now, so the guest reads the time without an exit.  The guest clock
-        stood still while the vCPU was parked; the TSC did not, hence a new base every run."""
+        """A new generation of the clock page (docs/guest-abi.md) for the run about to start:
+        the guest clock stood still while the vCPU was parked and the TSC did not, so the
+        guest takes a new base (one time hypercall) before it reads the TSC again.  The
+        generation goes on from what RAM holds, so it changes after a restore as well."""
         if not self._tsc_khz:
             return
-        msrs = kvm.msrs_buffer([kvm.MSR_IA32_TSC])
-        if kvm.ioctl(self.vcpu.fd, kvm.KVM_GET_MSRS, msrs) != 1:
-            return
-        page = abi.CLOCK_PAGE.pack(1, self._clock.now(), msrs.entries[0].data,
-                                   (1_000_000 << 32) // self._tsc_khz)
+        generation = abi.CLOCK_PAGE.unpack_from(self.memory.mmap, abi.CLOCK_GPA)[0]
+        page = abi.CLOCK_PAGE.pack((generation + 1) & 0xFFFFFFFFFFFFFFFF or 1, (1_000_000 << 32) // self._tsc_khz)
         self.memory.write(abi.CLOCK_GPA, page, "clock page")
 
     def _device_fault(self, reason: str):

@@ -48,9 +48,10 @@ struct hc_net_setup { uint64_t ctrl; uint64_t tx_ring; uint64_t tx_size;
                       uint64_t rx_ring; uint64_t rx_size; int64_t ret; };  /* ret: out */
 struct hc_net_wait_tx { uint64_t reserved; };
 
-/* The clock page the VMM writes before the vCPU runs:
- * monotonic ns = base_ns + ((rdtsc - base_tsc) * mult >> 32), when valid. */
-struct abi_clock { uint64_t valid; uint64_t base_ns; uint64_t base_tsc; uint64_t mult; };
+/* The clock page: `generation` changes each time the vCPU starts running again (the guest
+ * clock stood still while it was stopped, the TSC did not); mult = 2^32 * 10^6 / tsc_khz,
+ * 0 when the TSC frequency is unknown. */
+struct abi_clock { uint64_t generation; uint64_t mult; };
 
 /* NIC rings (docs/guest-abi.md): indexes are free-running u32, slot = index % size. */
 struct nic_desc { uint64_t addr; uint32_t len; uint32_t reserved; };

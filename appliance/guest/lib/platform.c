@@ -10,22 +10,23 @@ static inline uint64_t rdtsc(void)
     return (uint64_t)hi << 32 | lo;
 }
 
-/* Monotonic time from the TSC and the VMM's clock page, without an exit.  The
- * page is rewritten whenever the vCPU starts running again (the guest clock
- * stands still while the VM is stopped), so never read back across that:
- * the result is clamped to the last value returned. */
+/* Monotonic time from the TSC, without an exit: one time hypercall per generation of
+ * the clock page (after every stop of the VM) gives the base, the TSC the rest.  The
+ * result is clamped to the last value returned, so TSC and host clock drift never
+ * make it go back across a new base. */
 uint64_t plat_now_ns(void)
 {
-    static uint64_t last;
+    static uint64_t last, generation, base_ns, base_tsc;
     const volatile struct abi_clock *clock = (const volatile struct abi_clock *)(uintptr_t)ABI_CLOCK_GPA;
-    uint64_t now;
-    if (clock->valid) {
-        uint64_t ticks = rdtsc() - clock->base_tsc;
-        now = clock->base_ns + (uint64_t)((unsigned __int128)ticks * clock->mult >> 32);
+    uint64_t mult = clock->mult, now;
+    if (mult && clock->generation == generation && generation) {
+        now = base_ns + (uint64_t)((unsigned __int128)(rdtsc() - base_tsc) * mult >> 32);
     } else {
         struct hc_time t;
+        generation = clock->generation;
         hypercall(HC_TIME, &t);
-        now = t.monotonic_ns;
+        base_tsc = rdtsc();
+        now = base_ns = t.monotonic_ns;
     }
     if (now < last)
         now = last;
