@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-import native
 from native import _native, reference
 from appliance.vmm import GUEST_PANICKED, SHUTDOWN
 from appliance.vmm.devices import QueueBackend
@@ -177,10 +176,6 @@ def test_tap_paths_move_whole_frames_and_drop_oversized_ones(impl):
         cons, sent, dropped = impl.ring_tx_write(ram, dirty, CTRL, TX, size, 0, guest_side.fileno(), 64)
         assert (cons, sent, dropped) == (2, 2, 0)
         assert [host.recv(4096), host.recv(4096)] == [b"x" * 70, b"y" * 80]
-
-
-def test_the_native_twin_is_in_use():
-    assert native.IMPLEMENTATION == "native" or os.environ.get("COLO_NATIVE") == "0"
 
 
 # --- guests on the rings ---------------------------------------------------------------------

@@ -151,7 +151,11 @@ class NicRings:
     def _idle(self):
         """No rings yet: wait for the guest's HC_NET_SETUP (its doorbell follows) or stop()."""
         while not self._stopping():
-            select.select([self._control_fd, self.doorbell_fd], [], [], _SAFETY_WAIT)
+            select.select([self._control_fd, self.doorbell_fd], [], [])
+            try:
+                os.eventfd_read(self.doorbell_fd)
+            except BlockingIOError:
+                pass
             if self.nic.state.rings is not None:
                 return self._serve()
 
