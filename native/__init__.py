@@ -29,9 +29,7 @@ copy_pages = _impl.copy_pages
 equal_prefix = _impl.equal_prefix
 parse_headers = _impl.parse_headers
 ring_tx_pop = _impl.ring_tx_pop
-ring_tx_write = _impl.ring_tx_write
 ring_rx_push = _impl.ring_rx_push
-ring_rx_read = _impl.ring_rx_read
 ring_arm = _impl.ring_arm
 ring_serve_tap = _impl.ring_serve_tap
 bitmap_mark = _impl.bitmap_mark
@@ -39,5 +37,5 @@ bitmap_take = _impl.bitmap_take
 
 __all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bitmap_pages",
            "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "equal_prefix", "parse_headers",
-           "ring_tx_pop", "ring_tx_write", "ring_rx_push", "ring_rx_read", "ring_arm",
+           "ring_tx_pop", "ring_rx_push", "ring_arm",
            "ring_serve_tap", "bitmap_mark", "bitmap_take", "reference", "IMPLEMENTATION"]

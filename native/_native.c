@@ -1005,46 +1005,6 @@ static PyObject *ring_tx_pop(PyObject *self, PyObject *args)
     return Py_BuildValue("(IN)", cons, frames);
 }
 
-static PyObject *ring_tx_write(PyObject *self, PyObject *args)
-{
-    PyObject *ram, *dirty;
-    unsigned long long ctrl, ring, slots, limit;
-    unsigned int cons;
-    int fd;
-    if (!PyArg_ParseTuple(args, "OOKKKIiK", &ram, &dirty, &ctrl, &ring, &slots, &cons, &fd, &limit))
-        return NULL;
-    ring_ctx r;
-    if (ring_open(&r, ram, dirty, ctrl, ring, slots) < 0)
-        return NULL;
-    long sent = 0, dropped = 0;
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
-    int64_t pending = ring_outstanding(&r, ring_u32(&r, ctrl + RING_TX_PROD), cons, "TX producer");
-    if (pending < 0)
-        failed = 1;
-    else if ((uint64_t)pending > limit)
-        pending = (int64_t)limit;
-    for (int64_t i = 0; !failed && i < pending; i++, cons++) {
-        uint64_t at, addr;
-        uint32_t len;
-        if (ring_desc(&r, cons, "TX", &at, &addr, &len) < 0) {
-            failed = 1;
-            break;
-        }
-        if (write(fd, r.mem + addr, len) == (ssize_t)len)
-            sent++;
-        else
-            dropped++;
-    }
-    if (sent || dropped)
-        ring_put_u32(&r, ctrl + RING_TX_CONS, cons);
-    Py_END_ALLOW_THREADS
-    if (failed)
-        return ring_fail(&r);
-    ring_close(&r);
-    return Py_BuildValue("(Ill)", cons, sent, dropped);
-}
-
 /* Publishes a frame of `len` bytes already in the buffer of descriptor `used`. */
 static void ring_rx_publish(ring_ctx *r, uint64_t at, uint64_t addr, uint32_t len)
 {
@@ -1105,61 +1065,6 @@ static PyObject *ring_rx_push(PyObject *self, PyObject *args)
     return Py_BuildValue("(Inn)", used, taken, too_big);
 }
 
-static PyObject *ring_rx_read(PyObject *self, PyObject *args)
-{
-    PyObject *ram, *dirty;
-    unsigned long long ctrl, ring, slots, limit;
-    unsigned int used;
-    int fd;
-    if (!PyArg_ParseTuple(args, "OOKKKIiK", &ram, &dirty, &ctrl, &ring, &slots, &used, &fd, &limit))
-        return NULL;
-    ring_ctx r;
-    if (ring_open(&r, ram, dirty, ctrl, ring, slots) < 0)
-        return NULL;
-    long received = 0, too_big = 0;
-    int failed = 0;
-    static __thread uint8_t scratch[RING_MAX_FRAME];
-    Py_BEGIN_ALLOW_THREADS
-    int64_t free_slots = ring_outstanding(&r, ring_u32(&r, ctrl + RING_RX_AVAIL), used, "RX available");
-    if (free_slots < 0)
-        failed = 1;
-    else if ((uint64_t)free_slots > limit)
-        free_slots = (int64_t)limit;
-    for (int64_t placed = 0; !failed && placed < free_slots;) {
-        uint64_t at, addr;
-        uint32_t cap;
-        if (ring_desc(&r, used, "RX", &at, &addr, &cap) < 0) {
-            failed = 1;
-            break;
-        }
-        struct iovec iov[2] = {{r.mem + addr, cap}, {scratch, sizeof scratch}};
-        ssize_t got = readv(fd, iov, 2);
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
-            break;  /* EAGAIN: the tap is empty */
-        }
-        if ((uint64_t)got > cap) {  /* the buffer holds the frame's head, unpublished */
-            ring_mark(&r, addr, cap);
-            too_big++;
-            continue;
-        }
-        if (got == 0)
-            break;
-        ring_rx_publish(&r, at, addr, (uint32_t)got);
-        used++;
-        placed++;
-        received++;
-    }
-    if (received)
-        ring_put_u32(&r, ctrl + RING_RX_USED, used);
-    Py_END_ALLOW_THREADS
-    if (failed)
-        return ring_fail(&r);
-    ring_close(&r);
-    return Py_BuildValue("(Ill)", used, received, too_big);
-}
-
 static PyObject *ring_arm(PyObject *self, PyObject *args)
 {
     PyObject *ram, *dirty;
@@ -1202,6 +1107,7 @@ typedef struct {
     ring_ctx tx, rx;
     uint32_t tx_cons, rx_used;
     long sent, dropped, received, too_big;
+    unsigned long long tx_bytes, rx_bytes;
 } serve_ctx;
 
 /* One TX batch straight to the tap: frames moved, or -1 (error in s->tx.error). */
@@ -1218,9 +1124,10 @@ static long serve_tx(serve_ctx *s, int fd, long limit)
         uint32_t len;
         if (ring_desc(r, s->tx_cons, "TX", &at, &addr, &len) < 0)
             return -1;
-        if (write(fd, r->mem + addr, len) == (ssize_t)len)
+        if (write(fd, r->mem + addr, len) == (ssize_t)len) {
             s->sent++;
-        else
+            s->tx_bytes += len;
+        } else
             s->dropped++;
     }
     if (pending) {
@@ -1265,6 +1172,7 @@ static long serve_rx(serve_ctx *s, int fd, long limit, uint8_t *scratch, int *ro
         s->rx_used++;
         placed++;
         s->received++;
+        s->rx_bytes += len;
     }
     if (placed) {
         __atomic_thread_fence(__ATOMIC_RELEASE);
@@ -1371,7 +1279,8 @@ static PyObject *ring_serve_tap(PyObject *self, PyObject *args)
     if (failed)
         PyErr_SetString(PyExc_ValueError, failed->error);
     else
-        result = Py_BuildValue("(IIlllls)", s.tx_cons, s.rx_used, s.sent, s.dropped, s.received, s.too_big, why);
+        result = Py_BuildValue("(IIllllKKs)", s.tx_cons, s.rx_used, s.sent, s.dropped, s.received, s.too_big,
+                               s.tx_bytes, s.rx_bytes, why);
     ring_close(&s.tx);
     ring_close(&s.rx);
     return result;
@@ -1435,12 +1344,8 @@ static PyMethodDef methods[] = {
      "An IPv4 frame's headers as reference.parse_headers' tuple; None for any other frame."},
     {"ring_tx_pop", ring_tx_pop, METH_VARARGS,
      "Copy up to limit queued TX frames out of guest RAM; (cons, [frames])."},
-    {"ring_tx_write", ring_tx_write, METH_VARARGS,
-     "Write up to limit queued TX frames to a tap fd from guest RAM; (cons, sent, dropped)."},
     {"ring_rx_push", ring_rx_push, METH_VARARGS,
      "Copy frames into the guest's posted RX buffers; (used, taken, too_big)."},
-    {"ring_rx_read", ring_rx_read, METH_VARARGS,
-     "Read frames from a tap fd into the guest's posted RX buffers; (used, received, too_big)."},
     {"ring_arm", ring_arm, METH_VARARGS,
      "Set the notify flags, fence, read (tx_prod, rx_avail)."},
     {"ring_serve_tap", ring_serve_tap, METH_VARARGS,

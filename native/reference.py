@@ -353,25 +353,25 @@ def ring_tx_pop(ram, dirty, ctrl: int, ring: int, size: int, cons: int, limit: i
     return cons, frames
 
 
-def ring_tx_write(ram, dirty, ctrl: int, ring: int, size: int, cons: int, fd: int, limit: int):
+def _tap_tx(ram, dirty, ctrl: int, ring: int, size: int, cons: int, fd: int, limit: int):
     """Writes up to ``limit`` queued TX frames to ``fd`` (a tap: one frame per write) straight
-    from guest RAM, then publishes the consumer index.  Returns (cons, sent, dropped):
+    from guest RAM, then publishes the consumer index.  Returns (cons, sent, dropped, bytes):
     a frame the fd refuses is dropped, as a tap's own queue would."""
     view = memoryview(ram).cast("B")
     _check_ring(view, ctrl, ring, size)
     pending = _outstanding(_u32(view, ctrl + RING_TX_PROD), cons, size, "TX producer")
-    sent = dropped = 0
+    sent = dropped = nbytes = 0
     for _ in range(min(pending, limit)):
         _, addr, length = _desc(view, ring, size, cons, "TX")
         try:
             os.write(fd, view[addr:addr + length])
-            sent += 1
+            sent, nbytes = sent + 1, nbytes + length
         except OSError:
             dropped += 1
         cons = (cons + 1) & _U32
     if sent or dropped:
         _put_u32(view, dirty, ctrl + RING_TX_CONS, cons)
-    return cons, sent, dropped
+    return cons, sent, dropped, nbytes
 
 
 def _rx_store(view, dirty, ring: int, size: int, used: int, frame_len: int, data) -> None:
@@ -406,13 +406,13 @@ def ring_rx_push(ram, dirty, ctrl: int, ring: int, size: int, used: int, frames)
     return used, taken, too_big
 
 
-def ring_rx_read(ram, dirty, ctrl: int, ring: int, size: int, used: int, fd: int, limit: int):
+def _tap_rx(ram, dirty, ctrl: int, ring: int, size: int, used: int, fd: int, limit: int):
     """Reads frames from ``fd`` (a non-blocking tap) straight into the posted buffers, at
-    most ``limit``, and publishes the used index.  Returns (used, received, too_big)."""
+    most ``limit``, and publishes the used index.  Returns (used, received, too_big, bytes)."""
     view = memoryview(ram).cast("B")
     _check_ring(view, ctrl, ring, size)
     free = _outstanding(_u32(view, ctrl + RING_RX_AVAIL), used, size, "RX available")
-    received = too_big = placed = 0
+    received = too_big = placed = nbytes = 0
     scratch = bytearray(RING_MAX_FRAME)
     while placed < min(free, limit):
         _, addr, capacity = _desc(view, ring, size, used, "RX")
@@ -425,10 +425,10 @@ def ring_rx_read(ram, dirty, ctrl: int, ring: int, size: int, used: int, fd: int
             too_big += 1
             continue
         _rx_store(view, dirty, ring, size, used, length, None)
-        used, placed, received = (used + 1) & _U32, placed + 1, received + 1
+        used, placed, received, nbytes = (used + 1) & _U32, placed + 1, received + 1, nbytes + length
     if placed:
         _put_u32(view, dirty, ctrl + RING_RX_USED, used)
-    return used, received, too_big
+    return used, received, too_big, nbytes
 
 
 def ring_arm(ram, dirty, ctrl: int, tx_notify: int, rx_notify: int):
@@ -464,16 +464,20 @@ def ring_serve_tap(ram, dirty, ctrl: int, tx_ring: int, tx_size: int, rx_ring: i
     rx_ready and tx_done; idle, it asks the guest for doorbells and sleeps on the doorbell, the
     tap (when there is room for its frames), ``control`` and ``event``.  Returns when one of the
     last two is readable ("event"), after ``timeout_ms`` idle ("timeout") or ``max_frames``
-    frames ("batch"): (tx_cons, rx_used, sent, dropped, received, too_big, why)."""
-    sent = dropped = received = too_big = total = 0
+    frames ("batch"): (tx_cons, rx_used, sent, dropped, received, too_big, tx_bytes, rx_bytes, why)."""
+    sent = dropped = received = too_big = total = tx_bytes = rx_bytes = 0
+
+    def result(why):
+        return tx_cons, rx_used, sent, dropped, received, too_big, tx_bytes, rx_bytes, why
+
     while True:
-        new_cons, s, d = ring_tx_write(ram, dirty, ctrl, tx_ring, tx_size, tx_cons, tap, 64)
+        new_cons, s, d, b = _tap_tx(ram, dirty, ctrl, tx_ring, tx_size, tx_cons, tap, 64)
         tx = (new_cons - tx_cons) & _U32
-        tx_cons, sent, dropped = new_cons, sent + s, dropped + d
+        tx_cons, sent, dropped, tx_bytes = new_cons, sent + s, dropped + d, tx_bytes + b
         view = memoryview(ram).cast("B")
         room = _outstanding(_u32(view, ctrl + RING_RX_AVAIL), rx_used, rx_size, "RX available")
-        new_used, r, big = ring_rx_read(ram, dirty, ctrl, rx_ring, rx_size, rx_used, tap, 64)
-        rx_used, received, too_big = new_used, received + r, too_big + big
+        new_used, r, big, b = _tap_rx(ram, dirty, ctrl, rx_ring, rx_size, rx_used, tap, 64)
+        rx_used, received, too_big, rx_bytes = new_used, received + r, too_big + big, rx_bytes + b
         room -= r
         if r:
             os.eventfd_write(rx_ready, 1)
@@ -482,9 +486,9 @@ def ring_serve_tap(ram, dirty, ctrl: int, tx_ring: int, tx_size: int, rx_ring: i
         total += tx + r + big
         if tx + r + big:
             if total >= max_frames:
-                return tx_cons, rx_used, sent, dropped, received, too_big, "batch"
+                return result("batch")
             if select.select([control, event], [], [], 0)[0]:
-                return tx_cons, rx_used, sent, dropped, received, too_big, "event"
+                return result("event")
             continue
         tx_prod, rx_avail = ring_arm(ram, dirty, ctrl, 1, 0 if room else 1)
         busy = tx_prod != tx_cons or (not room and rx_avail != rx_used)
@@ -496,6 +500,6 @@ def ring_serve_tap(ram, dirty, ctrl: int, tx_ring: int, tx_size: int, rx_ring: i
                 os.eventfd_read(doorbell)
         ring_arm(ram, dirty, ctrl, 0, 0)
         if readable is not None and not readable:
-            return tx_cons, rx_used, sent, dropped, received, too_big, "timeout"
+            return result("timeout")
         if readable and (control in readable or event in readable):
-            return tx_cons, rx_used, sent, dropped, received, too_big, "event"
+            return result("event")

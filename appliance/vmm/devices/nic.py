@@ -450,17 +450,20 @@ class Nic:
                 self.rx_bytes += len(frame)
             return frame
 
-    def count_rx(self, given: int, too_big: int):
-        """Frames that went to the guest without read_frame(), and frames too big for its buffers."""
+    def count_rx(self, given: int, too_big: int, nbytes: int = 0):
+        """Frames (and their bytes) that went to the guest without read_frame(), and frames too
+        big for its buffers."""
         with self._lock:
             self.state.rx_frames += given
             self.state.rx_dropped += too_big
+            self.rx_bytes += nbytes
 
-    def count_tx(self, sent: int, dropped: int):
-        """Frames the tap took, or refused, without write_frame()."""
+    def count_tx(self, sent: int, dropped: int, nbytes: int):
+        """Frames (and their bytes) the tap took, or refused, without write_frame()."""
         with self._lock:
             self.state.tx_frames += sent
             self.state.tx_dropped += dropped
+            self.tx_bytes += nbytes
 
     def write_frame(self, frame: bytes) -> bool:
         """A frame from the guest: through the hook, then out through the backend."""

@@ -3,10 +3,10 @@ rings in guest RAM and the NIC (its backend, hook and injected frames), off the 
 
     guest (vCPU)              guest RAM                         NIC thread
     ------------              ---------                         ----------
-    plat_net_write: fill slot, tx_prod++  --> TX ring -->  ring_tx_write (tap) / ring_tx_pop
-      outl doorbell if tx_notify (ioeventfd: no exit)         + Nic.write_frame (hook, backend)
-    plat_net_read: rx_cons++, rx_avail++  <-- RX ring <--  ring_rx_read (tap) / ring_rx_push
-      outl doorbell if rx_notify                              of Nic.read_frame's frames
+    plat_net_write: fill slot, tx_prod++  --> TX ring -->  ring_serve_tap: tap write() / readv()
+      outl doorbell if tx_notify (ioeventfd: no exit)        (C, no GIL) while the bare tap is attached;
+    plat_net_read: rx_cons++, rx_avail++  <-- RX ring <--  else ring_tx_pop + Nic.write_frame and
+      outl doorbell if rx_notify                             Nic.read_frame + ring_rx_push
     plat_poll: nothing in the RX ring: HC_POLL (one exit) <-- rx_ready_fd after a publish
 
 The thread runs only while the vCPU thread is out of its park (start()/stop() from the
@@ -185,15 +185,15 @@ class NicRings:
             if tap_fd is None:
                 return False
             with self.memory.vmm_dirty_unlocked() as dirty:
-                cons, used, sent, dropped, received, too_big, _why = native.ring_serve_tap(
+                cons, used, sent, dropped, received, too_big, tx_bytes, rx_bytes, _why = native.ring_serve_tap(
                     self.memory.mmap, dirty, ctrl, tx_ring, tx_size, rx_ring, rx_size, state.tx_cons,
                     state.rx_used, tap_fd, self.doorbell_fd, self._control_fd, self.nic.event_fd,
                     self.rx_ready_fd, self.tx_done_fd, _SERVE_IDLE_MS, _SERVE_FRAMES)
             if cons != state.tx_cons:
                 self._learn_address(tx_ring, tx_size, cons)
             state.tx_cons, state.rx_used = cons, used
-            self.nic.count_tx(sent, dropped)
-            self.nic.count_rx(received, too_big)
+            self.nic.count_tx(sent, dropped, tx_bytes)
+            self.nic.count_rx(received, too_big, rx_bytes)
             self.passes += 1
         return True
 
@@ -228,30 +228,18 @@ class NicRings:
         return self._outstanding(rx_avail, self.nic.state.rx_used, rx_size, "RX available")
 
     def _tx_pass(self, limit: int) -> int:
-        """Frames the guest queued, out through the tap directly or through the NIC."""
+        """Frames the guest queued, out through the NIC (hook, backend)."""
         state = self.nic.state
         ctrl, tx_ring, tx_size, _, _ = state.rings
-        ram = self.memory.mmap
         with self.nic.io_pass():
-            tap_fd = self.nic.tap_fast_path()
-            if tap_fd is not None:
-                with self.memory.vmm_dirty() as dirty:
-                    cons, sent, dropped = native.ring_tx_write(ram, dirty, ctrl, tx_ring, tx_size,
-                                                               state.tx_cons, tap_fd, limit)
-                moved = (cons - state.tx_cons) & 0xFFFFFFFF
-                if moved:
-                    self._learn_address(tx_ring, tx_size, cons)
-                    self.nic.count_tx(sent, dropped)
-            else:
-                with self.memory.vmm_dirty() as dirty:
-                    cons, frames = native.ring_tx_pop(ram, dirty, ctrl, tx_ring, tx_size, state.tx_cons, limit)
-                moved = len(frames)
-                for frame in frames:
-                    self.nic.write_frame(frame)
+            with self.memory.vmm_dirty() as dirty:
+                cons, frames = native.ring_tx_pop(self.memory.mmap, dirty, ctrl, tx_ring, tx_size, state.tx_cons, limit)
+            for frame in frames:
+                self.nic.write_frame(frame)
             state.tx_cons = cons
-        if moved:
+        if frames:
             os.eventfd_write(self.tx_done_fd, 1)
-        return moved
+        return len(frames)
 
     def _learn_address(self, tx_ring: int, tx_size: int, cons: int):
         """The guest's IPv4 address from the last frame sent, as write_frame learns it."""
@@ -262,33 +250,24 @@ class NicRings:
             self.nic.learn_address(ram[addr:addr + 32])
 
     def _rx_pass(self, limit: int) -> int:
-        """Frames for the guest into its posted buffers: from the tap directly, or the NIC's."""
+        """Frames for the guest (injected, then the backend's after the hook) into its posted buffers."""
         state = self.nic.state
         ctrl, _, _, rx_ring, rx_size = state.rings
         free = self._rx_free(ctrl, rx_size)
         if not free:
             return 0
-        ram = self.memory.mmap
         with self.nic.io_pass():
-            tap_fd = self.nic.tap_fast_path()
-            if tap_fd is not None:
-                with self.memory.vmm_dirty() as dirty:
-                    used, received, too_big = native.ring_rx_read(ram, dirty, ctrl, rx_ring, rx_size,
-                                                                  state.rx_used, tap_fd, min(free, limit))
-                self.nic.count_rx(received, too_big)
-            else:
-                frames = []
-                while len(frames) < min(free, limit):
-                    frame = self.nic.read_frame()
-                    if frame is None:
-                        break
-                    frames.append(frame)
-                with self.memory.vmm_dirty() as dirty:
-                    used, taken, too_big = native.ring_rx_push(ram, dirty, ctrl, rx_ring, rx_size,
-                                                               state.rx_used, frames)
-                received = taken - too_big
-                self.nic.count_rx(0, too_big)  # read_frame() counted the frames it gave
+            frames = []
+            while len(frames) < min(free, limit):
+                frame = self.nic.read_frame()
+                if frame is None:
+                    break
+                frames.append(frame)
+            with self.memory.vmm_dirty() as dirty:
+                used, taken, too_big = native.ring_rx_push(self.memory.mmap, dirty, ctrl, rx_ring, rx_size,
+                                                           state.rx_used, frames)
+            self.nic.count_rx(0, too_big)  # read_frame() counted the frames it gave
             state.rx_used = used
-        if received:
+        if taken > too_big:
             os.eventfd_write(self.rx_ready_fd, 1)
-        return received + too_big
+        return taken
