@@ -18,6 +18,7 @@ pytestmark = pytest.mark.kvm
     ("priv", "triple fault"),
     ("badptr", "console text [0x7f0000000000, +0x10) is outside guest RAM"),
     ("badport", "unknown hypercall port 0x5f0"),
+    ("v1net", "net read/write hypercalls are guest ABI v1; this VMM speaks guest ABI v2"),
 ])
 def test_faulting_guest_is_stopped_with_a_reason(guest_images, vms, mode, reason):
     vm = vms.new("probe", f"mode={mode}")

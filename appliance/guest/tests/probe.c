@@ -4,6 +4,7 @@
  *   exit=N   return N                  null     write to address 0 (#PF)
  *   priv     execute hlt at CPL3 (#GP)  loop     spin forever without exits
  *   badptr   console write from outside RAM     badport  hypercall on an unknown port
+ *   v1net    the guest ABI v1 net write hypercall (refused)
  *   sse      floating point through xmm registers
  *   disk     write, read back and compare sectors, then keep reading them
  *   echo     send every received frame back with the MACs swapped
@@ -204,6 +205,11 @@ int guest_main(void)
     if (is(mode, "badport")) {
         struct hc_halt arg0 = { 0 };
         hypercall(0x5f0, &arg0);
+        return 0;
+    }
+    if (is(mode, "v1net")) {
+        uint64_t v1_write[3] = { 0x100000, 60, 0 };
+        hypercall(0x503, v1_write);
         return 0;
     }
     if (is(mode, "sse")) {
