@@ -149,12 +149,14 @@ class MigrationSource(MigrationRun):
     def __init__(self, vm, uri: str, capabilities: dict[str, bool], parameters: dict,
                  named_fds: dict[str, int], on_event: Callable[[str, dict], None], *,
                  verify_ram: bool = False, colo_handover: Callable[["MigrationSource", Callable], None] | None = None,
-                 tls: ClientTls | None = None):
+                 tls: ClientTls | None = None, file_overwrite: bool = False):
         """``colo_handover(source, enter)`` runs COLO on the open connection once the guest is
         copied (x-colo), calling ``enter()`` first (state colo, guest resumed); ``verify_ram``
-        sends a from-scratch digest of all RAM with every END; ``tls`` wraps every channel."""
+        sends a from-scratch digest of all RAM with every END; ``tls`` wraps every channel;
+        ``file_overwrite`` lets a file: URI replace an existing file."""
         super().__init__(on_event)
         self.tls = tls
+        self.file_overwrite = file_overwrite
         self.verify_ram = verify_ram
         self.colo_handover = colo_handover
         self.vm = vm
@@ -352,7 +354,7 @@ class MigrationSource(MigrationRun):
 
     def _open_channel(self, header: stream.Header) -> Channel:
         """Connect, [TLS], the header, and on a socket wait until the destination admits it."""
-        channel = connect(self.uri, self.named_fds)
+        channel = connect(self.uri, self.named_fds, file_overwrite=self.file_overwrite, cancelled=self._cancel.is_set)
         self._channels.append(channel)
         self._check_cancel()
         if self.tls is not None:

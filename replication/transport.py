@@ -4,9 +4,18 @@ Bulk data moves in threads on blocking sockets (and pipes, files); a channel
 can be aborted from another thread (cancel), which makes any blocked send or
 receive fail at once.  Sockets are two-way, so the destination can answer
 with its verdict; exec:, file: and pipe fds are one-way.
+
+Nothing here blocks the event loop or outlives the daemon: ``file:`` is
+opened in the migration's thread with O_NONBLOCK (a fifo without a peer
+would block open() itself) and O_NOFOLLOW, and never truncates an existing
+file unless the node allows it; an ``exec:`` command runs in a process group
+of its own, is SIGKILLed when the daemon dies (PR_SET_PDEATHSIG), and is given
+up, group and all, when its pipe makes no progress for EXEC_STALL_TIMEOUT.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import select
 import signal
@@ -18,9 +27,14 @@ import time
 
 
 STALL_TIMEOUT = 10.0     # seconds without progress before the source gives a channel up
+EXEC_STALL_TIMEOUT = 60.0  # seconds an exec: command's pipe may make no progress (ssh may be slow to connect)
+FIFO_PEER_TIMEOUT = STALL_TIMEOUT   # seconds an outgoing file: fifo may wait for its reader
 READ_AHEAD = 64 << 10     # small records come in batches; page data goes straight to RAM
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3     # seconds, seconds, probes
 USER_TIMEOUT_MS = 30000
+_POLL_SLICE = 0.2         # seconds between checks for an abort while a pipe or fifo waits
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class TransportError(Exception):
@@ -70,10 +84,16 @@ class Channel:
         self.two_way = sock is not None
         self._buffer = bytearray()
         self._pos = 0                # bytes of _buffer already consumed
+        self._read_ahead = memoryview(bytearray(READ_AHEAD))
         self._aborted = False
         self.received = 0            # bytes read from the channel so far
         self.tls = None              # ClientTls / ServerTls (replication/tls.py) once TLS wraps the socket
         self.peer_identity = ""      # the client certificate's DN, on a destination with verify-peer
+        # A pipe or fifo is used non-blocking and polled in slices, so that it stalls only this long
+        # (None: as long as its peer likes) and an abort from another thread is seen.
+        self.stall_timeout = EXEC_STALL_TIMEOUT if proc is not None else None
+        if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.set_blocking(fd, False)
 
     def send(self, data, timeout: float | None = None) -> None:
         """All of ``data``.  Each partial send may wait the socket's timeout: a stall fails, a slow
@@ -87,9 +107,26 @@ class Channel:
                     view = view[self.sock.send(view):]
             else:
                 while view:
-                    view = view[os.write(self.fd, view):]
+                    self._wait_fd(select.POLLOUT)
+                    try:
+                        view = view[os.write(self.fd, view):]
+                    except BlockingIOError:
+                        pass
         except OSError as e:
             raise TransportError(self._failure(e)) from e
+
+    def _wait_fd(self, event: int) -> None:
+        """Until the pipe/fifo fd is ready for ``event`` (or hung up): an abort or a stall fails."""
+        poller = select.poll()
+        poller.register(self.fd, event)
+        waited = 0.0
+        while not poller.poll(_POLL_SLICE * 1000):
+            if self._aborted:
+                raise OSError(errno.ECANCELED, "cancelled")
+            waited += _POLL_SLICE
+            if self.stall_timeout is not None and waited >= self.stall_timeout:
+                self.abort()          # an exec: child that stalls goes, with its whole group
+                raise TransportError(f"{self.description}: no progress for {self.stall_timeout:g} s")
 
     def peer_spoke(self) -> bool:
         """Without blocking: has the peer sent something (or hung up)?  A destination speaks
@@ -104,7 +141,16 @@ class Channel:
 
     def _recv_into(self, view) -> int:
         try:
-            n = self.sock.recv_into(view) if self.sock is not None else os.readv(self.fd, [view])
+            if self.sock is not None:
+                n = self.sock.recv_into(view)
+            else:
+                while True:
+                    self._wait_fd(select.POLLIN)
+                    try:
+                        n = os.readv(self.fd, [view])
+                        break
+                    except BlockingIOError:
+                        pass
         except OSError as e:
             raise TransportError(self._failure(e)) from e
         if n == 0:
@@ -120,14 +166,19 @@ class Channel:
         return f"{self.description}: {e.strerror or e}"
 
     def read_exact(self, n: int) -> bytes:
-        """Exactly ``n`` bytes (reads ahead a little to spare syscalls on small records)."""
+        """Exactly ``n`` bytes.  Small records come from a read-ahead buffer (fewer syscalls); a
+        record larger than that is received straight into one buffer of its size, so a record
+        trickled in tiny pieces costs time and memory linear in its size."""
+        if n > READ_AHEAD:
+            record = bytearray(n)
+            self.read_into(record)
+            return bytes(record)
         while len(self._buffer) - self._pos < n:
             if self._pos:
                 del self._buffer[:self._pos]      # once per refill, not once per record
                 self._pos = 0
-            chunk = bytearray(max(n - len(self._buffer), READ_AHEAD))
-            got = self._recv_into(memoryview(chunk))
-            self._buffer += memoryview(chunk)[:got]
+            got = self._recv_into(self._read_ahead)
+            self._buffer += self._read_ahead[:got]
         data = bytes(self._buffer[self._pos:self._pos + n])
         self._pos += n
         return data
@@ -179,7 +230,11 @@ class Channel:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None:
+            self._kill_group()
+
+    def _kill_group(self) -> None:
+        if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)      # the whole pipeline, not just the shell
 
     def close(self) -> None:
@@ -192,7 +247,7 @@ class Channel:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._kill_group()
                 self.proc.wait()
 
     def finish(self) -> None:
@@ -201,13 +256,84 @@ class Channel:
             os.close(self.fd)
             self.fd = None
         if self.proc is not None:
-            code = self.proc.wait(60)
+            try:
+                code = self.proc.wait(EXEC_STALL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._kill_group()
+                self.proc.wait()
+                raise TransportError(f"{self.description}: command still running {EXEC_STALL_TIMEOUT:g} s "
+                                     "after the stream ended; killed") from None
             if code != 0:
                 raise TransportError(f"{self.description}: command exited with status {code}")
 
 
-def connect(uri: str, named_fds: dict[str, int]) -> Channel:
-    """The source's end of a migration URI."""
+def _why(e: OSError) -> str:
+    if e.errno == errno.ELOOP:        # O_NOFOLLOW met a link
+        return "the path is a symbolic link; migration files are never opened through links"
+    return e.strerror or str(e)
+
+
+def _spawn(command: str, **pipes) -> subprocess.Popen:
+    """An exec: command: /bin/sh in a session (so a process group) of its own, killed with the daemon."""
+    daemon_pid = os.getpid()
+
+    def die_with_daemon() -> None:
+        # PR_SET_PDEATHSIG follows the forking *thread*: every caller forks from a thread that
+        # outlives the command (the event loop's, or a migration's that waits for it).
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != daemon_pid:      # the daemon died before prctl took effect
+            os._exit(1)
+
+    return subprocess.Popen(["/bin/sh", "-c", command], start_new_session=True, preexec_fn=die_with_daemon,
+                            **pipes)
+
+
+def file_write_refusal(path: str, overwrite: bool) -> str | None:
+    """Why the source may not write ``file:PATH``, or None: never through a symlink, and over an
+    existing regular file only with ``overwrite``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"file:{path} is a symbolic link; migration files are never written through links"
+    if stat.S_ISREG(st.st_mode) and not overwrite:
+        return (f"file:{path} exists; remove it, or allow overwriting with migrate_file_overwrite = true "
+                "in the node config (--migrate-file-overwrite)")
+    return None
+
+
+def _open_file_for_writing(path: str, overwrite: bool, cancelled) -> int:
+    """The source's file: a new regular file (0600), an existing one only with ``overwrite``, or a
+    fifo once its reader is there (waiting at most FIFO_PEER_TIMEOUT).  Never through a symlink."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    deadline = time.monotonic() + FIFO_PEER_TIMEOUT
+    while True:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            break
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, flags)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:        # ENXIO: a fifo without a reader yet
+                raise
+        if cancelled() or time.monotonic() > deadline:
+            raise TransportError(f"file:{path}: no reader opened the fifo within {FIFO_PEER_TIMEOUT:g} s")
+        time.sleep(0.05)
+    if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size and not overwrite:
+        os.close(fd)
+        raise TransportError(file_write_refusal(path, overwrite) or f"file:{path} exists")
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, 0)
+    return fd
+
+
+def connect(uri: str, named_fds: dict[str, int], *, file_overwrite: bool = False,
+            cancelled=lambda: False) -> Channel:
+    """The source's end of a migration URI; ``cancelled()`` ends a wait for a fifo's reader."""
     scheme, rest = _split(uri)
     try:
         if scheme == "tcp":
@@ -222,15 +348,14 @@ def connect(uri: str, named_fds: dict[str, int]) -> Channel:
             sock.connect(rest)
             return Channel(sock=sock, description=uri)
         if scheme == "exec":
-            proc = subprocess.Popen(["/bin/sh", "-c", rest], stdin=subprocess.PIPE, start_new_session=True)
+            proc = _spawn(rest, stdin=subprocess.PIPE)
             fd = os.dup(proc.stdin.fileno())
             proc.stdin.close()
             return Channel(fd=fd, proc=proc, description=uri)
         if scheme == "file":
-            fd = os.open(rest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            return Channel(fd=fd, description=uri)
+            return Channel(fd=_open_file_for_writing(rest, file_overwrite, cancelled), description=uri)
     except OSError as e:
-        raise TransportError(f"Failed to connect to '{uri}': {e.strerror or e}") from e
+        raise TransportError(f"Failed to connect to '{uri}': {_why(e)}") from e
     return _from_named_fd(rest, named_fds, uri)
 
 
@@ -263,16 +388,19 @@ class Listener:
                 self.sock.bind(rest)
                 self.sock.listen(16)
             elif self.scheme == "exec":
-                proc = subprocess.Popen(["/bin/sh", "-c", rest], stdout=subprocess.PIPE, start_new_session=True)
+                proc = _spawn(rest, stdout=subprocess.PIPE)
                 fd = os.dup(proc.stdout.fileno())
                 proc.stdout.close()
                 self._channel = Channel(fd=fd, proc=proc, description=uri)
             elif self.scheme == "file":
-                self._channel = Channel(fd=os.open(rest, os.O_RDONLY), description=uri)
+                # O_NONBLOCK: a fifo opens at once, without a writer; reads then wait in the
+                # migration's thread (a fifo nobody has opened for writing polls as not ready).
+                self._channel = Channel(fd=os.open(rest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC),
+                                        description=uri)
             else:
                 self._channel = _from_named_fd(rest, named_fds or {}, uri)
         except OSError as e:
-            raise TransportError(f"Failed to listen on '{uri}': {e.strerror or e}") from e
+            raise TransportError(f"Failed to listen on '{uri}': {_why(e)}") from e
 
     @property
     def address(self) -> str:
