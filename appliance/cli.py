@@ -263,7 +263,8 @@ def _migrate_with_progress(client: SyncQMPClient, args: argparse.Namespace) -> s
 
 # serve's flags that stand for a config key: (argparse dest, section, key, the flag as written)
 SERVE_FLAGS = (("name", "node", "name", "--name"), ("qmp", "node", "qmp", "--qmp"),
-               ("qmp_tcp", "node", "qmp_tcp", "--qmp-tcp"), ("http", "node", "http", "--http"),
+               ("qmp_tcp", "node", "qmp_tcp", "--qmp-tcp"),
+               ("qmp_max_clients", "node", "qmp_max_clients", "--qmp-max-clients"), ("http", "node", "http", "--http"),
                ("http_token_file", "node", "http_token_file", "--http-token-file"),
                ("http_allowed_hosts", "node", "http_allowed_hosts", "--http-allowed-host"),
                ("log_format", "node", "log_format", "--log-format"), ("incoming", "node", "incoming", "--incoming"),
@@ -282,6 +283,7 @@ SERVE_FLAGS = (("name", "node", "name", "--name"), ("qmp", "node", "qmp", "--qmp
 # serve's on/off flags: (argparse dest, section, key, the flag as written); given, they set the key true
 SERVE_SWITCHES = (("start_paused", "guest", "start_paused", "-S"),
                   ("http_allow_local_uris", "node", "http_allow_local_uris", "--http-allow-local-uris"),
+                  ("migrate_file_overwrite", "node", "migrate_file_overwrite", "--migrate-file-overwrite"),
                   ("verify_ram", "colo", "verify_ram", "--verify-ram"))
 
 
@@ -379,7 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument("--name", help="node name")
     serve.add_argument("--qmp", help="QMP UNIX socket path (created 0600)")
-    serve.add_argument("--qmp-tcp", dest="qmp_tcp", metavar="HOST:PORT", help="also listen for QMP on TCP")
+    serve.add_argument("--qmp-tcp", dest="qmp_tcp", metavar="HOST:PORT",
+                       help="also listen for QMP on TCP; loopback addresses only (QMP has no authentication)")
+    serve.add_argument("--qmp-max-clients", dest="qmp_max_clients", type=int, metavar="N",
+                       help="QMP connections at once (default 1024); one more is refused with an error")
+    serve.add_argument("--migrate-file-overwrite", dest="migrate_file_overwrite", action="store_true",
+                       help="let 'migrate file:PATH' replace an existing file (default: refused)")
     serve.add_argument("--http", metavar="HOST:PORT", help="HTTP API address (default 127.0.0.1:8080)")
     serve.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
     serve.add_argument("--http-token-file", dest="http_token_file", metavar="PATH",

@@ -9,7 +9,10 @@ Example (every key optional; a node starts with no file at all)::
     [node]
     name = "node-a"
     qmp = "/run/colo-appliance/node-a.qmp"    # UNIX socket, created 0600
-    qmp_tcp = "127.0.0.1:4445"                 # optional TCP listener (not 4444: migrations use it)
+    qmp_tcp = "127.0.0.1:4445"                 # optional TCP listener, loopback only (QMP has no auth; not
+                                               # 4444: migrations use it)
+    qmp_max_clients = 1024                     # QMP connections at once; more are refused
+    migrate_file_overwrite = false             # true: migrate file:PATH may replace an existing file
     http = "127.0.0.1:8080"                    # HTTP API bind address
     http_token_file = "/etc/colo-appliance/node-a.token"  # the API's bearer token, mode 0600 (or
                                                # $COLO_APPLIANCE_HTTP_TOKEN; neither: STATE_DIR/http-token)
@@ -132,6 +135,8 @@ class NodeConfig:
     http_token_file: str | None = None
     http_allowed_hosts: list[str] = field(default_factory=list)
     http_allow_local_uris: bool = False
+    qmp_max_clients: int = 1024
+    migrate_file_overwrite: bool = False
     log_format: str = "text"
     incoming: str | None = None
     state_dir: str | None = None
@@ -213,7 +218,16 @@ class NodeConfig:
             if not isinstance(self.http_allow_local_uris, bool):
                 raise ConfigError(f"http_allow_local_uris: expected true or false, got {self.http_allow_local_uris!r}")
         if self.qmp_tcp:
-            split_host_port(self.qmp_tcp, "qmp_tcp")
+            host, _ = split_host_port(self.qmp_tcp, "qmp_tcp")
+            if not is_loopback(host):
+                raise ConfigError(f"qmp_tcp: {self.qmp_tcp} is not a loopback address; QMP over TCP has no "
+                                  "authentication or TLS, and whoever reaches it runs commands as this daemon's "
+                                  "user: bind it to 127.0.0.1 (or use the QMP UNIX socket, --qmp)")
+        if isinstance(self.qmp_max_clients, bool) or not isinstance(self.qmp_max_clients, int) \
+                or self.qmp_max_clients < 1:
+            raise ConfigError(f"qmp_max_clients: expected a positive integer, got {self.qmp_max_clients!r}")
+        if not isinstance(self.migrate_file_overwrite, bool):
+            raise ConfigError(f"migrate_file_overwrite: expected true or false, got {self.migrate_file_overwrite!r}")
         self._check_port_collisions()
         for name in ("handshake_timeout", "idle_timeout"):
             value = getattr(self, name)
@@ -266,7 +280,9 @@ def split_host_port(value: str, what: str) -> tuple[str, int]:
 
 # Every key of the file: section -> key -> (attribute of that section's settings, its type).
 _KEYS: dict[str, dict[str, tuple[str, type]]] = {
-    "node": {"name": ("name", str), "qmp": ("qmp", str), "qmp_tcp": ("qmp_tcp", str), "http": ("http", str),
+    "node": {"name": ("name", str), "qmp": ("qmp", str), "qmp_tcp": ("qmp_tcp", str),
+             "qmp_max_clients": ("qmp_max_clients", int), "migrate_file_overwrite": ("migrate_file_overwrite", bool),
+             "http": ("http", str),
              "http_token_file": ("http_token_file", str), "http_allowed_hosts": ("http_allowed_hosts", list),
              "http_allow_local_uris": ("http_allow_local_uris", bool), "log_format": ("log_format", str),
              "incoming": ("incoming", str), "state_dir": ("state_dir", str)},

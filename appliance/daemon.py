@@ -69,8 +69,9 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
     node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused,
                 colo_settings=config.colo, netfilter_settings=config.netfilter, tls=config.tls,
                 tls_parameters=config.tls_parameters, handshake_timeout=config.handshake_timeout,
-                idle_timeout=config.idle_timeout)
-    server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None)
+                idle_timeout=config.idle_timeout, file_overwrite=config.migrate_file_overwrite)
+    server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None,
+                       max_clients=config.qmp_max_clients)
     http = None
     qmp_addresses = []
     try:

@@ -10,6 +10,7 @@ costs bounded memory and never desynchronises the stream.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -177,11 +178,30 @@ def _reject_surrogates(value) -> None:
                 raise ParseError(f"JSON parse error, \\u{ord(bad):04x} is not a valid Unicode character") from None
 
 
+INT_MIN, UINT_MAX = -(1 << 63), (1 << 64) - 1     # QMP numbers are int64 or uint64 (or finite doubles)
+
+
+def _bounded_int(digits: str) -> int:
+    # Checked by length first: int() of thousands of digits is slow, and refused beyond 4300.
+    if len(digits) > 21 or not INT_MIN <= (value := int(digits)) <= UINT_MAX:
+        raise ParseError(f"JSON parse error, integer {digits[:24]}{'...' if len(digits) > 24 else ''} "
+                         "is out of the 64-bit range")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ParseError(f"JSON parse error, number {text[:24]}{'...' if len(text) > 24 else ''} "
+                         "is out of the range of a double")
+    return value
+
+
 def parse(text: bytes):
     """Decode one JSON text; raise ParseError with a QEMU-style message."""
     try:
         value = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                           parse_constant=_no_constants)
+                           parse_constant=_no_constants, parse_int=_bounded_int, parse_float=_finite_float)
     except UnicodeDecodeError:        # strict: no surrogates smuggled in as UTF-8 bytes either
         raise ParseError("JSON parse error, invalid UTF-8 sequence in string") from None
     except RecursionError:

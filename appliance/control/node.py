@@ -28,7 +28,7 @@ from replication.destination import IDLE_TIMEOUT, MigrationDestination
 from replication.incoming import HANDSHAKE_TIMEOUT
 from replication.source import MigrationSource
 from replication.tls import TlsError, TlsRegistry
-from replication.transport import Listener, TransportError
+from replication.transport import Listener, TransportError, file_write_refusal
 
 from appliance.announce import announce_self
 from appliance.logs import fields, log_migration_summary
@@ -55,10 +55,13 @@ class Node:
                  schema: Schema | None = None, vm=None, autostart: bool = True,
                  colo_settings: ColoSettings | None = None, netfilter_settings: NetfilterSettings | None = None,
                  tls: TlsRegistry | None = None, tls_parameters: dict | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 file_overwrite: bool = False):
         """``tls``: declared tls-creds/authz objects; ``tls_parameters``: their initial migration
-        parameters (so that an --incoming socket never admits a plaintext source)."""
+        parameters (so that an --incoming socket never admits a plaintext source); ``file_overwrite``:
+        a ``migrate file:PATH`` may replace an existing file."""
         self.name = name
+        self.file_overwrite = file_overwrite
         self.vm = vm
         self.schema = schema or default_schema()
         self.loop = loop
@@ -411,6 +414,8 @@ class Node:
             raise QMPError("xbzrle is not supported together with multifd")
         if caps["return-path"] and scheme in ("exec", "file"):
             raise QMPError("return-path needs a two-way (socket) migration URI")
+        if scheme == "file" and (refusal := file_write_refusal(args["uri"][5:], self.file_overwrite)):
+            raise QMPError(refusal)
         if scheme == "fd" and args["uri"][3:] not in ctx.fds:
             raise QMPError(f"File descriptor named '{args['uri'][3:]}' has not been found")
         if caps["x-colo"]:
@@ -424,7 +429,8 @@ class Node:
             raise QMPError(str(e)) from None
         self.migration = MigrationSource(self.vm, args["uri"], caps, self.settings.parameters,
                                          ctx.fds, self._migration_event, verify_ram=self.colo.settings.verify_ram,
-                                         colo_handover=self.colo.run_primary if caps["x-colo"] else None, tls=tls)
+                                         colo_handover=self.colo.run_primary if caps["x-colo"] else None, tls=tls,
+                                         file_overwrite=self.file_overwrite)
         self.migration.start()
 
     @staticmethod

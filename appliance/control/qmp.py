@@ -12,7 +12,10 @@ Per connection, as QEMU's ``monitor/qmp.c``::
 
 Sockets are read with ``recvmsg`` so that file descriptors passed with
 SCM_RIGHTS reach ``getfd``.  Parse errors are answered and the connection
-kept; a client that stops reading while events pile up is dropped.
+kept.  What one client can make the daemon hold is bounded in bytes: reading
+pauses while its queued requests exceed MAX_QUEUED_REQUEST_BYTES, and a client
+whose unread replies and events exceed MAX_PENDING_REPLY_BYTES is dropped.
+Beyond ``max_clients`` connections a new one gets one error and is closed.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ from .jsonstream import JSONStreamer, ParseError, parse
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_REQUESTS = 64       # in-band requests waiting; reading pauses beyond this
-MAX_PENDING_REPLIES = 4096     # replies and events not yet written; the client is dropped beyond this
+MAX_QUEUED_REQUEST_BYTES = 16 << 20   # ... or beyond this many bytes of them
+MAX_PENDING_REPLY_BYTES = 8 << 20     # replies and events not yet written; the client is dropped beyond
+                                      # this (one reply of any size is always let through)
 _FD_SPACE = socket.CMSG_SPACE(16 * array.array("i").itemsize)
 
 
@@ -76,7 +81,9 @@ class QMPConnection:
         self.ctx = CallContext(origin="qmp")
         self._streamer = JSONStreamer()
         self._requests: asyncio.Queue = asyncio.Queue()
+        self._request_bytes = 0       # JSON bytes of the requests in _requests
         self._replies: asyncio.Queue = asyncio.Queue()
+        self._reply_bytes = 0         # bytes in _replies plus the one being written
         self._reading = False
         self._unsubscribe: Callable[[], None] | None = None
         self._tasks = [self.loop.create_task(self._run_requests()),
@@ -115,7 +122,7 @@ class QMPConnection:
             return
         for item in self._streamer.feed(data):
             self._handle(item)
-        if self._requests.qsize() >= MAX_QUEUED_REQUESTS:
+        if self._requests.qsize() >= MAX_QUEUED_REQUESTS or self._request_bytes >= MAX_QUEUED_REQUEST_BYTES:
             self._pause_reading()
 
     def _handle(self, item) -> None:
@@ -128,26 +135,29 @@ class QMPConnection:
             request = parse(item)
             name, oob = check_envelope(request, self.oob)
         except ParseError as e:
-            self._requests.put_nowait((None, QMPError(str(e))))
+            self._requests.put_nowait((None, QMPError(str(e)), 0))
             return
         except QMPError as e:
-            self._requests.put_nowait((request, e))
+            self._requests.put_nowait((request, e, 0))
             return
         if oob:
             self.loop.create_task(self._execute(request, name))
         else:
-            self._requests.put_nowait((request, name))
+            self._request_bytes += len(item)
+            self._requests.put_nowait((request, name, len(item)))
 
     # -- executing ---------------------------------------------------------------
 
     async def _run_requests(self) -> None:
         while True:
-            request, name_or_error = await self._requests.get()
+            request, name_or_error, size = await self._requests.get()
+            self._request_bytes -= size
             if isinstance(name_or_error, QMPError):
                 self._reply(request, error=name_or_error)
             else:
                 await self._execute(request, name_or_error)
-            if self._requests.qsize() < MAX_QUEUED_REQUESTS // 2:
+            if (self._requests.qsize() < MAX_QUEUED_REQUESTS // 2
+                    and self._request_bytes < MAX_QUEUED_REQUEST_BYTES // 2):
                 self._resume_reading()
 
     async def _execute(self, request: dict, name: str) -> None:
@@ -198,16 +208,17 @@ class QMPConnection:
     def _send(self, message: dict) -> None:
         if self.state is ConnState.CLOSED:
             return
-        if self._replies.qsize() >= MAX_PENDING_REPLIES:
-            log.warning("QMP client is not reading its replies; dropping it")
-            self.close()
-            return
         try:
-            data = json.dumps(message).encode()
+            data = json.dumps(message, allow_nan=False).encode()    # Infinity and NaN are not JSON
         except (ValueError, TypeError, RecursionError) as e:   # never let one reply stop the monitor
             log.error("cannot encode a QMP reply: %s", e)
             data = json.dumps({"error": QMPError(f"internal error: the reply could not be encoded: {e}")
                                .to_reply()}).encode()
+        if self._reply_bytes and self._reply_bytes + len(data) > MAX_PENDING_REPLY_BYTES:
+            log.warning("QMP client is not reading its replies (%d bytes unread); dropping it", self._reply_bytes)
+            self.close()
+            return
+        self._reply_bytes += len(data) + 2
         self._replies.put_nowait(data + b"\r\n")
 
     async def _write_replies(self) -> None:
@@ -215,6 +226,7 @@ class QMPConnection:
             while True:
                 data = await self._replies.get()
                 await self.loop.sock_sendall(self.sock, data)
+                self._reply_bytes -= len(data)
         except (OSError, asyncio.CancelledError):
             self.close()
 
@@ -246,8 +258,9 @@ class QMPConnection:
 
 class QMPServer:
     def __init__(self, dispatcher: Dispatcher, events: EventBus, version: dict, package: str,
-                 on_quit: Callable[[], None]):
+                 on_quit: Callable[[], None], max_clients: int = 1024):
         self.dispatcher = dispatcher
+        self.max_clients = max_clients
         self.events = events
         self.version = version
         self.package = package
@@ -298,7 +311,22 @@ class QMPServer:
             except OSError as e:          # e.g. out of fds: keep serving the others
                 log.warning("QMP accept failed: %s", e)
                 return
+            if len(self.connections) >= self.max_clients:
+                self._refuse(sock)
+                continue
             self.connections.add(QMPConnection(self, sock))
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """One error line instead of the greeting, then close: the client learns why at once."""
+        log.warning("QMP client refused: %d clients connected (qmp_max_clients)", len(self.connections))
+        error = QMPError(f"too many QMP clients: {len(self.connections)} are connected, the most this node "
+                         "accepts (qmp_max_clients); try again later")
+        try:
+            sock.setblocking(False)
+            sock.send(json.dumps({"error": error.to_reply()}).encode() + b"\r\n")
+        except OSError:
+            pass
+        sock.close()
 
     def close(self) -> None:
         for sock in self._listeners:
