@@ -19,6 +19,7 @@ from .control.jsonstream import MAX_NESTING
 from .control.node import PACKAGE, QEMU_VERSION
 from .http_api import HTTPAPI
 from .logs import log_startup
+from .sdnotify import Notifier
 
 log = logging.getLogger("appliance")
 
@@ -66,6 +67,7 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
     # takes more Python frames than the default limit allows.
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * MAX_NESTING))
     loop = asyncio.get_running_loop()
+    notifier = Notifier()
     node = Node(config.name, loop, incoming=config.incoming, vm=vm, autostart=not config.guest.start_paused,
                 colo_settings=config.colo, netfilter_settings=config.netfilter, tls=config.tls,
                 tls_parameters=config.tls_parameters, handshake_timeout=config.handshake_timeout,
@@ -74,6 +76,7 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
                        max_clients=config.qmp_max_clients)
     http = None
     qmp_addresses = []
+    notify_task = None
     try:
         if config.qmp:
             server.listen_unix(config.qmp)
@@ -92,12 +95,21 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
         elif vm is not None:
             vm.start()
         log_startup(log, node, vm, qmp_addresses, f"http://{http.address}" if http else None)
+        notifier.ready(node.status_line())
+        if notifier.enabled:
+            changed = asyncio.Event()
+            node.events.subscribe(lambda message: changed.set())
+            notify_task = loop.create_task(notifier.run(node.status_line, changed))
         await node.quit_requested.wait()
+        notifier.stopping()
         await asyncio.sleep(0.05)       # let the last replies and SHUTDOWN reach the clients
         log.info("node %s shutting down", node.name)
         return 0
     finally:
         await node.close()
+        if notify_task is not None:
+            notify_task.cancel()
+        notifier.close()
         server.close()
         if http is not None:
             await http.close()

@@ -200,6 +200,12 @@ class Node:
             self.migration.join()
             self.start_incoming(self.incoming)
 
+    def status_line(self) -> str:
+        """The node in one line, for systemd's STATUS= (``systemctl status``)."""
+        line = f"guest {self.run_state}; migration {self.migration_status}; COLO {self.colo.mode.value}"
+        failover = self.colo.failover.status.value
+        return line if failover == "none" else f"{line} (failover {failover})"
+
     def status(self) -> dict:
         """The node at a glance, for the HTTP API."""
         return {
