@@ -13,7 +13,8 @@ EXTRAS  ?= test
 PREFIX     ?= /opt/colo-appliance
 SYSCONFDIR ?= /etc/colo-appliance
 UNITDIR    ?= /etc/systemd/system
-APT_PACKAGES := gcc make libc6-dev python3-venv python3-dev iproute2 redis-tools redis-server kmod procps chromium openssl
+SYSUSERSDIR ?= /usr/lib/sysusers.d
+APT_PACKAGES := gcc make libc6-dev python3-venv python3-dev iproute2 redis-tools redis-server kmod procps chromium openssl systemd util-linux
 
 .PHONY: all deps venv guests test demo bench install install-files clean
 
@@ -69,6 +70,8 @@ install-files:
 # Then its own virtualenv (no test extras) and guest images, built in PREFIX.
 install: install-files
 	$(MAKE) -C $(PREFIX) venv guests EXTRAS=
+	install -D -m 0644 systemd/colo-appliance.sysusers $(SYSUSERSDIR)/colo-appliance.conf
+	systemd-sysusers $(SYSUSERSDIR)/colo-appliance.conf    # the unit's user, in the kvm group
 	@echo "installed in $(PREFIX); unit $(UNITDIR)/colo-appliance@.service; configs: $(SYSCONFDIR)/NAME.toml" \
 	    "(examples in $(SYSCONFDIR)/examples)"
 

@@ -18,6 +18,7 @@ import sys
 
 import appliance
 
+from . import migrated_away
 from .config import ConfigError, load_config, split_host_port
 
 log = logging.getLogger("appliance")
@@ -313,11 +314,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.netfilter.passthrough.append((proto, int(port)))
         if args.no_http:
             config.set_from_flag("node", "http", "--no-http", None)
+        elif args.http_only_if_configured and args.http is None and ("node", "http") not in config.file_values:
+            config.http = None
         config.validate()
         config.make_state_dir()
+        if config.guest.image and not config.incoming and (
+                refusal := migrated_away.refusal(config.state_path(), config.name)):
+            raise ConfigError(refusal)
         setup_logging(config.log_format)
         for warning in config.warnings:
             logging.getLogger("appliance.config").warning("%s", warning)
+        if args.http_only_if_configured and config.http is None and not args.no_http:
+            logging.getLogger("appliance.config").info("HTTP API off: the config file sets no http address")
         http_token = load_token(config) if config.http else None
     except ConfigError as e:
         log.error("%s", e)
@@ -389,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let 'migrate file:PATH' replace an existing file (default: refused)")
     serve.add_argument("--http", metavar="HOST:PORT", help="HTTP API address (default 127.0.0.1:8080)")
     serve.add_argument("--no-http", action="store_true", help="do not start the HTTP API")
+    serve.add_argument("--http-only-if-configured", dest="http_only_if_configured", action="store_true",
+                       help="no HTTP API unless --http or the config file's http sets its address (the systemd "
+                            "unit's choice: two instances never both take the default 127.0.0.1:8080)")
     serve.add_argument("--http-token-file", dest="http_token_file", metavar="PATH",
                        help="file (mode 0600) with the HTTP API's bearer token (or $COLO_APPLIANCE_HTTP_TOKEN; "
                             "with neither: STATE_DIR/http-token, generated at first start)")

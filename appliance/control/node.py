@@ -30,6 +30,7 @@ from replication.source import MigrationSource
 from replication.tls import TlsError, TlsRegistry
 from replication.transport import Listener, TransportError, file_write_refusal
 
+from appliance import migrated_away
 from appliance.announce import announce_self
 from appliance.logs import fields, log_migration_summary
 from appliance.metrics import OUTCOMES, MigrationTotals
@@ -56,11 +57,13 @@ class Node:
                  colo_settings: ColoSettings | None = None, netfilter_settings: NetfilterSettings | None = None,
                  tls: TlsRegistry | None = None, tls_parameters: dict | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
-                 file_overwrite: bool = False):
+                 file_overwrite: bool = False, state_dir: str | None = None):
         """``tls``: declared tls-creds/authz objects; ``tls_parameters``: their initial migration
         parameters (so that an --incoming socket never admits a plaintext source); ``file_overwrite``:
-        a ``migrate file:PATH`` may replace an existing file."""
+        a ``migrate file:PATH`` may replace an existing file; ``state_dir``: where a guest that
+        migrated away is remembered (appliance.migrated_away), None: nowhere."""
         self.name = name
+        self.state_dir = state_dir
         self.file_overwrite = file_overwrite
         self.vm = vm
         self.schema = schema or default_schema()
@@ -161,6 +164,8 @@ class Node:
         what follows a finished incoming migration (announce the guest's new place; re-arm a
         failed socket for another try)."""
         incoming = isinstance(self.migration, MigrationDestination)
+        if name == "MIGRATION" and data["status"] == "completed" and self.state_dir is not None:
+            self._remember_where_the_guest_is(incoming)
         finished = name == "MIGRATION" and data["status"] in OUTCOMES
         if self.migration.caps["events"]:
             self.events.emit(name, data)        # its log line tells the status
@@ -184,6 +189,17 @@ class Node:
             role, moved = "migration", info.get("ram", {}).get("transferred", 0)
         level = logging.WARNING if info["status"] == "failed" else logging.INFO
         log_migration_summary(log, level, role, info, moved)
+
+    def _remember_where_the_guest_is(self, incoming: bool) -> None:
+        """Before anyone hears of the completion: a restart must not boot a guest that left."""
+        if incoming:
+            migrated_away.forget(self.state_dir, self.name)
+        elif self.migration.colo_handover is None:     # a COLO primary's guest ran on here
+            try:
+                migrated_away.remember(self.state_dir, self.name, str(self.vm.uuid), self.migration.uri)
+            except OSError as e:
+                log.error("cannot record that the guest migrated away (%s): do not restart this node with "
+                          "its guest", e)
 
     def _announce(self) -> None:
         """From any thread: tell the bridges where the guest is now (QEMU's announce-self)."""

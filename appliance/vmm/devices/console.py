@@ -1,5 +1,6 @@
 """Console: guest output appended to a log file and kept in memory for read_console()."""
 
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -25,11 +26,21 @@ class ConsoleState:
         return cls(*cls._LAYOUT.unpack(data))
 
 
+def _open_0640(path: str, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        os.fchmod(fd, 0o640)      # an older, wider log file too
+    except PermissionError:       # not ours (an operator's choice): leave its mode alone
+        pass
+    return fd
+
+
 class Console:
     SECTION, VERSION = "dev.console", 1
 
     def __init__(self, log_path=None):
-        self._log = open(log_path, "ab", buffering=0) if log_path else None
+        # 0640, whatever the umask: the guest's output may hold secrets; the service's group may read it.
+        self._log = open(log_path, "ab", buffering=0, opener=_open_0640) if log_path else None
         self._tail = bytearray()
         self._lock = threading.Lock()
         self.state = ConsoleState()
