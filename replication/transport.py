@@ -10,7 +10,7 @@ opened in the migration's thread with O_NONBLOCK (a fifo without a peer
 would block open() itself) and O_NOFOLLOW, and never truncates an existing
 file unless the node allows it; an ``exec:`` command runs in a process group
 of its own, is SIGKILLed when the daemon dies (PR_SET_PDEATHSIG), and is given
-up, group and all, when its pipe makes no progress for EXEC_STALL_TIMEOUT.
+up, group and all, when its pipe stops making progress for EXEC_STALL_TIMEOUT.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3     # seconds, se
 USER_TIMEOUT_MS = 30000
 _POLL_SLICE = 0.2         # seconds between checks for an abort while a pipe or fifo waits
 _PR_SET_PDEATHSIG = 1
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -91,7 +92,10 @@ class Channel:
         self.peer_identity = ""      # the client certificate's DN, on a destination with verify-peer
         # A pipe or fifo is used non-blocking and polled in slices, so that it stalls only this long
         # (None: as long as its peer likes) and an abort from another thread is seen.
+        # An exec: command may take its time to start (e.g. waiting for its own peer); once bytes
+        # flowed, a stall fails.
         self.stall_timeout = EXEC_STALL_TIMEOUT if proc is not None else None
+        self._flowed = False
         if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
             os.set_blocking(fd, False)
 
@@ -110,6 +114,7 @@ class Channel:
                     self._wait_fd(select.POLLOUT)
                     try:
                         view = view[os.write(self.fd, view):]
+                        self._flowed = True
                     except BlockingIOError:
                         pass
         except OSError as e:
@@ -124,7 +129,7 @@ class Channel:
             if self._aborted:
                 raise OSError(errno.ECANCELED, "cancelled")
             waited += _POLL_SLICE
-            if self.stall_timeout is not None and waited >= self.stall_timeout:
+            if self.stall_timeout is not None and self._flowed and waited >= self.stall_timeout:
                 self.abort()          # an exec: child that stalls goes, with its whole group
                 raise TransportError(f"{self.description}: no progress for {self.stall_timeout:g} s")
 
@@ -148,6 +153,7 @@ class Channel:
                     self._wait_fd(select.POLLIN)
                     try:
                         n = os.readv(self.fd, [view])
+                        self._flowed = True
                         break
                     except BlockingIOError:
                         pass
@@ -274,13 +280,15 @@ def _why(e: OSError) -> str:
 
 
 def _spawn(command: str, **pipes) -> subprocess.Popen:
-    """An exec: command: /bin/sh in a session (so a process group) of its own, killed with the daemon."""
+    """An exec: command: /bin/sh in a session (so a process group) of its own, killed with the daemon,
+    without the daemon's ambient capabilities (the unit's CAP_NET_ADMIN is for taps, not for commands)."""
     daemon_pid = os.getpid()
 
     def die_with_daemon() -> None:
         # PR_SET_PDEATHSIG follows the forking *thread*: every caller forks from a thread that
         # outlives the command (the event loop's, or a migration's that waits for it).
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         if os.getppid() != daemon_pid:      # the daemon died before prctl took effect
             os._exit(1)
 
@@ -310,8 +318,7 @@ def _open_file_for_writing(path: str, overwrite: bool, cancelled) -> int:
     deadline = time.monotonic() + FIFO_PEER_TIMEOUT
     while True:
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            break
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             pass
         try:
@@ -323,10 +330,10 @@ def _open_file_for_writing(path: str, overwrite: bool, cancelled) -> int:
         if cancelled() or time.monotonic() > deadline:
             raise TransportError(f"file:{path}: no reader opened the fifo within {FIFO_PEER_TIMEOUT:g} s")
         time.sleep(0.05)
-    if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size and not overwrite:
-        os.close(fd)
-        raise TransportError(file_write_refusal(path, overwrite) or f"file:{path} exists")
-    if stat.S_ISREG(os.fstat(fd).st_mode):
+    if stat.S_ISREG(os.fstat(fd).st_mode):          # it was there before: replaced only if allowed
+        if not overwrite:
+            os.close(fd)
+            raise TransportError(file_write_refusal(path, overwrite) or f"file:{path} exists")
         os.ftruncate(fd, 0)
     return fd
 

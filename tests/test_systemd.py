@@ -203,8 +203,20 @@ def test_the_units_user_runs_a_guest_with_a_tap(guest_images):
         s, f = qmp_connect(qmp)
         s.sendall(b'{"execute": "query-status", "id": 1}\n')
         assert reply(f)["return"]["status"] == "running"
+        # An exec: command runs without the daemon's CAP_NET_ADMIN.
+        caps = os.path.join(work, "caps")
+        uri = f"exec:grep ^Cap /proc/self/status > {caps}.part && mv {caps}.part {caps}; cat > /dev/null"
+        s.sendall(json.dumps({"execute": "migrate", "arguments": {"uri": uri}, "id": 2}).encode())
+        assert reply(f) == {"return": {}, "id": 2}
+        while not os.path.exists(caps):
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.05)
+        status = dict(line.split(":\t") for line in open(caps).read().splitlines())
+        assert int(status["CapEff"], 16) == 0 and int(status["CapAmb"], 16) == 0, status
         s.close()
         assert psutil.Process(proc.pid).uids().effective == NOBODY
+        with open(f"/proc/{proc.pid}/status") as proc_status:       # the daemon itself keeps it
+            assert int(re.search(r"CapEff:\t(\w+)", proc_status.read()).group(1), 16) == 1 << 12   # CAP_NET_ADMIN
         links = subprocess.run(["ip", "netns", "exec", namespace, "ip", "-o", "link", "show", "master", "br0"],
                                capture_output=True, text=True, check=True).stdout
         assert "tap0" in links
