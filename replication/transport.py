@@ -111,14 +111,18 @@ class Channel:
                     view = view[self.sock.send(view):]
             else:
                 while view:
-                    self._wait_fd(select.POLLOUT)
                     try:
-                        view = view[os.write(self.fd, view):]
+                        view = view[os.write(self._usable_fd(), view):]
                         self._flowed = True
                     except BlockingIOError:
-                        pass
+                        self._wait_fd(select.POLLOUT)
         except OSError as e:
             raise TransportError(self._failure(e)) from e
+
+    def _usable_fd(self) -> int:
+        if self._aborted:
+            raise OSError(errno.ECANCELED, "cancelled")
+        return self.fd
 
     def _wait_fd(self, event: int) -> None:
         """Until the pipe/fifo fd is ready for ``event`` (or hung up): an abort or a stall fails."""
@@ -150,13 +154,12 @@ class Channel:
                 n = self.sock.recv_into(view)
             else:
                 while True:
-                    self._wait_fd(select.POLLIN)
                     try:
-                        n = os.readv(self.fd, [view])
+                        n = os.readv(self._usable_fd(), [view])
                         self._flowed = True
                         break
                     except BlockingIOError:
-                        pass
+                        self._wait_fd(select.POLLIN)
         except OSError as e:
             raise TransportError(self._failure(e)) from e
         if n == 0:
