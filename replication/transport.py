@@ -153,6 +153,8 @@ class Channel:
             if self.sock is not None:
                 n = self.sock.recv_into(view)
             else:
+                if not self._flowed:
+                    self._wait_fd(select.POLLIN)      # a fifo whose writer has not come yet reads as EOF
                 while True:
                     try:
                         n = os.readv(self._usable_fd(), [view])
