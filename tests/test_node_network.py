@@ -129,7 +129,8 @@ def test_config_unknown_keys_wrong_types_and_port_collisions(tmp_path):
     for text, message in [
             ('[node]\nqmp_tcpp = "127.0.0.1:4445"\n',
              "unknown key(s) ['qmp_tcpp'] in [node]; valid: ['http', 'http_allow_local_uris', 'http_allowed_hosts', "
-             "'http_token_file', 'incoming', 'log_format', 'name', 'qmp', 'qmp_tcp', 'state_dir']"),
+             "'http_token_file', 'incoming', 'log_format', 'migrate_file_overwrite', 'name', 'qmp', "
+             "'qmp_max_clients', 'qmp_tcp', 'state_dir']"),
             ('[peers]\nsecondary = "10.0.0.3"\n',
              "unknown section(s) ['peers']; valid: node, guest, colo, netfilter, migration, tls-creds, authz"),
             ('[guest]\nmemory = "64"\n', "[guest] memory must be an integer, not '64'"),
