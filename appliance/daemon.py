@@ -6,7 +6,6 @@ and removes its QMP socket file.
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import logging
 import os
@@ -59,31 +58,6 @@ def create_vm(config: NodeConfig, log_dir: str | None):
     return vm
 
 
-async def _listen(config: NodeConfig, node: Node, server: QMPServer,
-                  http_token: str | None) -> tuple[list[str], HTTPAPI | None]:
-    """QMP and HTTP listen: (QMP addresses, the HTTP API or None).  An address that cannot be bound
-    is an OSError that says which and why (cmd_serve prints it: 'cannot start: cannot listen for ...')."""
-    qmp_addresses, what = [], ""
-    try:
-        if config.qmp:
-            what = f"QMP on unix:{config.qmp}"
-            server.listen_unix(config.qmp)
-            qmp_addresses.append(f"unix:{config.qmp}")
-        if config.qmp_tcp:
-            what = f"QMP on tcp:{config.qmp_tcp} (qmp_tcp)"
-            host, port = split_host_port(config.qmp_tcp, "qmp_tcp")
-            port = server.listen_tcp(host, port)
-            qmp_addresses.append(f"tcp:{host}:{port}")
-        what = f"HTTP on {config.http}"
-        http = await HTTPAPI.start(node, config, http_token) if config.http else None
-    except OSError as e:
-        hint = ("; every node on a host needs its own address: set it in this node's config file"
-                if e.errno == errno.EADDRINUSE else "")
-        why = os.strerror(e.errno) if e.errno else str(e)
-        raise OSError(f"cannot listen for {what}: {why}{hint}") from None
-    return qmp_addresses, http
-
-
 async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> int:
     """Serve until quit; ``vm`` (from create_vm) is started here and closed on the way out;
     ``http_token`` (from http_api.load_token) is needed when config.http is set."""
@@ -102,9 +76,18 @@ async def serve(config: NodeConfig, vm=None, http_token: str | None = None) -> i
     server = QMPServer(node.dispatcher, node.events, QEMU_VERSION, PACKAGE, on_quit=lambda: None,
                        max_clients=config.qmp_max_clients)
     http = None
+    qmp_addresses = []
     notify_task = None
     try:
-        qmp_addresses, http = await _listen(config, node, server, http_token)
+        if config.qmp:
+            server.listen_unix(config.qmp)
+            qmp_addresses.append(f"unix:{config.qmp}")
+        if config.qmp_tcp:
+            host, port = split_host_port(config.qmp_tcp, "qmp_tcp")
+            port = server.listen_tcp(host, port)
+            qmp_addresses.append(f"tcp:{host}:{port}")
+        if config.http:
+            http = await HTTPAPI.start(node, config, http_token)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.request_quit, "host-signal")
         _quiet_collector()

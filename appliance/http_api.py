@@ -19,6 +19,7 @@ model and details: docs/security.md.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import html
 import logging
@@ -396,7 +397,13 @@ class HTTPAPI:
     async def start(cls, node: Node, config: NodeConfig, token: str) -> HTTPAPI:
         host, port = split_host_port(config.http, "http")
         # Bound first: the Host check needs the real port when the config asks for port 0.
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        except OSError as e:
+            hint = ("; every node on a host needs its own address: set http in its config file"
+                    if e.errno == errno.EADDRINUSE else "")
+            raise OSError(e.errno, f"HTTP address {host}:{port}: {os.strerror(e.errno) if e.errno else e}{hint}") \
+                from None
         port = sock.getsockname()[1]
         app = make_app(node, token, allowed_hosts(host, port, config.http_allowed_hosts), config.http_allow_local_uris)
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT, lingering_time=LINGER_TIME)

@@ -267,8 +267,8 @@ def test_instances_take_their_http_address_from_their_config(tmp_path):
         c = subprocess.run(serve_argv(tmp_path, "c", "--config", str(tmp_path / "c.toml"), "--http-only-if-configured"),
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         assert c.returncode == 1
-        assert (f"cannot listen for HTTP on 127.0.0.1:{port}: Address already in use; every node on a host needs "
-                "its own address: set it in this node's config file") in c.stderr
+        assert (f"cannot start: HTTP address 127.0.0.1:{port}: Address already in use; every node on a host "
+                "needs its own address: set http in its config file") in c.stderr
         assert "Traceback" not in c.stderr
         with pytest.raises(urllib.error.HTTPError) as unauthorised:     # a still answers
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5)
@@ -307,7 +307,7 @@ def test_a_guest_that_migrated_away_is_not_booted_again(tmp_path, guest_images):
                             "--no-http", "--state-dir", str(tmp_path), *GUEST],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2
-    assert (f"colo-appliance: node src: its guest migrated away to exec:cat > {saved} at {record['time']} (guest "
+    assert (f"node src: its guest migrated away to exec:cat > {saved} at {record['time']} (guest "
             f"{record['uuid']}); booting it here again would run a second copy. If the guest no longer runs "
             f"there, remove {marker} and start again; to take it back, start this node with --incoming and "
             "migrate it here") in again.stderr
