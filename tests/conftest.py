@@ -81,6 +81,24 @@ def stop_daemon(daemon: Daemon) -> None:
             daemon.proc.wait()
 
 
+MEMDIRTY_GUEST = ["--guest", "memdirty", "-m", "32", "--append", "mib=4 rate=0"]
+
+
+@pytest.fixture
+def pair(tmp_path, guest_images):
+    """start(*flags, name=...) starts a memdirty node daemon; all are stopped afterwards."""
+    started = []
+
+    def start(*extra, name):
+        d = start_daemon(tmp_path, *MEMDIRTY_GUEST, *extra, name=name)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        stop_daemon(d)
+
+
 @pytest.fixture
 def daemon(tmp_path):
     d = start_daemon(tmp_path)

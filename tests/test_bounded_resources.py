@@ -18,11 +18,10 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from appliance.config import ConfigError, NodeConfig
-from conftest import REPO, free_port, start_daemon, stop_daemon
+from conftest import MEMDIRTY_GUEST, REPO, free_port, start_daemon, stop_daemon
 from replication.transport import Channel, TransportError, connect
 from test_qmp_robustness import connect as qmp_connect, still_serving
 
-GUEST = ["--guest", "memdirty", "-m", "32", "--append", "mib=4 rate=0"]
 
 
 # -- read_exact ------------------------------------------------------------------------------
@@ -191,20 +190,6 @@ def test_64_bit_edges_are_still_taken(daemon):
 
 # -- file: and exec: --------------------------------------------------------------------------
 
-@pytest.fixture
-def pair(tmp_path, guest_images):
-    started = []
-
-    def start(*extra, name):
-        d = start_daemon(tmp_path, *GUEST, *extra, name=name)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        stop_daemon(d)
-
-
 async def qmp_client(daemon):
     qmp = QMPClient(daemon.qmp)
     await qmp.connect(daemon.qmp)
@@ -320,7 +305,7 @@ async def test_overwriting_a_file_when_the_node_allows_it(pair, tmp_path):
 def test_exec_child_dies_with_a_killed_daemon(tmp_path, guest_images):
     """SIGKILL the daemon in the middle of an exec: migration: its command is killed too, not orphaned."""
     pid_file = tmp_path / "child.pid"
-    d = start_daemon(tmp_path, *GUEST, name="src")
+    d = start_daemon(tmp_path, *MEMDIRTY_GUEST, name="src")
     try:
         s, f = qmp_connect(d.qmp)
         # The command never reads: the migration stays in progress, its pipe full.

@@ -8,10 +8,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from qemu.qmp import ExecuteError, QMPClient
 
-from conftest import free_port, start_daemon, stop_daemon
+from conftest import free_port
 
 pytestmark = pytest.mark.kvm
-GUEST = ["--guest", "memdirty", "-m", "32", "--append", "mib=4 rate=0"]
 
 
 async def connect(daemon):
@@ -29,20 +28,6 @@ async def wait_status(qmp, wanted, timeout=60):
             return info
         assert asyncio.get_running_loop().time() < deadline, info
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def pair(tmp_path, guest_images):
-    started = []
-
-    def start(*extra, name):
-        d = start_daemon(tmp_path, *GUEST, *extra, name=name)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        stop_daemon(d)
 
 
 async def migrate_and_check(src, dst, uri):
