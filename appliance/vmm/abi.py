@@ -42,12 +42,20 @@ HC_HALT = 0x507
 HC_NET_SETUP = 0x508
 HC_NET_DOORBELL = 0x509  # an ioeventfd: the write wakes the NIC thread without an exit
 HC_NET_WAIT_TX = 0x50A
+HC_CONSOLE_SETUP = 0x50B
+HC_CONSOLE_DOORBELL = 0x50C  # an ioeventfd: wakes the console thread without an exit
 
 # Argument structs, all little-endian u64 fields.
 HC_CONSOLE_WRITE_ARGS = struct.Struct("<QQ")  # data, len
 HC_TIME_ARGS = struct.Struct("<QQ")  # out: monotonic_ns, wall_ns
 HC_POLL_ARGS = struct.Struct("<QQ")  # deadline_ns, out: ready
 HC_NET_SETUP_ARGS = struct.Struct("<QQQQQq")  # ctrl, tx_ring, tx_size, rx_ring, rx_size, out: ret
+HC_CONSOLE_SETUP_ARGS = struct.Struct("<QQQq")  # ctrl, data, size, out: ret
+# The console ring's control block: u32 prod at +0 (guest), u32 cons at +64 (host).
+CONSOLE_CTRL_SIZE = 128
+CONSOLE_PROD = 0
+CONSOLE_CONS = 64
+CONSOLE_RING_MIN, CONSOLE_RING_MAX = 64, 1 << 20
 # The clock page: generation (changes whenever the vCPU starts running), mult = 2**32 * 10**6 / tsc_khz.
 CLOCK_PAGE = struct.Struct("<QQ")
 HC_BLOCK_ARGS = struct.Struct("<QQQq")  # sector, data, count, out: ret

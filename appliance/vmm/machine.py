@@ -2,8 +2,9 @@
 
 Threads: the caller's thread drives the public methods; one vCPU thread loops
 on KVM_RUN and serves hypercalls (docs/guest-abi.md); with a NIC, a NIC thread
-(devices/rings.py) moves frames between the guest's rings and the backend, and
-runs only while the vCPU thread is out of its park; a throttle timer thread
+(devices/rings.py) moves frames between the guest's rings and the backend, and a
+console thread (devices/console.py) drains the guest's console ring, both only while the
+vCPU thread is out of its park; a throttle timer thread
 exists while throttle() is above 0.  To stop the vCPU the VMM sets
 kvm_run.immediate_exit, signals the eventfd a blocking poll() waits on, and
 sends SIGUSR1 to the vCPU thread so KVM_RUN returns EINTR.  A pending port-I/O
@@ -14,7 +15,7 @@ Events (listener(name, data), called from any thread, QEMU names):
   RESUME {}                 resume()
   STOP {}                   pause(), or the VM stopping with internal-error
   SHUTDOWN {"guest": bool, "reason": "guest-shutdown" | "host-qmp-quit"}
-  GUEST_PANICKED {"action": "pause", "reason": str}   triple fault, bad hypercall, bad NIC ring...
+  GUEST_PANICKED {"action": "pause", "reason": str}   triple fault, bad hypercall, bad NIC or console ring...
 
 Counters: `exits` counts KVM_RUN returns to userspace (each ~40 us here), the figure
 the ring ABI exists to keep low; ioeventfd doorbells are not exits.
@@ -32,7 +33,7 @@ import uuid as uuid_module
 from dataclasses import dataclass
 
 from . import abi, kvm
-from .devices import BlockDevice, BlockState, Console, ConsoleState, Nic, NicRings, NicState, TapBackend, tap_mac
+from .devices import BlockDevice, BlockState, Console, ConsoleRing, ConsoleState, Nic, NicRings, NicState, TapBackend, tap_mac
 from .elf import load_elf
 from .errors import GuestError, GuestImageError, KVMUnavailableError, StateFileError, VMError
 from .memory import GuestMemory
@@ -193,6 +194,11 @@ class VirtualMachine:
                 self._closers.append(self.disk.close)
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._closers.append(lambda: os.close(self._wake_fd))
+            self.console_ring = ConsoleRing(self.console, self.memory, self._device_fault)
+            self._closers.append(self.console_ring.close)
+            kvm.ioctl(self._vm_fd, kvm.KVM_IOEVENTFD, kvm.kvm_ioeventfd(
+                addr=abi.HC_CONSOLE_DOORBELL, len=4, fd=self.console_ring.doorbell_fd,
+                flags=kvm.KVM_IOEVENTFD_FLAG_PIO))
             if self.nic:
                 self.rings = NicRings(self.nic, self.memory, self._device_fault)
                 self._closers.append(self.rings.close)
@@ -208,6 +214,7 @@ class VirtualMachine:
             abi.HC_NET_READ_V1: self._hc_net_v1, abi.HC_BLOCK_READ: self._hc_block_read,
             abi.HC_BLOCK_WRITE: self._hc_block_write, abi.HC_HALT: self._hc_halt,
             abi.HC_NET_SETUP: self._hc_net_setup, abi.HC_NET_WAIT_TX: self._hc_net_wait_tx,
+            abi.HC_CONSOLE_SETUP: self._hc_console_setup,
         }
         self.hypercall_exits = dict.fromkeys(self._hypercalls, 0)   # port -> exits to this VMM (metrics)
         self._thread = threading.Thread(target=self._vcpu_main, name=f"vcpu-{self.uuid[:8]}", daemon=True)
@@ -431,6 +438,7 @@ class VirtualMachine:
         while True:
             if self.rings:
                 self.rings.stop()  # no host writes into guest RAM while the vCPU is parked
+            self.console_ring.stop()  # and no console output left in the ring
             with self._cond:
                 self._parked = True
                 self._cond.notify_all()
@@ -446,6 +454,7 @@ class VirtualMachine:
                 pass
             try:
                 self._write_clock_page()
+                self.console_ring.start()
                 if self.rings:
                     self.rings.start()
                 self._run_vcpu()
@@ -577,6 +586,11 @@ class VirtualMachine:
     def _hc_console_write(self, gpa):
         data, length = self.memory.unpack(abi.HC_CONSOLE_WRITE_ARGS, gpa, "console arguments")
         self.console.write(self.memory.read(data, length, "console text"))
+
+    def _hc_console_setup(self, gpa):
+        ctrl, data, size, _ = self.memory.unpack(abi.HC_CONSOLE_SETUP_ARGS, gpa, "console setup arguments")
+        self.console_ring.setup(ctrl, data, size)
+        self.memory.pack(abi.HC_CONSOLE_SETUP_ARGS, gpa, ctrl, data, size, 0)
 
     def _hc_time(self, gpa):
         self.memory.pack(abi.HC_TIME_ARGS, gpa, self._clock.now(), time.time_ns())

@@ -40,6 +40,8 @@ struct abi_boot_info {
 #define HC_NET_SETUP     0x508
 #define HC_NET_DOORBELL  0x509   /* an ioeventfd: no exit */
 #define HC_NET_WAIT_TX   0x50a
+#define HC_CONSOLE_SETUP    0x50b
+#define HC_CONSOLE_DOORBELL 0x50c   /* an ioeventfd: no exit */
 
 struct hc_console_write { uint64_t data; uint64_t len; };
 struct hc_time { uint64_t monotonic_ns; uint64_t wall_ns; };            /* out */
@@ -64,6 +66,14 @@ struct nic_ctrl {
     uint32_t pad2[14];
     volatile uint32_t rx_used, rx_notify;                   /* host */
     uint32_t pad3[14];
+};
+/* The console ring (docs/guest-abi.md): bytes, free-running u32 indexes. */
+struct hc_console_setup { uint64_t ctrl; uint64_t data; uint64_t size; int64_t ret; };  /* ret: out */
+struct console_ctrl {
+    volatile uint32_t prod;                                 /* guest */
+    uint32_t pad0[15];
+    volatile uint32_t cons;                                 /* host */
+    uint32_t pad1[15];
 };
 struct hc_block { uint64_t sector; uint64_t data; uint64_t count; int64_t ret; };  /* ret: out */
 struct hc_halt { uint64_t status; };

@@ -25,6 +25,7 @@ void runtime_start(const struct abi_boot_info *info)
         plat_console_write(msg, sizeof msg - 1);
         plat_halt(255);
     }
+    console_ring_init();
     heap_init(info->heap_start, info->heap_end);
     net_rings_init();
     plat_halt(guest_main());

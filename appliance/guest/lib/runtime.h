@@ -14,5 +14,10 @@ void net_rings_init(void);
 extern struct nic_ctrl *nic_ctrl;
 extern struct nic_desc *nic_tx_ring, *nic_rx_ring;
 void doorbell(void);
+/* Sets up the console ring; until then (or if the VMM refuses) the console is a hypercall. */
+void console_ring_init(void);
+/* The console ring and its doorbell, for the probe guest's tests. */
+extern struct console_ctrl *console_ctrl;
+void console_doorbell(void);
 
 #endif

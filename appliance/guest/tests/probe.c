@@ -3,7 +3,7 @@
  * chosen by "mode=<name>" on the command line.  Used by tests/test_vmm_*.py.
  *   exit=N   return N                  null     write to address 0 (#PF)
  *   priv     execute hlt at CPL3 (#GP)  loop     spin forever without exits
- *   badptr   console write from outside RAM     badport  hypercall on an unknown port
+ *   badptr   console write hypercall from outside RAM   badport  hypercall on an unknown port
  *   v1net    the guest ABI v1 net write hypercall (refused)
  *   sse      floating point through xmm registers
  *   disk     write, read back and compare sectors, then keep reading them
@@ -14,6 +14,10 @@
  *            N numbered frames slowly (the RX ring fills) and report whether any was
  *            lost, duplicated or reordered
  *   slowecho echo every frame back, spending delay_us before each one
+ *   burst    n=N: print N numbered lines of 100 bytes (the console ring wraps many times), then exit
+ *   stream   print numbered lines forever, spending delay_us before each one
+ *   badconsole=KIND  break the console ring as KIND says (overrun: the producer index far
+ *            ahead; outside: set up a ring outside RAM), then spin
  *   clock    n=N: print plat_now_ns and the time hypercall side by side, N times 20 ms apart
  */
 #include "platform.h"
@@ -175,6 +179,34 @@ __attribute__((noreturn)) static void badring(const char *kind)
         __asm__ volatile("" ::: "memory");
 }
 
+static void burst(unsigned long n)
+{
+    for (unsigned long i = 0; i < n; i++)
+        console_printf("burst %lu ........................................................................................\n", i);
+}
+
+__attribute__((noreturn)) static void stream(unsigned long delay)
+{
+    for (unsigned long i = 0;; i++) {
+        spin_us(delay);
+        console_printf("stream %lu\n", i);
+    }
+}
+
+__attribute__((noreturn)) static void badconsole(const char *kind)
+{
+    console_printf("badconsole %s\n", kind);
+    if (is(kind, "overrun")) {
+        console_ctrl->prod += 100000;
+        console_doorbell();
+    } else if (is(kind, "outside")) {
+        struct hc_console_setup arg = { 0x100000, 0x7f0000000000ull, 4096, -1 };
+        hypercall(HC_CONSOLE_SETUP, &arg);
+    }
+    for (;;)
+        __asm__ volatile("" ::: "memory");
+}
+
 int guest_main(void)
 {
     const char *mode = arg("mode");
@@ -199,7 +231,8 @@ int guest_main(void)
             __asm__ volatile("" ::: "memory");
     }
     if (is(mode, "badptr")) {
-        plat_console_write((const char *)0x7f0000000000ull, 16);
+        struct hc_console_write bad = { 0x7f0000000000ull, 16 };
+        hypercall(HC_CONSOLE_WRITE, &bad);
         return 0;
     }
     if (is(mode, "badport")) {
@@ -250,6 +283,14 @@ int guest_main(void)
         flood();
     if (is(mode, "slowecho"))
         slowecho();
+    if (is(mode, "burst")) {
+        burst(number("n"));
+        return 0;
+    }
+    if (is(mode, "stream"))
+        stream(number("delay_us"));
+    if (*arg("badconsole"))
+        badconsole(arg("badconsole"));
     if (*arg("badring"))
         badring(arg("badring"));
     if (is(mode, "echo"))
