@@ -157,6 +157,7 @@ __attribute__((noreturn)) static void slowecho(void)
 
 __attribute__((noreturn)) static void badring(const char *kind)
 {
+    console_printf("badring %s\n", kind);  /* first: the VM may stop as soon as the ring is broken */
     uint32_t slot = nic_ctrl->tx_prod % 256;
     if (is(kind, "txaddr")) {
         nic_tx_ring[slot].addr = 0x7f0000000000ull;
@@ -173,7 +174,6 @@ __attribute__((noreturn)) static void badring(const char *kind)
         for (int i = 0; i < 256; i++)
             nic_rx_ring[i].addr = 0xfffffffffffff000ull;
     }
-    console_printf("badring %s\n", kind);
     doorbell();
     for (;;)
         __asm__ volatile("" ::: "memory");
