@@ -50,12 +50,23 @@ uint64_t plat_wall_ns(void)
 #define CONSOLE_RING 16384
 
 static struct console_ctrl console_ctrl_block __attribute__((aligned(64)));
+static uint32_t console_rung;           /* prod when the doorbell last rang */
 static char console_data[CONSOLE_RING] __attribute__((aligned(64)));
 struct console_ctrl *console_ctrl;
 
 void console_doorbell(void)
 {
     __asm__ volatile("outl %%eax, %0" : : "Nd"((uint16_t)HC_CONSOLE_DOORBELL), "a"(0) : "memory");
+}
+
+/* Ring the doorbell if bytes went in since it last rang: a partial line comes out
+ * before the guest goes idle (plat_poll), not only at the next newline. */
+static void console_flush(void)
+{
+    if (console_ctrl && console_ctrl->prod != console_rung) {
+        console_rung = console_ctrl->prod;
+        console_doorbell();
+    }
 }
 
 void console_ring_init(void)
@@ -79,6 +90,7 @@ void plat_console_write(const char *s, size_t n)
         uint32_t prod = console_ctrl->prod;
         uint32_t room = CONSOLE_RING - (prod - console_ctrl->cons);
         if (!room) {            /* full: the host is behind; it drains on the doorbell */
+            console_rung = prod;
             console_doorbell();
             while (console_ctrl->prod - console_ctrl->cons >= CONSOLE_RING)
                 __asm__ volatile("pause" ::: "memory");
@@ -98,7 +110,7 @@ void plat_console_write(const char *s, size_t n)
     }
     fence();
     if (line_ended || console_ctrl->prod - console_ctrl->cons >= CONSOLE_RING / 2)
-        console_doorbell();
+        console_flush();
 }
 
 /* The NIC rings (docs/guest-abi.md).  Each descriptor owns one buffer for
@@ -168,6 +180,7 @@ bool plat_poll(uint64_t deadline_ns)
         return true;
     if (now >= deadline_ns)
         return false;
+    console_flush();
     struct hc_poll arg = { deadline_ns, 0 };
     hypercall(HC_POLL, &arg);
     return arg.ready != 0;

@@ -7,9 +7,12 @@ file and kept in memory for read_console().
       copy bytes at prod % size    +0  u32 prod   guest               prod - cons bytes from data
       prod += n                    +64 u32 cons   host                -> Console.write (log, tail)
       outl 0x50c if a line ended   data: size bytes (power of two)    cons = prod, page marked dirty
-      or the ring is half full  ---- KVM_IOEVENTFD, no exit ---->  wakes it (and every 50 ms)
+      or the ring is half full,  ---- KVM_IOEVENTFD, no exit ---->  wakes it
+      or before it blocks in poll
 
-The thread drains only while the vCPU runs; stop() (from the vCPU thread, before it parks)
+The thread sleeps until a doorbell: no periodic wake-up, which would cost the daemon's other
+Python threads (the migration's compression, say) a GIL hand-over each time.  It drains only
+while the vCPU runs; stop() (from the vCPU thread, before it parks)
 drains whatever is left, so output before a halt, a fault or a pause is never lost and a
 stopped VM sees no host write into its RAM.  Bytes still in the ring when the state is saved
 (RAM and the host's `cons` in dev.console) come out after the restore.  A ring the guest got
@@ -29,7 +32,6 @@ from ..errors import GuestError, StateFileError
 _log = logging.getLogger(__name__)
 
 _KEEP_BYTES = 4 << 20  # in-memory tail for read_console()
-_SAFETY_WAIT = 0.05  # seconds: output without a doorbell (a partial line) shows up this late at most
 
 
 @dataclass
@@ -219,7 +221,7 @@ class ConsoleRing:
     def _serve(self):
         while True:
             self.drain()
-            select.select([self.doorbell_fd, self._control_fd], [], [], _SAFETY_WAIT)
+            select.select([self.doorbell_fd, self._control_fd], [], [])
             for fd in (self.doorbell_fd, self._control_fd):
                 try:
                     os.eventfd_read(fd)
