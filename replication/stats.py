@@ -11,7 +11,10 @@ bursts)::
     mbps, pages-per-second   bytes and pages over the span, over its length
     bandwidth                the same in bytes/s, kept from the last span that sent
                              enough to tell (> 10000 bytes, as QEMU)
-    expected-downtime        remaining / bandwidth (+ the measured digest hashing time),
+    ram rate                 bytes of RAM sent per second as data (zero pages left out:
+                             they cost nothing to send); unlike the wire's bytes, what
+                             compression and XBZRLE save counts as sent
+    expected-downtime        remaining / ram rate (+ the measured digest hashing time),
                              of what remains when asked
     remaining                pages of this pass not dealt with yet (the bulk pass: all
                              of RAM at first), counted down as pages go
@@ -74,6 +77,7 @@ class MigrationStats:
         # what the estimates are made of
         self.pages_sent = 0             # zero, normal and delta pages: pages-per-second
         self.bandwidth: float | None = None   # bytes/s of the last span that sent enough to tell
+        self.ram_rate: float | None = None    # bytes of RAM sent per second, the same span
         self.hash_rate: float | None = None   # bytes/s of the last digest refresh that hashed anything
         self.limit_rate = True          # max-bandwidth holds for the live passes, not for stop-and-copy
         self.started_at = 0.0           # when pages began to go (after setup)
@@ -88,7 +92,7 @@ class MigrationStats:
         """Pages start to go: the first measuring window opens."""
         with self._lock:
             self.started_at = time.monotonic()
-            self._samples.append((self.started_at, self.transferred, self.pages_sent))
+            self._samples.append((self.started_at, self.transferred, self.pages_sent, self.duplicate))
 
     def account(self, nbytes: int, multifd: bool = False) -> None:
         """Count bytes put on the wire and keep to max-bandwidth during the live passes: each
@@ -121,15 +125,17 @@ class MigrationStats:
         samples = self._samples
         if not samples or now - samples[-1][0] < RATE_WINDOW:
             return
-        samples.append((now, self.transferred, self.pages_sent))
+        samples.append((now, self.transferred, self.pages_sent, self.duplicate))
         while len(samples) > 2 and now - samples[1][0] >= RATE_SPAN:
             samples.popleft()
-        since, transferred, pages = samples[0]
+        since, transferred, pages, zero = samples[0]
         elapsed, sent = now - since, self.transferred - transferred
         self.mbps = round(sent * 8 / 1e6 / elapsed, 3)
         self.pages_per_second = int((self.pages_sent - pages) / elapsed)
         if sent > ENOUGH_TO_TELL:
             self.bandwidth = sent / elapsed
+            data_pages = (self.pages_sent - pages) - (self.duplicate - zero)
+            self.ram_rate = data_pages * PAGE_SIZE / elapsed or self.ram_rate
             self.expected_downtime = self._downtime_for(self.remaining)
 
     def refresh(self) -> None:
@@ -137,13 +143,13 @@ class MigrationStats:
         expected downtime of what remains now."""
         with self._lock:
             self._measure(time.monotonic())
-            if self.bandwidth:
+            if self.ram_rate:
                 self.expected_downtime = self._downtime_for(self.remaining)
 
     def _downtime_for(self, remaining: int) -> int:
-        """Milliseconds to send ``remaining`` bytes at the measured bandwidth, then hash them for
-        the digest at the measured hash rate (0 while nothing is measured yet)."""
-        seconds = remaining / self.bandwidth if self.bandwidth else 0.0
+        """Milliseconds to deal with ``remaining`` bytes of RAM at the measured ram rate, then
+        hash them for the digest at the measured hash rate (0 while nothing is measured yet)."""
+        seconds = remaining / self.ram_rate if self.ram_rate else 0.0
         if self.hash_rate:
             seconds += remaining / self.hash_rate
         return int(1000 * seconds)
@@ -154,11 +160,15 @@ class MigrationStats:
 
     def dirty_synced(self, dirty_pages: int, seconds: float) -> None:
         """A dirty-log sync found ``dirty_pages``, ``seconds`` after the last one: the rate, what
-        remains, and the downtime it would cost now.  Before any window measured the bandwidth
-        (a very short bulk pass), all bytes so far over the time so far measure it."""
+        remains, and the downtime it would cost now.  Before any window measured the rates (a
+        very short bulk pass), all bytes and pages so far over the time so far measure them."""
         with self._lock:
-            if self.bandwidth is None and self.transferred and self.started_at:
-                self.bandwidth = self.transferred / max(time.monotonic() - self.started_at, 1e-6)
+            if self.started_at:
+                elapsed = max(time.monotonic() - self.started_at, 1e-6)
+                if self.bandwidth is None and self.transferred:
+                    self.bandwidth = self.transferred / elapsed
+                if self.ram_rate is None and self.pages_sent > self.duplicate:
+                    self.ram_rate = (self.pages_sent - self.duplicate) * PAGE_SIZE / elapsed
             self.dirty_pages_rate = int(dirty_pages / max(seconds, 1e-6))
             self.remaining = dirty_pages * PAGE_SIZE
             self.expected_downtime = self._downtime_for(self.remaining)
