@@ -31,7 +31,7 @@ $(BUILD)/.deps:
 deps: $(BUILD)/.deps
 
 # The virtualenv, with the package (and its C extension) installed editable.
-$(VENV)/.installed: pyproject.toml native/_native.c $(BUILD)/.deps
+$(VENV)/.installed: pyproject.toml $(wildcard native/*.c native/*.h) $(BUILD)/.deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.$(if $(EXTRAS),[$(EXTRAS)])'
