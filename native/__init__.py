@@ -34,6 +34,8 @@ ring_arm = _impl.ring_arm
 ring_serve_tap = _impl.ring_serve_tap
 bitmap_mark = _impl.bitmap_mark
 bitmap_take = _impl.bitmap_take
+if IMPLEMENTATION == "native":
+    Comparer = _impl.Comparer     # the reference is netfilter.compare.PyComparer
 
 __all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bitmap_pages",
            "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "equal_prefix", "parse_headers",

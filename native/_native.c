@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "colo.h"
+
 static PyObject *array_type; /* array.array, for bitmap_pages' result */
 
 /* The 8 bytes at p as a little-endian word: byte k of memory is bits 8k..8k+7. */
@@ -916,5 +918,8 @@ PyMODINIT_FUNC PyInit__native(void)
     Py_DECREF(array_mod);
     if (!array_type)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && colo_compare_register(m) < 0)
+        Py_CLEAR(m);
+    return m;
 }

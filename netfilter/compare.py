@@ -200,8 +200,10 @@ class _TcpConnection:
         self.unverified, self.secondary_stream = _Segments(), _Segments()
 
 
-class Comparer:
-    """Holds the PVM's frames until the SVM's match (module docstring)."""
+class PyComparer:
+    """Holds the PVM's frames until the SVM's match (module docstring).  The reference for
+    native.Comparer, its C twin (native/colo_compare.c), which ``Comparer`` names when the
+    extension is in use."""
 
     def __init__(self, release: Callable[[bytes], None], request_checkpoint: Callable[[str], None], *,
                  compare_timeout_ms: int = 3000, max_queue_size: int = 1024,
@@ -493,3 +495,6 @@ class Comparer:
             conn.clear()
         for _order, frame, flow in sorted(held, key=lambda item: item[0]):
             self._send(frame, flow)
+
+
+Comparer = native.Comparer if native.IMPLEMENTATION == "native" else PyComparer

@@ -1,11 +1,14 @@
-"""netfilter.compare: the Comparer on crafted frame sequences, with a fake clock."""
+"""netfilter.compare: the Comparer on crafted frame sequences, with a fake clock.  Every test
+runs on both implementations: PyComparer, the reference, and native.Comparer, its C twin;
+a differential property test feeds both the same random events and compares all they do."""
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netfilter.compare import COUNTERS, FLOW_CLASSES, Comparer
+from native import _native
+from netfilter.compare import COUNTERS, FLOW_CLASSES, PyComparer
 from netfilter.packet import ACK, FIN, PSH, RST, SYN
 from test_netfilter_packet import MALFORMED, arp_frame, ether, icmp_frame, ipv4, tcp_frame, udp_frame
 
@@ -15,11 +18,11 @@ PVM_ISN, SVM_ISN, CLIENT_ACK = 5000, 0xFFFFFF00, 777
 class Harness:
     """A Comparer whose releases, checkpoint requests and clock the test sees."""
 
-    def __init__(self, **options):
+    def __init__(self, impl, **options):
         self.released: list[bytes] = []
         self.requests: list[str] = []
         self.now = 100.0
-        self.comparer = Comparer(self.released.append, self.requests.append, clock=lambda: self.now, **options)
+        self.comparer = impl(self.released.append, self.requests.append, clock=lambda: self.now, **options)
 
     def count(self, flow: str, name: str) -> int:
         return self.comparer.counters[flow][name]
@@ -29,9 +32,15 @@ class Harness:
         return released
 
 
+@pytest.fixture(scope="module", params=[PyComparer, _native.Comparer], ids=["python", "native"])
+def impl(request):
+    """The Comparer class under test (module-scoped: hypothesis tests take it too)."""
+    return request.param
+
+
 @pytest.fixture
-def h():
-    return Harness()
+def h(impl):
+    return Harness(impl)
 
 
 def seg(offset: int, payload: bytes = b"", flags: int = ACK | PSH, ack: int = CLIENT_ACK, isn: int = PVM_ISN,
@@ -323,8 +332,8 @@ def test_malformed_primary_is_released_and_secondary_dropped(h, frame):
 
 # ---- timeouts, queue bounds, passthrough ---------------------------------------------------
 
-def test_timeouts_ask_for_a_checkpoint():
-    h = Harness(compare_timeout_ms=3000)
+def test_timeouts_ask_for_a_checkpoint(impl):
+    h = Harness(impl, compare_timeout_ms=3000)
     h.comparer.primary(seg(0, b"lonely"))
     h.now += 2.9
     assert h.comparer.scan_expired() is False and h.requests == []
@@ -337,15 +346,15 @@ def test_timeouts_ask_for_a_checkpoint():
     assert len(h.take()) == 1 and h.comparer.scan_expired() is False
 
 
-def test_an_unmatched_secondary_frame_times_out_too():
-    h = Harness(compare_timeout_ms=1000)
+def test_an_unmatched_secondary_frame_times_out_too(impl):
+    h = Harness(impl, compare_timeout_ms=1000)
     h.comparer.secondary(udp_frame(b"only the SVM said this"))
     h.now += 1.5
     assert h.comparer.scan_expired() and h.count("udp", "timeouts") == 1
 
 
-def test_queue_overflow():
-    h = Harness(max_queue_size=3)
+def test_queue_overflow(impl):
+    h = Harness(impl, max_queue_size=3)
     frames = [udp_frame(b"%d" % i) for i in range(4)]
     for frame in frames:
         h.comparer.primary(frame)
@@ -357,8 +366,8 @@ def test_queue_overflow():
     assert h.take() == frames[:3]
 
 
-def test_tcp_queue_overflow():
-    h = Harness(max_queue_size=2)
+def test_tcp_queue_overflow(impl):
+    h = Harness(impl, max_queue_size=2)
     for i in range(3):
         h.comparer.primary(seg(i, b"x"))
     for i in range(3):
@@ -366,8 +375,8 @@ def test_tcp_queue_overflow():
     assert h.comparer.held == 2 and h.count("tcp", "dropped") == 2
 
 
-def test_passthrough():
-    h = Harness(passthrough=[("tcp", 22), ("UDP", 123)])
+def test_passthrough(impl):
+    h = Harness(impl, passthrough=[("tcp", 22), ("UDP", 123)])
     ssh, ntp = tcp_frame(sport=22, payload=b"SSH-2.0"), udp_frame(b"time", sport=123)
     h.comparer.primary(ssh)
     h.comparer.primary(ntp)
@@ -429,13 +438,13 @@ def test_counters_are_a_plain_copy(h):
     assert h.count("tcp", "primary") == 0
 
 
-def test_bad_options():
+def test_bad_options(impl):
     with pytest.raises(ValueError):
-        Comparer(print, print, max_queue_size=0)
+        impl(print, print, max_queue_size=0)
     with pytest.raises(ValueError):
-        Comparer(print, print, compare_timeout_ms=0)
+        impl(print, print, compare_timeout_ms=0)
     with pytest.raises(ValueError):
-        Comparer(print, print, passthrough=[("sctp", 9)])
+        impl(print, print, passthrough=[("sctp", 9)])
 
 
 # ---- properties -----------------------------------------------------------------------------
@@ -467,9 +476,9 @@ def feed(h: Harness, primaries: list[bytes], secondaries: list[bytes], rng: rand
 
 @settings(max_examples=300, deadline=None)
 @given(streams)
-def test_the_same_stream_cut_differently_is_all_released(stream):
+def test_the_same_stream_cut_differently_is_all_released(impl, stream):
     data, p_points, s_points, rng, isn = stream
-    h = Harness()
+    h = Harness(impl)
     h.comparer.primary(tcp_frame(seq=isn, ack=CLIENT_ACK, flags=SYN | ACK))
     h.comparer.secondary(tcp_frame(seq=SVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))
     primaries = [seg(o, chunk, isn=isn) for o, chunk in cuts(data, p_points)] + [seg(len(data), flags=ACK | FIN, isn=isn)]
@@ -482,12 +491,12 @@ def test_the_same_stream_cut_differently_is_all_released(stream):
 
 @settings(max_examples=300, deadline=None)
 @given(streams, st.integers(0, 10**6))
-def test_one_changed_byte_is_found(stream, where):
+def test_one_changed_byte_is_found(impl, stream, where):
     data, p_points, s_points, rng, isn = stream
     where %= len(data)
     changed = bytearray(data)
     changed[where] ^= 0x01
-    h = Harness()
+    h = Harness(impl)
     h.comparer.primary(tcp_frame(seq=isn, ack=CLIENT_ACK, flags=SYN | ACK))
     h.comparer.secondary(tcp_frame(seq=SVM_ISN, ack=CLIENT_ACK, flags=SYN | ACK))
     pieces = cuts(data, p_points)
@@ -517,8 +526,8 @@ crafted = st.one_of(
 @given(st.lists(st.tuples(st.sampled_from(["primary", "secondary", "scan", "checkpoint", "tick"]), crafted),
                 max_size=40),
        st.sampled_from([2, 1024]))
-def test_random_input_never_crashes(operations, queue_size):
-    h = Harness(max_queue_size=queue_size, compare_timeout_ms=1000)
+def test_random_input_never_crashes(impl, operations, queue_size):
+    h = Harness(impl, max_queue_size=queue_size, compare_timeout_ms=1000)
     primaries = 0
     for operation, frame in operations:
         if operation in ("primary", "secondary"):
