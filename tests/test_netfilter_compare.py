@@ -544,3 +544,128 @@ def test_random_input_never_crashes(impl, operations, queue_size):
     assert len(h.released) == released and h.comparer.held == 0 and set(h.requests) <= {"mismatch"}
     if queue_size > len(operations):
         assert released == primaries            # nothing was lost: every primary frame went out once
+
+
+# ---- the C twin against the reference ------------------------------------------------------
+
+STREAM = bytes(range(7, 250)) * 2            # what both guests send on every TCP connection
+TCP_ENDS = [(80, 40000, "10.9.0.2", "10.9.0.1"), (80, 40001, "10.9.0.2", "10.9.0.1"),
+            (443, 50000, "10.9.0.12", "10.9.0.9")]          # the last: dotted quads sort unlike numbers
+ISNS = [PVM_ISN, 0xFFFFFFF0]                                # the second wraps within the stream
+
+
+def stream_frames(rng: random.Random, ends: tuple, isn: int) -> tuple[list[bytes], list[bytes]]:
+    """One TCP connection as both guests send it: a handshake (mostly), the stream cut
+    differently on each side, a FIN (mostly), acks that move, retransmits, now and then a
+    differing byte, an RST, a SYN with other flags or a bare ACK."""
+    sport, dport, src, dst = ends
+    data = STREAM[:rng.randint(1, 60)]
+
+    def frame(seq: int, flags: int, payload: bytes = b"", ack: int = CLIENT_ACK) -> bytes:
+        return tcp_frame(seq=seq & 0xFFFFFFFF, ack=ack, flags=flags, payload=payload, sport=sport, dport=dport,
+                         src=src, dst=dst)
+
+    sides = []
+    for side_isn in (isn, SVM_ISN):
+        frames = []
+        if rng.random() < 0.8:
+            frames.append(frame(side_isn, SYN | (ACK if rng.random() < 0.95 else 0)))
+        points = [rng.randrange(len(data)) for _ in range(rng.randint(0, 6))]
+        for offset, chunk in cuts(data, points):
+            if rng.random() < 0.05:
+                chunk = chunk[:-1] + bytes([chunk[-1] ^ 0x20])
+            frames.append(frame(isn + 1 + offset, ACK | PSH, chunk, CLIENT_ACK + rng.choice([0, 0, 3])))
+        if rng.random() < 0.8:
+            frames.append(frame(isn + 1 + len(data), ACK | FIN, ack=CLIENT_ACK + 3))
+        if rng.random() < 0.2:
+            frames.append(frame(isn + 1 + rng.choice([0, len(data)]), RST | rng.choice([0, ACK])))
+        if rng.random() < 0.2:
+            frames.append(frame(isn + 1 + rng.randrange(len(data) + 1), ACK, ack=CLIENT_ACK + rng.choice([0, 3, 10])))
+        frames += rng.sample(frames, min(len(frames), rng.randint(0, 2)))      # retransmits
+        sides.append(frames)
+    return sides[0], sides[1]
+
+
+def datagram_pair(rng: random.Random) -> tuple[bytes, bytes]:
+    """A UDP, ICMP or other packet from each guest, mostly equal."""
+    kind = rng.choice(["udp", "icmp", "other"])
+    bodies = [rng.choice([b"a", b"ab"]) for _ in range(2)]
+    sport, icmp_type, offset = rng.choice([53, 54]), rng.choice([0, 8, 3]), rng.choice([0, 0x2000])
+    if rng.random() < 0.8:
+        bodies[1] = bodies[0]
+    if kind == "udp":
+        return tuple(udp_frame(b, sport=sport, src=rng.choice(["10.9.0.2", "10.9.0.12"])) for b in bodies)
+    if kind == "icmp":
+        return tuple(icmp_frame(icmp_type, ident=7, payload=b) for b in bodies)
+    return tuple(ether(ipv4(47, b, flags_offset=offset)) for b in bodies)
+
+
+NOISE = list(MALFORMED.values()) + [arp_frame()]
+
+
+@st.composite
+def scenarios(draw) -> list[tuple]:
+    """Steps for both comparers: a few TCP connections, datagrams and noise from both guests,
+    each side's frames a little out of order, interleaved at random, with clock ticks,
+    timeout scans, checkpoints and now and then a failover among them."""
+    rng = draw(st.randoms(use_true_random=False))
+    primaries, secondaries = [], []
+    for ends in rng.sample(TCP_ENDS, rng.randint(0, 3)):
+        p, s = stream_frames(rng, ends, rng.choice(ISNS))
+        primaries += p
+        secondaries += s
+    for _ in range(rng.randint(0, 4)):
+        p, s = datagram_pair(rng)
+        primaries.append(p)
+        secondaries.append(s)
+    for side in (primaries, secondaries):
+        for _ in range(rng.randint(0, 2)):
+            side.insert(rng.randint(0, len(side)), rng.choice(NOISE + [rng.randbytes(rng.randint(0, 70))]))
+    # each frame at its place give or take a few, the two sides merged at random
+    steps = sorted([(i + rng.uniform(0, 4), ("primary", f)) for i, f in enumerate(primaries)]
+                   + [(i + rng.uniform(0, 4), ("secondary", f)) for i, f in enumerate(secondaries)])
+    steps = [step for _, step in steps]
+    for _ in range(rng.randint(0, 10)):
+        control = rng.choice([("tick", 0.4), ("tick", 1.1), ("scan",), ("scan",), ("checkpoint",), ("failover",)])
+        if control[0] != "failover" or rng.random() < 0.3:
+            steps.insert(rng.randint(0, len(steps)), control)
+    return steps
+
+
+def observed(h: Harness) -> tuple:
+    c = h.comparer
+    return h.take(), list(h.requests), c.counters, c.held, c.failed_over, sorted(c._connections)
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenarios(), st.sampled_from([(1000, 1024), (1000, 1024), (1000, 4), (3000, 1)]))
+def test_the_c_comparer_does_what_the_reference_does(steps, options):
+    """Both fed the same events: the same frames out, in the same order, the same checkpoint
+    requests, counters, held frames and connections after every step."""
+    timeout_ms, queue_size = options
+    python, c = (Harness(impl, compare_timeout_ms=timeout_ms, max_queue_size=queue_size)
+                 for impl in (PyComparer, _native.Comparer))
+    for step in steps:
+        for h in (python, c):
+            if step[0] == "tick":
+                h.now += step[1]
+            elif step[0] == "scan":
+                h.requests.append(h.comparer.scan_expired())
+            else:
+                getattr(h.comparer, step[0])(*step[1:])
+        assert observed(c) == observed(python), step
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["primary", "secondary", "scan_expired", "checkpoint"]), st.binary(max_size=120)),
+                max_size=50))
+def test_the_c_comparer_survives_garbage(steps):
+    h = Harness(_native.Comparer, max_queue_size=4)
+    for operation, frame in steps:
+        if operation in ("primary", "secondary"):
+            getattr(h.comparer, operation)(frame)
+        else:
+            getattr(h.comparer, operation)()
+        h.now += 1
+    h.comparer.failover()
+    assert h.comparer.held == 0 and len(h.released) == sum(h.comparer.counters[f]["released"] for f in FLOW_CLASSES)
