@@ -147,6 +147,8 @@ static bool list_append(held_list *l, held *h)
 /* Takes out `count` items from `at` on, without letting go of them. */
 static void list_cut(held_list *l, size_t at, size_t count)
 {
+    if (!count)
+        return;
     memmove(l->items + at, l->items + at + count, (l->n - at - count) * sizeof *l->items);
     l->n -= count;
 }
