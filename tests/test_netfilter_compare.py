@@ -439,12 +439,66 @@ def test_counters_are_a_plain_copy(h):
 
 
 def test_bad_options(impl):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^compare_timeout_ms and max_queue_size must be positive$"):
         impl(print, print, max_queue_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^compare_timeout_ms and max_queue_size must be positive$"):
         impl(print, print, compare_timeout_ms=0)
-    with pytest.raises(ValueError):
-        impl(print, print, passthrough=[("sctp", 9)])
+    with pytest.raises(ValueError) as e:
+        impl(print, print, passthrough=[("tcp", 22), ("SCTP", 9)])
+    assert str(e.value) == "passthrough protocols are tcp or udp, not [('sctp', 9), ('tcp', 22)]"
+
+
+def test_options_read_back(impl):
+    comparer = impl(print, print, compare_timeout_ms=2500, max_queue_size=7, passthrough=[["TCP", 22]])
+    assert (comparer.compare_timeout, comparer.max_queue_size, comparer.passthrough) == (2.5, 7, {("tcp", 22)})
+
+
+def test_an_exception_from_a_callback_reaches_the_caller(impl):
+    def broken(_argument):
+        raise OSError("tap gone")
+
+    with pytest.raises(OSError, match="tap gone"):
+        impl(broken, print).primary(arp_frame())
+    comparer = impl(print, broken, max_queue_size=1)
+    comparer.primary(udp_frame(b"held"))
+    with pytest.raises(OSError, match="tap gone"):
+        comparer.primary(udp_frame(b"beyond the bound"))
+
+
+def test_the_c_comparer_sends_the_rest_when_release_raises():
+    """Unlike PyComparer, which stops mid-step, the C engine finishes its step: every other
+    frame still goes out, and the first exception is raised after."""
+    sent = []
+
+    def release(frame):
+        sent.append(frame)
+        if len(sent) == 1:
+            raise OSError("first send failed")
+
+    comparer = _native.Comparer(release, print)
+    frames = [udp_frame(b"%d" % i) for i in range(3)]
+    for frame in frames:
+        comparer.primary(frame)
+    with pytest.raises(OSError, match="first send failed"):
+        comparer.checkpoint()
+    assert sent == frames and comparer.held == 0 and comparer.counters["udp"]["released"] == 3
+
+
+def test_the_c_comparer_refuses_calls_from_its_own_callbacks():
+    def release(frame):
+        comparer.primary(frame)
+
+    comparer = _native.Comparer(release, print)
+    with pytest.raises(RuntimeError, match="called from its own release"):
+        comparer.primary(arp_frame())
+    comparer.secondary(arp_frame())                                 # usable again afterwards
+    assert comparer.counters["non-ip"]["dropped"] == 1
+
+
+def test_netfilter_uses_the_c_comparer():
+    import native
+    from netfilter import compare
+    assert compare.Comparer is (_native.Comparer if native.IMPLEMENTATION == "native" else PyComparer)
 
 
 # ---- properties -----------------------------------------------------------------------------
