@@ -2,6 +2,11 @@
 runs on both implementations: PyComparer, the reference, and native.Comparer, its C twin;
 a differential property test feeds both the same random events and compares all they do."""
 import random
+import struct
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -657,12 +662,10 @@ def datagram_pair(rng: random.Random) -> tuple[bytes, bytes]:
 NOISE = list(MALFORMED.values()) + [arp_frame()]
 
 
-@st.composite
-def scenarios(draw) -> list[tuple]:
+def scenario(rng: random.Random) -> list[tuple]:
     """Steps for both comparers: a few TCP connections, datagrams and noise from both guests,
     each side's frames a little out of order, interleaved at random, with clock ticks,
     timeout scans, checkpoints and now and then a failover among them."""
-    rng = draw(st.randoms(use_true_random=False))
     primaries, secondaries = [], []
     for ends in rng.sample(TCP_ENDS, rng.randint(0, 3)):
         p, s = stream_frames(rng, ends, rng.choice(ISNS))
@@ -686,13 +689,16 @@ def scenarios(draw) -> list[tuple]:
     return steps
 
 
+scenarios = st.builds(scenario, st.randoms(use_true_random=False))
+
+
 def observed(h: Harness) -> tuple:
     c = h.comparer
     return h.take(), list(h.requests), c.counters, c.held, c.failed_over, sorted(c._connections)
 
 
 @settings(max_examples=400, deadline=None)
-@given(scenarios(), st.sampled_from([(1000, 1024), (1000, 1024), (1000, 4), (3000, 1)]))
+@given(scenarios, st.sampled_from([(1000, 1024), (1000, 1024), (1000, 4), (3000, 1)]))
 def test_the_c_comparer_does_what_the_reference_does(steps, options):
     """Both fed the same events: the same frames out, in the same order, the same checkpoint
     requests, counters, held frames and connections after every step."""
@@ -723,3 +729,40 @@ def test_the_c_comparer_survives_garbage(steps):
         h.now += 1
     h.comparer.failover()
     assert h.comparer.held == 0 and len(h.released) == sum(h.comparer.counters[f]["released"] for f in FLOW_CLASSES)
+
+
+def test_the_c_api_alone_does_what_the_reference_does(tmp_path):
+    """colo.h's cmp_* from a C program that never starts Python (tests/cmp_driver.c), as the
+    datapath loop calls them: the same frames out, requests, counters and held frames as
+    PyComparer on a batch of random scenarios."""
+    root = Path(__file__).resolve().parent.parent
+    driver = tmp_path / "cmp_driver"
+    libdir = sysconfig.get_config_var("LIBDIR")
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", f"-I{sysconfig.get_paths()['include']}", f"-I{root / 'native'}",
+                    str(root / "tests/cmp_driver.c"), str(root / "native/colo_compare.c"), "-o", str(driver),
+                    f"-L{libdir}", f"-Wl,-rpath,{libdir}", f"-lpython{sys.version_info.major}.{sys.version_info.minor}"],
+                   check=True)
+    rng = random.Random(20261130)
+    records, expected = [], []
+    for _ in range(150):
+        timeout_ms, queue_size = rng.choice([(1000, 1024), (1000, 4), (3000, 1)])
+        now = [100.0]
+        comparer = PyComparer(lambda frame: expected.append("R " + frame.hex()),
+                              lambda reason: expected.append("C " + reason), clock=lambda: now[0],
+                              compare_timeout_ms=timeout_ms, max_queue_size=queue_size)
+        records.append(struct.pack("<cdI", b"n", timeout_ms, queue_size))
+        for step in scenario(rng):
+            op, frame = step[0], step[1] if step[0] in ("primary", "secondary") else b""
+            if op == "tick":
+                now[0] += step[1]
+                continue
+            if op == "scan":
+                expected.append("E %d" % comparer.scan_expired())
+            else:
+                getattr(comparer, op)(*step[1:])
+            counters = " ".join(str(comparer.counters[f][n]) for f in FLOW_CLASSES for n in COUNTERS)
+            expected.append(f"S {comparer.held} {int(comparer.failed_over)} {counters}")
+            code = {"primary": b"p", "secondary": b"s", "scan": b"e", "checkpoint": b"c", "failover": b"f"}[op]
+            records.append(struct.pack("<cdI", code, now[0], len(frame)) + frame)
+    result = subprocess.run([str(driver)], input=b"".join(records), capture_output=True, check=True)
+    assert result.stdout.decode().splitlines() == expected
