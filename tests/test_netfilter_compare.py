@@ -683,7 +683,8 @@ def scenario(rng: random.Random) -> list[tuple]:
                    + [(i + rng.uniform(0, 4), ("secondary", f)) for i, f in enumerate(secondaries)])
     steps = [step for _, step in steps]
     for _ in range(rng.randint(0, 10)):
-        control = rng.choice([("tick", 0.4), ("tick", 1.1), ("scan",), ("scan",), ("checkpoint",), ("failover",)])
+        control = rng.choice([("tick", 0.5), ("tick", 1.0), ("tick", 1.1), ("scan",), ("scan",), ("checkpoint",),
+                              ("failover",)])
         if control[0] != "failover" or rng.random() < 0.3:
             steps.insert(rng.randint(0, len(steps)), control)
     return steps
@@ -697,13 +698,14 @@ def observed(h: Harness) -> tuple:
     return h.take(), list(h.requests), c.counters, c.held, c.failed_over, sorted(c._connections)
 
 
-@settings(max_examples=400, deadline=None)
-@given(scenarios, st.sampled_from([(1000, 1024), (1000, 1024), (1000, 4), (3000, 1)]))
+@settings(max_examples=600, deadline=None)
+@given(scenarios, st.sampled_from([(1000, 1024, ()), (1000, 1024, [("tcp", 443), ("udp", 54)]), (1000, 4, ()),
+                                   (3000, 1, ())]))
 def test_the_c_comparer_does_what_the_reference_does(steps, options):
     """Both fed the same events: the same frames out, in the same order, the same checkpoint
     requests, counters, held frames and connections after every step."""
-    timeout_ms, queue_size = options
-    python, c = (Harness(impl, compare_timeout_ms=timeout_ms, max_queue_size=queue_size)
+    timeout_ms, queue_size, passthrough = options
+    python, c = (Harness(impl, compare_timeout_ms=timeout_ms, max_queue_size=queue_size, passthrough=passthrough)
                  for impl in (PyComparer, _native.Comparer))
     for step in steps:
         for h in (python, c):
