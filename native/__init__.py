@@ -41,3 +41,7 @@ __all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bit
            "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "equal_prefix", "parse_headers",
            "ring_tx_pop", "ring_rx_push", "ring_arm",
            "ring_serve_tap", "bitmap_mark", "bitmap_take", "reference", "IMPLEMENTATION"]
+
+if IMPLEMENTATION == "native":          # the COLO rewriter; its reference is netfilter.rewriter.PyRewriter
+    Rewriter = _impl.Rewriter
+    __all__.append("Rewriter")

@@ -919,7 +919,7 @@ PyMODINIT_FUNC PyInit__native(void)
     if (!array_type)
         return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && colo_compare_register(m) < 0)
+    if (m && (colo_compare_register(m) < 0 || colo_rewrite_register(m) < 0))
         Py_CLEAR(m);
     return m;
 }

@@ -40,12 +40,17 @@ ACKs still need the rewrite), an idle one after ``idle_timeout_s``, both by
 
 Pure logic, no threads, no I/O; one thread at a time may call a Rewriter's methods (the
 wiring serialises the two directions), so nothing here takes a lock.
+
+``PyRewriter`` is the reference; ``Rewriter`` is its C twin (native/colo_rewrite.c, the same
+behaviour, usable without the GIL by the datapath loop) unless ``COLO_NATIVE=0``.
 """
 from __future__ import annotations
 
 import struct
 import time
 from typing import Callable
+
+import native
 
 from .packet import Packet, PacketError, fill_tcp_checksum, parse
 
@@ -82,7 +87,7 @@ def _shift_sack_blocks(buf: bytearray, tcp_start: int, header_length: int, delta
         i += length
 
 
-class Rewriter:
+class PyRewriter:
     """Moves the SVM's TCP sequence numbers into the PVM's space and back (module docstring)."""
 
     def __init__(self, *, idle_timeout_s: float = 3 * 3600, close_linger_s: float = 60,
@@ -185,3 +190,6 @@ class Rewriter:
     def failover(self) -> None:
         """The SVM serves alone now: tracked connections keep their offsets, new ones get none."""
         self.failed_over = True
+
+
+Rewriter = native.Rewriter if native.IMPLEMENTATION == "native" else PyRewriter
