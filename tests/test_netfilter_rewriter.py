@@ -1,5 +1,8 @@
 """netfilter.rewriter: offsets learned and applied on crafted frames; the rewritten frames'
-checksums accepted by the Linux kernel on a veth pair in a network namespace of our own."""
+checksums accepted by the Linux kernel on a veth pair in a network namespace of our own.
+Every test runs on both implementations: PyRewriter (the reference) and the C twin
+(native._native.Rewriter, loaded directly so COLO_NATIVE=0 runs still test it); a
+differential test feeds both the same random events and compares every output."""
 import os
 import select
 import socket
@@ -7,15 +10,18 @@ import struct
 import time
 
 import pytest
-from hypothesis import given, settings
+import native
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyroute2 import NetNS, netns
 
 from appliance.netns import inside
 from netfilter.compare import Comparer
 from netfilter.packet import ACK, FIN, PSH, RST, SYN, parse
-from netfilter.rewriter import Rewriter
-from test_netfilter_packet import CLIENT, GUEST, MALFORMED, arp_frame, pseudo, rfc1071, tcp_frame, udp_frame
+from native import _native
+from netfilter.rewriter import PyRewriter
+from test_netfilter_packet import (CLIENT, GUEST, MALFORMED, arp_frame, ether, icmp_frame, ipv4, pseudo, rfc1071,
+                                   tcp_frame, udp_frame)
 
 PVM_ISN, SVM_ISN, CLIENT_ISN = 0x10000000, 0xFFFFFFF0, 4000
 OFFSET = (PVM_ISN - SVM_ISN) & 0xFFFFFFFF
@@ -45,7 +51,13 @@ class Clock:
         return self.now
 
 
-def learned_server_side(rw: Rewriter) -> None:
+@pytest.fixture(params=[PyRewriter, _native.Rewriter], ids=["py", "c"])
+def new_rewriter(request):
+    """The Rewriter class under test."""
+    return request.param
+
+
+def learned_server_side(rw) -> None:
     """The guest accepts: client SYN, SVM SYN-ACK, client handshake ACK."""
     syn = from_client(0, ack=0, flags=SYN)
     assert rw.to_guest(syn) is syn
@@ -57,8 +69,8 @@ def learned_server_side(rw: Rewriter) -> None:
 
 # ---- learning and rewriting -----------------------------------------------------------------
 
-def test_server_side_learning_and_rewriting():
-    rw = Rewriter()
+def test_server_side_learning_and_rewriting(new_rewriter):
+    rw = new_rewriter()
     learned_server_side(rw)
     key = parse(from_client()).key
     assert rw.offset(key) == OFFSET and rw.counters["learned"] == 1
@@ -71,9 +83,9 @@ def test_server_side_learning_and_rewriting():
     assert rw.counters["to_guest"] == 2 and rw.counters["from_guest"] == 1
 
 
-def test_client_side_learning():
+def test_client_side_learning(new_rewriter):
     """The guest connects: SVM SYN, the server's SYN-ACK acknowledging the PVM's SYN."""
-    rw = Rewriter()
+    rw = new_rewriter()
     server_isn = 9000
     syn = tcp_frame(seq=SVM_ISN, flags=SYN, sport=41000, dport=443)
     assert rw.from_guest(syn) is syn
@@ -84,15 +96,15 @@ def test_client_side_learning():
     assert parse(out).tcp.seq == PVM_ISN + 1 and checksum_ok(out)
 
 
-def test_a_retransmitted_svm_syn_after_learning_is_rewritten():
-    rw = Rewriter()
+def test_a_retransmitted_svm_syn_after_learning_is_rewritten(new_rewriter):
+    rw = new_rewriter()
     learned_server_side(rw)
     again = rw.from_guest(from_svm(SVM_ISN, flags=SYN | ACK))
     assert parse(again).tcp.seq == PVM_ISN and checksum_ok(again)
 
 
-def test_sack_blocks_are_rewritten():
-    rw = Rewriter()
+def test_sack_blocks_are_rewritten(new_rewriter):
+    rw = new_rewriter()
     learned_server_side(rw)
     left, right = PVM_ISN + 1001, PVM_ISN + 2001
     sack = struct.pack("!BBBBII", 1, 1, 5, 10, left, right)
@@ -102,16 +114,16 @@ def test_sack_blocks_are_rewritten():
     assert checksum_ok(frame)
 
 
-def test_unknown_connections_non_tcp_and_malformed_pass_unchanged():
-    rw = Rewriter()
+def test_unknown_connections_non_tcp_and_malformed_pass_unchanged(new_rewriter):
+    rw = new_rewriter()
     for frame in (from_client(1, payload=b"x"), udp_frame(b"dns"), arp_frame(), *MALFORMED.values()):
         assert rw.to_guest(frame) is frame and rw.from_guest(frame) is frame
     assert rw.counters["malformed"] == 2 * len(MALFORMED) and rw.counters["connections"] == 0
 
 
-def test_the_end_to_end_stream_is_equal_for_the_comparer():
+def test_the_end_to_end_stream_is_equal_for_the_comparer(new_rewriter):
     """PVM and SVM with different ISNs, the SVM's frames through the rewriter: all match."""
-    rw, released, requests = Rewriter(), [], []
+    rw, released, requests = new_rewriter(), [], []
     comparer = Comparer(released.append, requests.append)
     comparer.primary(tcp_frame(seq=PVM_ISN, ack=CLIENT_ISN + 1, flags=SYN | ACK))
     comparer.secondary(rw.from_guest(from_svm(SVM_ISN, flags=SYN | ACK)))
@@ -127,8 +139,8 @@ def test_the_end_to_end_stream_is_equal_for_the_comparer():
 
 # ---- lifetime ------------------------------------------------------------------------------
 
-def test_checkpoint_forgets_offsets_and_new_connections_are_learned_afresh():
-    rw = Rewriter()
+def test_checkpoint_forgets_offsets_and_new_connections_are_learned_afresh(new_rewriter):
+    rw = new_rewriter()
     learned_server_side(rw)
     rw.checkpoint()
     same = from_svm(PVM_ISN + 1)                                    # the SVM has the PVM's state now
@@ -139,8 +151,8 @@ def test_checkpoint_forgets_offsets_and_new_connections_are_learned_afresh():
     assert parse(rw.from_guest(tcp_frame(seq=svm_isn + 1, sport=42000, dport=22))).tcp.seq == PVM_ISN + 1
 
 
-def test_mid_handshake_at_a_checkpoint_learns_a_zero_offset():
-    rw = Rewriter()
+def test_mid_handshake_at_a_checkpoint_learns_a_zero_offset(new_rewriter):
+    rw = new_rewriter()
     rw.from_guest(from_svm(SVM_ISN, flags=SYN | ACK))
     rw.checkpoint()                                                 # the SVM took the PVM's SYN-ACK state
     rw.from_guest(from_svm(PVM_ISN, flags=SYN | ACK))               # so it retransmits the PVM's ISN
@@ -148,8 +160,8 @@ def test_mid_handshake_at_a_checkpoint_learns_a_zero_offset():
     assert rw.to_guest(ack) is ack and rw.offset(parse(ack).key) == 0
 
 
-def test_a_new_syn_on_the_same_ports_is_learned_again():
-    rw = Rewriter()
+def test_a_new_syn_on_the_same_ports_is_learned_again(new_rewriter):
+    rw = new_rewriter()
     learned_server_side(rw)
     rw.from_guest(from_svm(123, flags=SYN | ACK))                   # another ISN: a new connection
     assert rw.offset(parse(from_client()).key) is None
@@ -157,8 +169,8 @@ def test_a_new_syn_on_the_same_ports_is_learned_again():
     assert rw.offset(parse(from_client()).key) == (5000 - 123) & 0xFFFFFFFF
 
 
-def test_failover_keeps_old_connections_and_ignores_new_ones():
-    rw = Rewriter()
+def test_failover_keeps_old_connections_and_ignores_new_ones(new_rewriter):
+    rw = new_rewriter()
     learned_server_side(rw)
     rw.failover()
     assert parse(rw.to_guest(from_client(1, payload=b"x"))).tcp.ack == (SVM_ISN + 1) & 0xFFFFFFFF
@@ -168,9 +180,9 @@ def test_failover_keeps_old_connections_and_ignores_new_ones():
     assert rw.to_guest(syn_ack) is syn_ack and rw.counters["connections"] == 1
 
 
-def test_close_and_idle_expiry():
+def test_close_and_idle_expiry(new_rewriter):
     clock = Clock()
-    rw = Rewriter(clock=clock, close_linger_s=60, idle_timeout_s=1000)
+    rw = new_rewriter(clock=clock, close_linger_s=60, idle_timeout_s=1000)
     learned_server_side(rw)
     rw.from_guest(from_svm((SVM_ISN + 1) & 0xFFFFFFFF, ACK | FIN))
     rw.to_guest(from_client(1, ack=PVM_ISN + 2, flags=ACK | FIN))   # FIN both ways
@@ -191,7 +203,7 @@ def test_close_and_idle_expiry():
     assert rw.scan_expired() == 1
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["to_guest", "from_guest", "checkpoint"]),
                           st.one_of(st.binary(max_size=80),
                                     st.builds(lambda seq, ack, flags, payload, options: tcp_frame(
@@ -200,8 +212,8 @@ def test_close_and_idle_expiry():
                                         st.binary(max_size=8), st.sampled_from([b"", b"\x05\x0a" + bytes(8),
                                                                                 b"\x05\xff\x00\x00", b"\x01\x02"])))),
                 max_size=30))
-def test_random_input_never_crashes_and_keeps_checksums_valid(operations):
-    rw = Rewriter()
+def test_random_input_never_crashes_and_keeps_checksums_valid(new_rewriter, operations):
+    rw = new_rewriter()
     for operation, frame in operations:
         if operation == "checkpoint":
             rw.checkpoint()
@@ -210,6 +222,159 @@ def test_random_input_never_crashes_and_keeps_checksums_valid(operations):
         assert len(out) == len(frame)
         if out is not frame:
             assert checksum_ok(out)
+
+
+def test_the_python_api_of_both(new_rewriter):
+    """Keyword-only settings, the same object back when nothing changed, any buffer in and
+    bytes out, offset() only under Packet.key's exact key."""
+    with pytest.raises(TypeError):
+        new_rewriter(10)
+    rw = new_rewriter(idle_timeout_s=7, close_linger_s=3)
+    assert (rw.idle_timeout, rw.close_linger, rw.failed_over) == (7, 3, False)
+    learned_server_side(rw)
+    assert list(rw.counters) == ["to_guest", "from_guest", "learned", "malformed", "connections"]
+    data = bytearray(from_client(1, payload=b"x"))
+    out = rw.to_guest(data)
+    assert type(out) is bytes and parse(out).tcp.ack == (SVM_ISN + 1) & 0xFFFFFFFF and data == from_client(1, payload=b"x")
+    key = parse(from_client()).key
+    reversed_key = (key[0], key[2], key[1])
+    assert rw.offset(key) == OFFSET and rw.offset(reversed_key) is None and rw.offset((17, *key[1:])) is None
+    assert rw.offset("nonsense") is None and rw.offset((6, ("10.9.0.01", 40000), key[2])) is None
+    with pytest.raises(TypeError):
+        rw.offset((6, [], []))                                      # unhashable, as for a dict
+    rw.failover()
+    assert rw.failed_over
+
+
+def test_c_rewriter_reports_a_failing_clock():
+    def broken():
+        raise RuntimeError("clock")
+    rw = _native.Rewriter(clock=broken)
+    with pytest.raises(RuntimeError):
+        rw.scan_expired()
+    with pytest.raises(RuntimeError):
+        rw.from_guest(from_svm(SVM_ISN, flags=SYN | ACK))
+    assert rw.counters["connections"] == 0
+
+
+def test_netfilter_rewriter_picks_the_implementation_in_use():
+    import netfilter.rewriter
+    expected = _native.Rewriter if native.IMPLEMENTATION == "native" else PyRewriter
+    assert netfilter.rewriter.Rewriter is expected
+
+
+# ---- differential: the C twin against the reference -------------------------------------
+
+GUEST_PORTS, CLIENT_PORTS = (80, 41000), (40000, 443)
+KEYS = [parse(tcp_frame(sport=g, dport=c)).key for g in GUEST_PORTS for c in CLIENT_PORTS]
+ISNS = (SVM_ISN, (SVM_ISN + 1) & 0xFFFFFFFF, PVM_ISN, PVM_ISN + 1, 0, 1, 0xFFFFFFFF)
+FLAGS = (SYN, SYN | ACK, ACK, ACK | PSH, ACK | FIN, FIN, RST, RST | ACK, SYN | FIN)
+SACKS = st.builds(lambda blocks, length: struct.pack("!BB", 1, 1) + struct.pack("!BB", 5, length)
+                  + b"".join(struct.pack("!II", *b) for b in blocks)[:max(length - 2, 0)].ljust(max(length - 2, 0), b"\0"),
+                  st.lists(st.tuples(st.sampled_from(ISNS), st.integers(0, 2**32 - 1)), max_size=3),
+                  st.sampled_from([2, 10, 18, 26, 17, 1, 0]))
+OPTIONS = st.one_of(st.just(b""), SACKS, st.sampled_from([b"\x01\x01\x08\x0a" + bytes(8), b"\x05\xff\x00\x00",
+                                                           b"\x00" + bytes(3), b"\x02\x04\x05\xb4"]))
+
+
+def _tcp(into_guest, guest_port, client_port, seq, ack, flags, payload, options, vlan, padding):
+    ends = dict(sport=client_port, dport=guest_port, src=CLIENT, dst=GUEST) if into_guest \
+        else dict(sport=guest_port, dport=client_port, src=GUEST, dst=CLIENT)
+    options = options.ljust(-(-len(options) // 4) * 4, b"\0")[:40]
+    return tcp_frame(seq=seq, ack=ack, flags=flags, payload=payload, options=options, vlan=vlan,
+                     padding=padding, **ends)
+
+
+def _cut_or_flip(frame, cut, where, value):
+    frame = bytearray(frame[:len(frame) - cut])
+    if frame and where is not None:
+        frame[where % len(frame)] = value
+    return bytes(frame)
+
+
+def tcp_frames(into_guest: bool):
+    numbers = st.one_of(st.sampled_from(ISNS), st.integers(0, 2**32 - 1))
+    frames = st.builds(_tcp, st.just(into_guest), st.sampled_from(GUEST_PORTS), st.sampled_from(CLIENT_PORTS),
+                       numbers, numbers, st.one_of(st.sampled_from(FLAGS), st.integers(0, 0xFF)),
+                       st.binary(max_size=9), OPTIONS, st.sampled_from([None, None, None, 7]),
+                       st.sampled_from([b"", b"", bytes(6)]))
+    near_misses = st.builds(_cut_or_flip, frames, st.integers(0, 3), st.one_of(st.none(), st.integers(0, 80)),
+                            st.integers(0, 255))
+    others = st.sampled_from([udp_frame(b"dns"), icmp_frame(8), arp_frame(), ether(ipv4(6, b"tail", flags_offset=185)),
+                              *MALFORMED.values()])
+    return st.one_of(frames, frames, frames, near_misses, others, st.binary(max_size=70))
+
+
+def _handshake(guest_port, client_port, svm_isn, pvm_isn, accepts, then):
+    """The SVM's SYN (or SYN-ACK), the peer's segment acknowledging the PVM's, then maybe the
+    SVM's data, a close by FIN both ways, or a reset."""
+    def frame(into_guest, seq, ack, flags):
+        return ("to_guest" if into_guest else "from_guest",
+                _tcp(into_guest, guest_port, client_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, b"", b"", None, b""))
+    events = [frame(False, svm_isn, 78, SYN | ACK if accepts else SYN),
+              frame(True, 77, pvm_isn + 1, ACK if accepts else SYN | ACK)]
+    if then in ("data", "close"):
+        events.append(frame(False, svm_isn + 1, 78, ACK | PSH))
+    if then == "close":
+        events += [frame(False, svm_isn + 1, 78, ACK | FIN), frame(True, 78, pvm_isn + 2, ACK | FIN)]
+    if then == "reset":
+        events.append(frame(True, 78, pvm_isn + 1, RST | ACK))
+    return events
+
+
+EVENT_STRATEGIES = {
+    "to_guest": st.tuples(st.just("to_guest"), tcp_frames(True)).map(lambda event: [event]),
+    "from_guest": st.tuples(st.just("from_guest"), tcp_frames(False)).map(lambda event: [event]),
+    "handshake": st.builds(_handshake, st.sampled_from(GUEST_PORTS), st.sampled_from(CLIENT_PORTS),
+                           st.sampled_from(ISNS), st.one_of(st.sampled_from(ISNS), st.integers(0, 2**32 - 1)),
+                           st.booleans(), st.sampled_from(["open", "data", "close", "reset"])),
+    "scan_expired": st.sampled_from([0, 1, 4.5, 10, 60, 100]).map(lambda advance: [("scan_expired", advance)]),
+    "checkpoint": st.just([("checkpoint",)]),
+}
+EVENTS = st.lists(st.sampled_from(["to_guest"] * 4 + ["from_guest"] * 4 + ["handshake"] * 2 + ["scan_expired"] * 2 + ["checkpoint"])
+                  .flatmap(EVENT_STRATEGIES.__getitem__), max_size=40).map(lambda lists: sum(lists, []))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(EVENTS, st.integers(0, 80))
+def test_c_rewriter_matches_the_reference(events, failover_at):
+    """The same events into both (failover once, maybe): the same bytes (and the same object
+    when unchanged), the same expiries, counters and offsets after every step."""
+    clock = Clock()
+    py, c = (cls(idle_timeout_s=100, close_linger_s=10.0, clock=clock) for cls in (PyRewriter, _native.Rewriter))
+    events.insert(failover_at, ("failover",))
+    for event in events:
+        name = event[0]
+        if name in ("to_guest", "from_guest"):
+            frame = event[1]
+            expected, got = getattr(py, name)(frame), getattr(c, name)(frame)
+            assert got == expected and (got is frame) == (expected is frame)
+        elif name == "scan_expired":
+            clock.now += event[1]
+            assert c.scan_expired() == py.scan_expired()
+        else:
+            getattr(py, name)()
+            getattr(c, name)()
+        assert c.counters == py.counters and c.failed_over == py.failed_over
+        for key in KEYS:
+            assert c.offset(key) == py.offset(key)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.one_of(st.binary(max_size=120), tcp_frames(True), tcp_frames(False))),
+                max_size=12))
+def test_random_garbage_never_crashes_the_c_rewriter(frames):
+    """Learned connections on every port pair, then garbage both ways: no crash, the length
+    kept (AddressSanitizer runs of this test found nothing; see the report)."""
+    rw = _native.Rewriter()
+    for g in GUEST_PORTS:
+        for c in CLIENT_PORTS:
+            rw.from_guest(tcp_frame(seq=SVM_ISN, flags=SYN | ACK, sport=g, dport=c))
+            rw.to_guest(tcp_frame(seq=1, ack=PVM_ISN + 1, sport=c, dport=g, src=CLIENT, dst=GUEST))
+    for into_guest, frame in frames:
+        out = rw.to_guest(frame) if into_guest else rw.from_guest(frame)
+        assert len(out) == len(frame)
+    assert rw.scan_expired() == 0
 
 
 # ---- the kernel checks the checksums -----------------------------------------------------------
@@ -283,12 +448,12 @@ def corrupted(frame: bytes) -> bytes:
 
 
 @pytest.mark.netns
-def test_kernel_accepts_frames_rewritten_into_the_svm(veth):
+def test_kernel_accepts_frames_rewritten_into_the_svm(new_rewriter, veth):
     """The guest accepts: the kernel plays the SVM.  The client's handshake ACK and data,
     rewritten by to_guest (ack -= offset), open the connection and deliver the data; the
     same data segment with a corrupted checksum gets no answer."""
     name, raw, far_ip, near_ip, far_mac = veth
-    wire, rw = Wire(raw, far_ip, near_ip, far_mac), Rewriter()
+    wire, rw = Wire(raw, far_ip, near_ip, far_mac), new_rewriter()
     with inside(name):
         listener = socket.create_server((far_ip, 0))
     port, client_isn, sport = listener.getsockname()[1], 1000, 40001
@@ -325,12 +490,12 @@ def test_kernel_accepts_frames_rewritten_into_the_svm(veth):
 
 
 @pytest.mark.netns
-def test_kernel_accepts_frames_rewritten_out_of_the_svm(veth):
+def test_kernel_accepts_frames_rewritten_out_of_the_svm(new_rewriter, veth):
     """The guest connects: the kernel plays the server the PVM talks to.  The SVM's SYN
     retransmit and data, rewritten by from_guest (seq += offset), are answered and delivered;
     corrupted, they are not."""
     name, raw, far_ip, near_ip, far_mac = veth
-    wire, rw = Wire(raw, far_ip, near_ip, far_mac), Rewriter()
+    wire, rw = Wire(raw, far_ip, near_ip, far_mac), new_rewriter()
     with inside(name):
         listener = socket.create_server((far_ip, 0))
     port, sport, pvm_isn, svm_isn = listener.getsockname()[1], 40002, 0x7FFFFFF0, 0xFFFFFF00
