@@ -269,12 +269,12 @@ GUEST_PORTS, CLIENT_PORTS = (80, 41000), (40000, 443)
 KEYS = [parse(tcp_frame(sport=g, dport=c)).key for g in GUEST_PORTS for c in CLIENT_PORTS]
 ISNS = (SVM_ISN, (SVM_ISN + 1) & 0xFFFFFFFF, PVM_ISN, PVM_ISN + 1, 0, 1, 0xFFFFFFFF)
 FLAGS = (SYN, SYN | ACK, ACK, ACK | PSH, ACK | FIN, FIN, RST, RST | ACK, SYN | FIN)
-SACKS = st.builds(lambda blocks, length: struct.pack("!BB", 1, 1) + struct.pack("!BB", 5, length)
-                  + b"".join(struct.pack("!II", *b) for b in blocks)[:max(length - 2, 0)].ljust(max(length - 2, 0), b"\0"),
-                  st.lists(st.tuples(st.sampled_from(ISNS), st.integers(0, 2**32 - 1)), max_size=3),
-                  st.sampled_from([2, 10, 18, 26, 17, 1, 0]))
-OPTIONS = st.one_of(st.just(b""), SACKS, st.sampled_from([b"\x01\x01\x08\x0a" + bytes(8), b"\x05\xff\x00\x00",
-                                                           b"\x00" + bytes(3), b"\x02\x04\x05\xb4"]))
+SACKS = st.builds(lambda nops, blocks, length: b"\x01" * nops + struct.pack("!BB", 5, length)
+                  + b"".join(struct.pack("!II", *block) for block in blocks),       # the length may lie
+                  st.integers(0, 3), st.lists(st.tuples(st.sampled_from(ISNS), st.integers(0, 2**32 - 1)), max_size=3),
+                  st.one_of(st.sampled_from([2, 10, 18, 26]), st.integers(0, 40)))
+OPTIONS = st.lists(st.one_of(SACKS, st.sampled_from([b"\x08\x0a" + bytes(8), b"\x00", b"\x02\x04\x05\xb4", b"\x01",
+                                                     b"\x03\x01", b"\x04"])), max_size=3).map(b"".join)
 
 
 def _tcp(into_guest, guest_port, client_port, seq, ack, flags, payload, options, vlan, padding):
@@ -305,18 +305,21 @@ def tcp_frames(into_guest: bool):
     return st.one_of(frames, frames, frames, near_misses, others, st.binary(max_size=70))
 
 
-def _handshake(guest_port, client_port, svm_isn, pvm_isn, accepts, then):
+def _handshake(guest_port, client_port, svm_isn, pvm_isn, accepts, then, options):
     """The SVM's SYN (or SYN-ACK), the peer's segment acknowledging the PVM's, then maybe the
-    SVM's data, a close by FIN both ways, or a reset."""
-    def frame(into_guest, seq, ack, flags):
+    SVM's data, the peer's ACK with options (SACK mostly), a close by FIN both ways, or a reset."""
+    def frame(into_guest, seq, ack, flags, options=b""):
         return ("to_guest" if into_guest else "from_guest",
-                _tcp(into_guest, guest_port, client_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, b"", b"", None, b""))
+                _tcp(into_guest, guest_port, client_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, b"", options,
+                     None, b""))
     events = [frame(False, svm_isn, 78, SYN | ACK if accepts else SYN),
               frame(True, 77, pvm_isn + 1, ACK if accepts else SYN | ACK)]
     if then in ("data", "close"):
         events.append(frame(False, svm_isn + 1, 78, ACK | PSH))
     if then == "close":
         events += [frame(False, svm_isn + 1, 78, ACK | FIN), frame(True, 78, pvm_isn + 2, ACK | FIN)]
+    if then == "options":
+        events.append(frame(True, 78, pvm_isn + 1, ACK, options))
     if then == "reset":
         events.append(frame(True, 78, pvm_isn + 1, RST | ACK))
     return events
@@ -327,7 +330,7 @@ EVENT_STRATEGIES = {
     "from_guest": st.tuples(st.just("from_guest"), tcp_frames(False)).map(lambda event: [event]),
     "handshake": st.builds(_handshake, st.sampled_from(GUEST_PORTS), st.sampled_from(CLIENT_PORTS),
                            st.sampled_from(ISNS), st.one_of(st.sampled_from(ISNS), st.integers(0, 2**32 - 1)),
-                           st.booleans(), st.sampled_from(["open", "data", "close", "reset"])),
+                           st.booleans(), st.sampled_from(["open", "data", "options", "options", "close", "reset"]), OPTIONS),
     "scan_expired": st.sampled_from([0, 1, 4.5, 10, 60, 100]).map(lambda advance: [("scan_expired", advance)]),
     "checkpoint": st.just([("checkpoint",)]),
 }
