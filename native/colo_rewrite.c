@@ -77,15 +77,26 @@ static size_t bucket_of(const rewriter *r, const ends *e)
     return (size_t)h & (r->n_buckets - 1);
 }
 
+static int same_ends(const connection *c, const ends *e)
+{
+    return c->ip_lo == e->ip_lo && c->ip_hi == e->ip_hi && c->port_lo == e->port_lo && c->port_hi == e->port_hi;
+}
+
+static connection *find(const rewriter *r, const ends *e)
+{
+    connection *c = r->buckets[bucket_of(r, e)];
+    while (c && !same_ends(c, e))
+        c = c->next;
+    return c;
+}
+
+/* The link that points at the connection, or the NULL at the end of its chain. */
 static connection **find_link(rewriter *r, const ends *e)
 {
     connection **link = &r->buckets[bucket_of(r, e)];
-    for (; *link; link = &(*link)->next) {
-        connection *c = *link;
-        if (c->ip_lo == e->ip_lo && c->ip_hi == e->ip_hi && c->port_lo == e->port_lo && c->port_hi == e->port_hi)
-            return link;
-    }
-    return link;                    /* where a new entry would go: *link is NULL */
+    while (*link && !same_ends(*link, e))
+        link = &(*link)->next;
+    return link;
 }
 
 /* Doubles the bucket array; on no memory the old one stays (chains just get longer). */
@@ -203,7 +214,7 @@ int rw_to_guest(rewriter *r, uint8_t *frame, size_t len, double now)
     if (!parse_tcp(r, frame, len, &k))
         return 0;
     ends e = ends_of(k.src, k.sport, k.dst, k.dport);
-    connection *c = *find_link(r, &e);
+    connection *c = find(r, &e);
     if (!c)
         return 0;
     c->last_seen = now;
@@ -248,14 +259,15 @@ int rw_from_guest(rewriter *r, uint8_t *frame, size_t len, double now)
             c = malloc(sizeof *c);
             if (!c)                 /* no memory: untracked, so never rewritten */
                 return 0;
-            *c = (connection){.ip_lo = e.ip_lo, .ip_hi = e.ip_hi, .port_lo = e.port_lo, .port_hi = e.port_hi};
+            c->next = NULL;
             *link = c;
-            if (++r->count > r->n_buckets)
-                grow(r);
+            r->count++;
         }
-        connection *next = c->next;
-        *c = (connection){.next = next, .ip_lo = e.ip_lo, .ip_hi = e.ip_hi, .port_lo = e.port_lo,
+        /* Tracked from this SYN on, learned afresh (Python replaces its _Tracked). */
+        *c = (connection){.next = c->next, .ip_lo = e.ip_lo, .ip_hi = e.ip_hi, .port_lo = e.port_lo,
                           .port_hi = e.port_hi, .svm_isn = k.seq, .last_seen = now};
+        if (r->count > r->n_buckets)
+            grow(r);
         return 0;
     }
     if (!c)
@@ -300,7 +312,7 @@ const uint64_t *rw_counters(const rewriter *r) { return r->counters; }
 int rw_offset(const rewriter *r, uint32_t ip_a, unsigned port_a, uint32_t ip_b, unsigned port_b, uint32_t *offset)
 {
     ends e = ends_of(ip_a, port_a, ip_b, port_b);
-    const connection *c = *find_link((rewriter *)r, &e);
+    const connection *c = find(r, &e);
     if (!c || !c->learned)
         return 0;
     *offset = c->offset;
@@ -515,7 +527,8 @@ static int Rewriter_set_timeout(RewriterObject *self, PyObject *value, void *clo
 }
 
 static PyMethodDef Rewriter_methods[] = {
-    {"to_guest", (PyCFunction)Rewriter_to_guest, METH_O, "A peer's frame for the SVM: ack (and SACK blocks) -= offset."},
+    {"to_guest", (PyCFunction)Rewriter_to_guest, METH_O,
+     "A peer's frame for the SVM: ack (and SACK blocks) -= offset."},
     {"from_guest", (PyCFunction)Rewriter_from_guest, METH_O,
      "An SVM frame for the comparer (or, after failover, the peer): seq += offset."},
     {"scan_expired", (PyCFunction)Rewriter_scan_expired, METH_NOARGS,
@@ -533,7 +546,8 @@ static PyGetSetDef Rewriter_getset[] = {
     {"counters", (getter)Rewriter_get_counters, NULL,
      "Frames rewritten each way, offsets learned, malformed frames passed, connections tracked.", NULL},
     {"failed_over", (getter)Rewriter_get_failed_over, NULL, "failover() was called.", NULL},
-    {"idle_timeout", (getter)Rewriter_get_timeout, (setter)Rewriter_set_timeout, "Seconds idle before forgotten.", NULL},
+    {"idle_timeout", (getter)Rewriter_get_timeout, (setter)Rewriter_set_timeout,
+     "Seconds idle before forgotten.", NULL},
     {"close_linger", (getter)Rewriter_get_timeout, (setter)Rewriter_set_timeout,
      "Seconds kept after closing.", (void *)1},
     {NULL, NULL, NULL, NULL, NULL},
