@@ -567,6 +567,15 @@ static PyTypeObject RewriterType = {
     .tp_getset = Rewriter_getset,
 };
 
+rewriter *colo_rewriter_of(PyObject *object)
+{
+    if (!PyObject_TypeCheck(object, &RewriterType)) {
+        PyErr_Format(PyExc_TypeError, "a native.Rewriter is needed, not %.100s", Py_TYPE(object)->tp_name);
+        return NULL;
+    }
+    return ((RewriterObject *)object)->rw;
+}
+
 int colo_rewrite_register(PyObject *module)
 {
     PyObject *time_module = PyImport_ImportModule("time");

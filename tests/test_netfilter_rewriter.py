@@ -3,6 +3,7 @@ checksums accepted by the Linux kernel on a veth pair in a network namespace of 
 Every test runs on both implementations: PyRewriter (the reference) and the C twin
 (native._native.Rewriter, loaded directly so COLO_NATIVE=0 runs still test it); a
 differential test feeds both the same random events and compares every output."""
+import ctypes
 import os
 import select
 import socket
@@ -262,6 +263,28 @@ def test_netfilter_rewriter_picks_the_implementation_in_use():
     import netfilter.rewriter
     expected = _native.Rewriter if native.IMPLEMENTATION == "native" else PyRewriter
     assert netfilter.rewriter.Rewriter is expected
+
+
+def test_c_api_works_on_the_python_objects_state_without_the_gil():
+    """The datapath loop's view: colo_rewriter_of() gives the rewriter inside a native.Rewriter,
+    and rw_from_guest (called through ctypes.CDLL, so without the GIL) rewrites a buffer in
+    place, counted where the Python side reads it."""
+    rw = _native.Rewriter()
+    learned_server_side(rw)
+    with_gil, without_gil = ctypes.PyDLL(_native.__file__), ctypes.CDLL(_native.__file__)
+    with_gil.colo_rewriter_of.restype = ctypes.c_void_p
+    with_gil.colo_rewriter_of.argtypes = [ctypes.py_object]
+    handle = ctypes.c_void_p(with_gil.colo_rewriter_of(rw))
+    with pytest.raises(TypeError):
+        with_gil.colo_rewriter_of(PyRewriter())
+    without_gil.rw_from_guest.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_double]
+    without_gil.rw_connections.restype = ctypes.c_size_t
+    without_gil.rw_connections.argtypes = [ctypes.c_void_p]
+    frame = from_svm((SVM_ISN + 1) & 0xFFFFFFFF, ACK | PSH, b"reply")
+    buffer = ctypes.create_string_buffer(frame, len(frame))
+    assert without_gil.rw_from_guest(handle, buffer, len(frame), 0.0) == 1
+    assert buffer.raw == rw.from_guest(frame) and rw.counters["from_guest"] == 2
+    assert without_gil.rw_connections(handle) == rw.counters["connections"] == 1
 
 
 # ---- differential: the C twin against the reference -------------------------------------
