@@ -15,7 +15,7 @@ import threading
 import time
 
 from netfilter.channel import ChannelError, PacketChannel
-from netfilter.primary import PrimaryFilters
+from netfilter.primary import NativePrimaryFilters, PrimaryFilters, make_primary_filters
 from replication import stream
 from replication.source import bitmap_runs, describe
 from replication.transport import TransportError
@@ -41,7 +41,7 @@ class ColoPrimary(ColoSession):
         self.writer = source.writer             # pages onto the connection, the digest of what was sent
         self.migration_stats = source.stats     # query-migrate's figures go on counting in state colo
         self.steps = protocol.Steps("primary", self.channel)
-        self.filters: PrimaryFilters | None = None
+        self.filters: PrimaryFilters | NativePrimaryFilters | None = None
         self.tell_secondary: str | None = None   # the ABORT message for a secondary that is alive
         self.local_error: str | None = None      # this node failed: its guest must stay stopped
         self._requested: str | None = None
@@ -71,8 +71,8 @@ class ColoPrimary(ColoSession):
             self.start_heartbeat(peer_port, peer_key)
             if self.vm.nic is not None and packet_port:
                 packets = PacketChannel.connect(self.peer_address, packet_port, tls=self.channel.tls)
-                self.filters = PrimaryFilters(self.vm.nic, packets,
-                                              self.manager.netfilter, self.request_mismatch, self.peer_lost)
+                self.filters = make_primary_filters(self.vm.nic, packets, self.manager.netfilter,
+                                                    self.request_mismatch, self.peer_lost)
                 self.filters.start()
                 # What the PVM read before the mirror was up never reached the SVM: the first
                 # checkpoint comes at once, so the pair is in step before the first failover can be.

@@ -16,7 +16,7 @@ import time
 from appliance.vmm.devices import QueueBackend
 from appliance.vmm.errors import StateFileError
 from netfilter.channel import ChannelError, PacketChannel
-from netfilter.secondary import SecondaryFilters
+from netfilter.secondary import NativeSecondaryFilters, SecondaryFilters, make_secondary_filters
 from replication import stream
 from replication.transport import TransportError
 
@@ -39,7 +39,7 @@ class ColoSecondary(ColoSession):
         _, self.ram_size, ram_fd, self.svm_ram = self.vm.ram_regions()[0]
         self.cache = ColoCache(ram_fd, self.svm_ram, self.ram_size)
         self.steps = protocol.Steps("secondary", channel)
-        self.filters: SecondaryFilters | None = None
+        self.filters: SecondaryFilters | NativeSecondaryFilters | None = None
         self.received: list | None = None     # device sections of a whole checkpoint not yet loaded
         self.packet_listener: socket.socket | None = None
         self.planned_exit = False              # the primary left COLO, or we refused its checkpoint
@@ -82,7 +82,7 @@ class ColoSecondary(ColoSession):
                     raise protocol.ColoProtocolError(str(e)) from e
                 finally:
                     self._close_listener()
-                self.filters = SecondaryFilters(self.vm.nic, channel, self.peer_lost)
+                self.filters = make_secondary_filters(self.vm.nic, channel, self.peer_lost)
                 self.filters.start()
             while not self.stopping.is_set():
                 kind = self.channel.read_exact(1)[0]

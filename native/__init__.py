@@ -34,14 +34,17 @@ ring_arm = _impl.ring_arm
 ring_serve_tap = _impl.ring_serve_tap
 bitmap_mark = _impl.bitmap_mark
 bitmap_take = _impl.bitmap_take
-if IMPLEMENTATION == "native":
-    Comparer = _impl.Comparer     # the reference is netfilter.compare.PyComparer
 
 __all__ = ["zero_pages", "changed_pages", "xbzrle_encode", "xbzrle_decode", "bitmap_pages",
            "bitmap_count", "bitmap_runs", "gather_pages", "scatter_pages", "copy_pages", "equal_prefix", "parse_headers",
            "ring_tx_pop", "ring_rx_push", "ring_arm",
            "ring_serve_tap", "bitmap_mark", "bitmap_take", "reference", "IMPLEMENTATION"]
 
-if IMPLEMENTATION == "native":          # the COLO rewriter; its reference is netfilter.rewriter.PyRewriter
+if IMPLEMENTATION == "native":
+    # The COLO network layer.  References: netfilter.compare.PyComparer, netfilter.rewriter.PyRewriter,
+    # and for the datapath (native/colo_path.c) the threads of netfilter.primary and netfilter.secondary.
+    Comparer = _impl.Comparer
     Rewriter = _impl.Rewriter
-    __all__.append("Rewriter")
+    ColoPrimary = _impl.ColoPrimary
+    ColoSecondary = _impl.ColoSecondary
+    __all__ += ["Comparer", "Rewriter", "ColoPrimary", "ColoSecondary"]

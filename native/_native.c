@@ -835,6 +835,7 @@ other:
 }
 
 #include "rings.h"
+#include "colo.h"
 
 static PyObject *bitmap_mark(PyObject *self, PyObject *args)
 {
@@ -919,7 +920,7 @@ PyMODINIT_FUNC PyInit__native(void)
     if (!array_type)
         return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && (colo_compare_register(m) < 0 || colo_rewrite_register(m) < 0))
+    if (m && (colo_compare_register(m) < 0 || colo_rewrite_register(m) < 0 || colo_path_register(m) < 0))
         Py_CLEAR(m);
     return m;
 }

@@ -18,6 +18,7 @@
 #include <Python.h>
 int colo_compare_register(PyObject *module);
 int colo_rewrite_register(PyObject *module);
+int colo_path_register(PyObject *module);           /* native/colo_path.c: ColoPrimary, ColoSecondary */
 
 /* --- comparer (native/colo_compare.c) ------------------------------------------------ */
 

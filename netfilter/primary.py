@@ -7,6 +7,10 @@
     compare inbox ──► comparer thread: Comparer ──► release ──► tap
                                           └─► mismatch/timeout ──► COLO checkpoint request
 
+That is the Python twin.  With the native build, the NIC on its bare tap and a plaintext
+channel (Python's ssl drives TLS), make_primary_filters gives NativePrimaryFilters: the
+same layer run by the PVM's NIC thread in C (native/colo_path.c), no thread of its own.
+
 Only the comparer thread touches the Comparer; everything reaches it through its
 inbox, in order.  A checkpoint puts a marker there: held PVM frames are released,
 SVM frames dropped, and SVM frames from before the checkpoint (an older epoch)
@@ -16,17 +20,23 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from typing import Callable
 
+import native
+from appliance.vmm.devices import TapBackend
+
 from .channel import PacketChannel, guarded
-from .compare import Comparer
+from .compare import FLOW_CLASSES, Comparer
 from .settings import NetfilterSettings
 
 log = logging.getLogger(__name__)
 MIRROR_QUEUE = 4096          # client frames waiting to be mirrored; beyond, dropped and counted
 BURST = 64                   # frames in one write to the packet channel
+MIRROR_LIMIT = 4 << 20       # bytes of client frames the native mirror buffers; beyond, dropped and counted
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 
 
 class MirroringBackend:
@@ -165,3 +175,92 @@ class PrimaryFilters:
                 if item[0] == "failover":
                     self.comparer.failover()
                 return
+
+
+def make_primary_filters(nic, channel: PacketChannel, settings: NetfilterSettings,
+                         request_checkpoint: Callable[[str], None], on_lost: Callable[[str], None]):
+    """The datapath in C when it can run it (module docstring), else the Python threads."""
+    plaintext = not any(isinstance(sock, ssl.SSLSocket) for sock in (channel.outbound, channel.inbound))
+    if native.IMPLEMENTATION == "native" and plaintext and type(nic.backend) is TapBackend:
+        return NativePrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
+    return PrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
+
+
+class NativeMirroringBackend:
+    """The PVM's NIC backend with the datapath in C: serve_rings runs it on the NIC thread and
+    passes on what the comparer asked for and a broken channel.  The NicBackend calls are a
+    Python pass's way in (injected frames or a hook on the NIC), through the same path."""
+
+    def __init__(self, tap: TapBackend, path, request_checkpoint: Callable[[str], None],
+                 on_lost: Callable[[str], None]):
+        self.tap = tap
+        self.path = path
+        self.request_checkpoint = request_checkpoint
+        self.on_lost = on_lost
+
+    def serve_rings(self, *ring_args):
+        result = self.path.serve(*ring_args)
+        if (reason := self.path.take_request()) is not None:
+            self.request_checkpoint(reason)
+        if (why := self.path.take_lost()) is not None:
+            self.on_lost(why)
+        return result
+
+    def wait_fds(self) -> list[int]:
+        return self.tap.wait_fds()
+
+    def receive(self) -> bytes | None:
+        frame = self.tap.receive()
+        if frame is not None:
+            self.path.mirror(frame)
+        return frame
+
+    def transmit(self, frame: bytes) -> bool:
+        self.path.compare(frame)
+        return True
+
+    def close(self) -> None:
+        """The tap stays with the NIC."""
+
+
+class NativePrimaryFilters:
+    """PrimaryFilters' job with the datapath in C (native.ColoPrimary)."""
+
+    def __init__(self, nic, channel: PacketChannel, settings: NetfilterSettings,
+                 request_checkpoint: Callable[[str], None], on_lost: Callable[[str], None]):
+        self.nic = nic
+        self.tap = nic.backend
+        self.channel = channel
+        self.on_lost = on_lost
+        self._stopping = threading.Event()
+        self.path = native.ColoPrimary(
+            self.tap.fd, channel.outbound.fileno(), channel.inbound.fileno(),
+            compare_timeout_ms=settings.compare_timeout_ms, max_queue_size=settings.max_queue_size,
+            passthrough=[(PROTOCOL_NUMBERS[protocol.lower()], port) for protocol, port in settings.passthrough],
+            expired_scan_cycle_ms=settings.expired_scan_cycle_ms, mirror_limit=MIRROR_LIMIT)
+        self._backend = NativeMirroringBackend(self.tap, self.path, request_checkpoint, self._lost)
+
+    def start(self) -> None:
+        self.nic.attach(self._backend)
+
+    def checkpoint(self, epoch: int) -> None:
+        """As PrimaryFilters.checkpoint: the PVM, and so the NIC thread, is stopped."""
+        self.path.checkpoint(epoch)
+
+    def stop(self, release: bool = True) -> None:
+        """As PrimaryFilters.stop.  Once attach() returns the NIC thread is out of the path, so
+        the channel's sockets can close under nobody."""
+        self.nic.attach(self.tap)
+        self._stopping.set()
+        self.channel.close()
+        if release:
+            self.path.failover()
+
+    def counters(self) -> dict:
+        counters = self.path.counters()
+        return {**{flow: counters.pop(flow) for flow in FLOW_CLASSES}, "channel": self.channel.endpoints,
+                **counters}
+
+    def _lost(self, why: str) -> None:
+        if not self._stopping.is_set():
+            self.on_lost(why)

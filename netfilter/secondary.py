@@ -11,16 +11,23 @@ number and the rewriter's offsets reset; what the SVM sent before carries the
 older epoch and is dropped unrewritten by the sender thread.  At failover the tap comes
 back behind a RewritingBackend, so connections whose sequence numbers were
 offset keep working for as long as they live.
+
+That is the Python twin.  With the native build and a plaintext channel (Python's ssl
+drives TLS), make_secondary_filters gives NativeSecondaryFilters: the redirector and the
+rewriter run by the SVM's NIC thread in C (native/colo_path.c), no thread of their own;
+SVM frames the channel cannot take yet wait in the guest's TX ring.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import ssl
 import threading
 import time
 from typing import Callable
 
+import native
 from appliance.vmm.devices import QueueBackend
 
 from .channel import PacketChannel, guarded
@@ -30,6 +37,7 @@ from .rewriter import Rewriter
 log = logging.getLogger(__name__)
 TX_QUEUE = 4096             # SVM frames waiting for the sender thread
 BURST = 64                  # frames in one write to the packet channel
+OUT_LIMIT = 4 << 20         # bytes of SVM frames the native path buffers for the channel
 SCAN_EVERY = 10.0           # seconds between the rewriter's sweeps of closed and idle connections
 # A test hook: the SVM's Nth TCP segment with data leaves with its last byte changed, as if
 # the SVM had diverged, so tests can show the comparer catching it (0: never).
@@ -194,6 +202,80 @@ class SecondaryFilters:
         log.warning("test hook: the SVM's TCP segment %d diverges", DIVERGE_AT)
         last = packet.ip_offset + packet.total_length - 1          # the segment's last data byte
         return fix_checksums(frame[:last] + bytes([frame[last] ^ 0x20]) + frame[last + 1:])
+
+    def _lost(self, why: str) -> None:
+        if not self._stopping.is_set():
+            self.on_lost(why)
+
+
+def make_secondary_filters(nic, channel: PacketChannel, on_lost: Callable[[str], None]):
+    """The datapath in C when it can run it (module docstring), else the Python threads."""
+    plaintext = not any(isinstance(sock, ssl.SSLSocket) for sock in (channel.outbound, channel.inbound))
+    if native.IMPLEMENTATION == "native" and plaintext:
+        return NativeSecondaryFilters(nic, channel, on_lost)
+    return SecondaryFilters(nic, channel, on_lost)
+
+
+class NativeRedirectingBackend:
+    """The SVM's NIC backend with the datapath in C: serve_rings runs it on the NIC thread and
+    passes on a broken channel.  The NicBackend calls are a Python pass's way in."""
+
+    def __init__(self, path, on_lost: Callable[[str], None]):
+        self.path = path
+        self.on_lost = on_lost
+
+    def serve_rings(self, *ring_args):
+        result = self.path.serve(*ring_args)
+        if (why := self.path.take_lost()) is not None:
+            self.on_lost(why)
+        return result
+
+    def wait_fds(self) -> list[int]:
+        return []
+
+    def receive(self) -> bytes | None:
+        return None                 # client frames reach the SVM in serve_rings only
+
+    def transmit(self, frame: bytes) -> bool:
+        return self.path.send(frame)
+
+    def close(self) -> None:
+        """The path goes with the filters."""
+
+
+class NativeSecondaryFilters:
+    """SecondaryFilters' job with the datapath in C (native.ColoSecondary)."""
+
+    def __init__(self, nic, channel: PacketChannel, on_lost: Callable[[str], None]):
+        self.nic = nic
+        self.channel = channel
+        self.on_lost = on_lost
+        self.rewriter = Rewriter()
+        self._stopping = threading.Event()
+        self.path = native.ColoSecondary(channel.inbound.fileno(), channel.outbound.fileno(), self.rewriter,
+                                         out_limit=OUT_LIMIT, diverge_at=DIVERGE_AT)
+
+    def start(self) -> None:
+        self.nic.attach(NativeRedirectingBackend(self.path, self._lost)).close()
+
+    def checkpoint(self, epoch: int) -> None:
+        """As SecondaryFilters.checkpoint: the SVM, and so the NIC thread, is stopped."""
+        self.path.checkpoint(epoch)
+
+    def stop(self, takeover: bool) -> None:
+        """As SecondaryFilters.stop.  Once the first attach() returns the NIC thread is out of
+        the path: the channel's sockets close under nobody, and the rewriter is this thread's."""
+        self._stopping.set()
+        detached = QueueBackend()
+        self.nic.attach(detached)
+        self.channel.close()
+        if takeover:
+            self.rewriter.failover()
+            self.nic.attach(RewritingBackend(self.nic.tap_backend, self.rewriter))
+            detached.close()
+
+    def counters(self) -> dict:
+        return {**self.rewriter.counters, "channel": self.channel.endpoints, **self.path.counters()}
 
     def _lost(self, why: str) -> None:
         if not self._stopping.is_set():

@@ -26,7 +26,7 @@ kernel queue is not).  Frames in the guest's rings are in guest RAM, and the
 ring registers (where the rings are, the host's two indexes) in NicState.
 
 Threads: the NIC thread calls wait(), read_frame(), write_frame() and
-tap_fast_path(), each of its passes inside io_pass(); the rest may be called
+native_backend(), each of its passes inside io_pass(); the rest may be called
 from any thread.  Frames cross threads through queues (injected frames, a
 QueueBackend's queues, the tap), never by a call into the NIC thread; an
 eventfd wakes the NIC thread's wait().  Backend calls happen under the NIC's
@@ -51,6 +51,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import native
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -204,6 +205,12 @@ class TapBackend:
     @property
     def fd(self) -> int:
         return self._fd
+
+    def serve_rings(self, ram, dirty, ctrl, tx_ring, tx_size, rx_ring, rx_size, tx_cons, rx_used, *wakeups):
+        """The NIC thread's native loop, frames straight between the rings and the tap
+        (native.ring_serve_tap; the arguments are its own, less the tap)."""
+        return native.ring_serve_tap(ram, dirty, ctrl, tx_ring, tx_size, rx_ring, rx_size, tx_cons, rx_used,
+                                     self._fd, *wakeups)
 
     def wait_fds(self) -> list[int]:
         return [self._fd]
@@ -393,12 +400,12 @@ class Nic:
         """The NIC thread holds this while it moves frames, so attach() can wait for it."""
         return self._io_lock
 
-    def tap_fast_path(self) -> int | None:
-        """The tap's fd when frames may go straight between it and the rings: the tap is
-        attached, no hook looks at frames and no injected frame waits to go first."""
+    def native_backend(self):
+        """The attached backend when it moves frames to and from the rings itself, in C
+        (serve_rings): it can, no hook looks at frames and no injected frame waits to go first."""
         with self._lock:
-            if self._backend is self.tap_backend and self._hook is None and not self.state.injected:
-                return self.tap_backend.fd
+            if hasattr(self._backend, "serve_rings") and self._hook is None and not self.state.injected:
+                return self._backend
         return None
 
     def wait(self, other_fds: list[int], timeout: float, rx: bool = True) -> bool:

@@ -3,8 +3,9 @@ rings in guest RAM and the NIC (its backend, hook and injected frames), off the 
 
     guest (vCPU)              guest RAM                         NIC thread
     ------------              ---------                         ----------
-    plat_net_write: fill slot, tx_prod++  --> TX ring -->  ring_serve_tap: tap write() / readv()
-      outl doorbell if tx_notify (ioeventfd: no exit)        (C, no GIL) while the bare tap is attached;
+    plat_net_write: fill slot, tx_prod++  --> TX ring -->  backend.serve_rings: tap write() / readv()
+      outl doorbell if tx_notify (ioeventfd: no exit)        (C, no GIL) while the bare tap or the COLO
+                                                             datapath (native/colo_path.c) is attached;
     plat_net_read: rx_cons++, rx_avail++  <-- RX ring <--  else ring_tx_pop + Nic.write_frame and
       outl doorbell if rx_notify                             Nic.read_frame + ring_rx_push
     plat_poll: nothing in the RX ring: HC_POLL (one exit) <-- rx_ready_fd after a publish
@@ -166,7 +167,7 @@ class NicRings:
                     pass
                 return
             self.nic.clear_event()
-            if self._tap_loop():
+            if self._native_loop():
                 continue
             moved = self._tx_pass(_BATCH) + self._rx_pass(_BATCH)
             if moved:
@@ -174,20 +175,21 @@ class NicRings:
                 continue
             self._sleep()
 
-    def _tap_loop(self) -> bool:
-        """While the tap is attached and nothing else looks at frames: the native loop,
-        which returns on stop(), on a NIC event (attach, inject, hook), when idle for a while,
-        or every few thousand frames to publish the counters.  False if this path is closed."""
+    def _native_loop(self) -> bool:
+        """While the backend moves frames itself (the bare tap, the COLO datapath) and nothing
+        else looks at them: its native loop, which returns on stop(), on a NIC event (attach,
+        inject, hook), when idle for a while, every few thousand frames to publish the
+        counters, or when the backend has news for Python.  False if this path is closed."""
         state = self.nic.state
         ctrl, tx_ring, tx_size, rx_ring, rx_size = state.rings
         with self.nic.io_pass():
-            tap_fd = self.nic.tap_fast_path()
-            if tap_fd is None:
+            backend = self.nic.native_backend()
+            if backend is None:
                 return False
             with self.memory.vmm_dirty_unlocked() as dirty:
-                cons, used, sent, dropped, received, too_big, tx_bytes, rx_bytes, _why = native.ring_serve_tap(
+                cons, used, sent, dropped, received, too_big, tx_bytes, rx_bytes, _why = backend.serve_rings(
                     self.memory.mmap, dirty, ctrl, tx_ring, tx_size, rx_ring, rx_size, state.tx_cons,
-                    state.rx_used, tap_fd, self.doorbell_fd, self._control_fd, self.nic.event_fd,
+                    state.rx_used, self.doorbell_fd, self._control_fd, self.nic.event_fd,
                     self.rx_ready_fd, self.tx_done_fd, _SERVE_IDLE_MS, _SERVE_FRAMES)
             if cons != state.tx_cons:
                 self._learn_address(tx_ring, tx_size, cons)
