@@ -167,10 +167,20 @@ class PacketChannel:
         self._pos += n
         return data
 
+    def shutdown(self) -> None:
+        """Never waits on the peer: both threads, reading or writing, fail at once.  The
+        descriptors stay open, so a thread about to use one cannot reach a socket opened
+        meanwhile under the same number: close() once the threads are gone."""
+        for sock in (self.outbound, self.inbound):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
-        """Never waits on the peer: both threads, reading or writing, fail at once."""
-        close_quietly(self.outbound)
-        close_quietly(self.inbound)
+        self.shutdown()
+        self.outbound.close()
+        self.inbound.close()
 
 
 def remaining(deadline: float) -> float:

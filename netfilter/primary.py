@@ -103,11 +103,12 @@ class PrimaryFilters:
         or with ``release=False`` (this node steps down) dropped.  Never waits on the peer."""
         self.nic.attach(self.tap)
         self._stopping.set()
-        self.channel.close()                # a sender stuck on a frozen peer fails at once
+        self.channel.shutdown()             # a sender stuck on a frozen peer fails at once
         self._inbox.put(("failover",) if release else ("drop",))
         self._mirror.put(None)
         for thread in self._threads:
             thread.join(5)
+        self.channel.close()
 
     def counters(self) -> dict:
         return {**self.comparer.counters, "channel": self.channel.endpoints,

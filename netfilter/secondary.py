@@ -136,10 +136,11 @@ class SecondaryFilters:
     def stop(self, takeover: bool) -> None:
         """COLO ended; with ``takeover`` the SVM is the service guest: back on its tap."""
         self._stopping.set()
-        self.channel.close()
+        self.channel.shutdown()
         self.backend.close()
         for thread in self._threads:
             thread.join(5)
+        self.channel.close()
         if takeover:
             self.rewriter.failover()
             self.nic.attach(RewritingBackend(self.nic.tap_backend, self.rewriter))
