@@ -11,9 +11,9 @@ file and kept in memory for read_console().
       or before it blocks in poll
 
 The thread sleeps until a doorbell: no periodic wake-up, which would cost the daemon's other
-Python threads (the migration's compression, say) a GIL hand-over each time.  It drains only
-while the vCPU runs; stop() (from the vCPU thread, before it parks)
-drains whatever is left, so output before a halt, a fault or a pause is never lost and a
+Python threads (the migration's compression, say) a GIL hand-over each time.  The thread (a
+DeviceThread) drains only while the vCPU runs; stop() (from the vCPU thread, before it
+parks) drains whatever is left, so output before a halt, a fault or a pause is never lost and a
 stopped VM sees no host write into its RAM.  Bytes still in the ring when the state is saved
 (RAM and the host's `cons` in dev.console) come out after the restore.  A ring the guest got
 wrong (index overrun) makes on_fault(reason) stop the VM as guest-panicked.
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from .. import abi
 from ..errors import GuestError, StateFileError
+from .thread import DeviceThread, clear_eventfd
 
 _log = logging.getLogger(__name__)
 
@@ -114,17 +115,9 @@ class ConsoleRing:
     def __init__(self, console: Console, memory, on_fault):
         self.console = console
         self.memory = memory
-        self._on_fault = on_fault  # on_fault(reason), from the console thread
         self.doorbell_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # KVM_IOEVENTFD target
-        self._control_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # stop() or close()
         self._drain_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._run = False
-        self._active = False
-        self._faulted = False
-        self._quit = False
-        self._thread = threading.Thread(target=self._main, name="console-ring", daemon=True)
-        self._thread.start()
+        self._thread = DeviceThread("console-ring", "console", self._serve, on_fault)
 
     def setup(self, ctrl: int, data: int, size: int):
         """HC_CONSOLE_SETUP: check and record where the guest put its ring."""
@@ -174,59 +167,26 @@ class ConsoleRing:
 
     def start(self):
         """Let the console thread run (the vCPU is about to enter the guest)."""
-        with self._cond:
-            self._run, self._faulted = True, False
-            self._cond.notify_all()
+        self._thread.start()
 
     def stop(self):
         """Park the console thread, then drain what the guest left in the ring."""
-        with self._cond:
-            self._run = False
-            os.eventfd_write(self._control_fd, 1)
-            while self._active:
-                self._cond.wait()
+        self._thread.stop()
         try:
             self.drain()
         except ValueError as exc:  # the VM is stopping already: say why its output ends here
             _log.warning("console output lost: bad console ring: %s", exc)
 
     def close(self):
-        with self._cond:
-            self._quit, self._run = True, False
-            os.eventfd_write(self._control_fd, 1)
-            self._cond.notify_all()
-        self._thread.join()
-        for fd in (self.doorbell_fd, self._control_fd):
-            os.close(fd)
+        self._thread.close()
+        os.close(self.doorbell_fd)
 
     # --- the console thread --------------------------------------------------------------
-
-    def _main(self):
-        while True:
-            with self._cond:
-                self._active = False
-                self._cond.notify_all()
-                while not self._quit and (not self._run or self._faulted):
-                    self._cond.wait()
-                if self._quit:
-                    return
-                self._active = True
-            try:
-                self._serve()
-            except ValueError as exc:
-                with self._cond:
-                    self._faulted = True
-                self._on_fault(f"bad console ring: {exc}")
 
     def _serve(self):
         while True:
             self.drain()
-            select.select([self.doorbell_fd, self._control_fd], [], [])
-            for fd in (self.doorbell_fd, self._control_fd):
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
-            with self._cond:
-                if not self._run:
-                    return
+            select.select([self.doorbell_fd, self._thread.control_fd], [], [])
+            clear_eventfd(self.doorbell_fd)
+            if self._thread.stopping():
+                return

@@ -10,9 +10,10 @@ rings in guest RAM and the NIC (its backend, hook and injected frames), off the 
       outl doorbell if rx_notify                             Nic.read_frame + ring_rx_push
     plat_poll: nothing in the RX ring: HC_POLL (one exit) <-- rx_ready_fd after a publish
 
-The thread runs only while the vCPU thread is out of its park (start()/stop() from the
-vCPU thread): so a paused, saving or checkpointing VM has no host writes into its RAM, and
-stop() first sends every frame the guest queued, leaving no TX frame in flight.  RX frames
+The thread (a DeviceThread) runs only while the vCPU thread is out of its park
+(start()/stop() from the vCPU thread): so a paused, saving or checkpointing VM has no host
+writes into its RAM, and stop() first sends every frame the guest queued, leaving no TX
+frame in flight.  RX frames
 the host published and the guest has not read stay in the ring, in guest RAM, and travel
 with it.  Every host write into guest RAM is marked in the VMM's dirty bitmap under the
 bitmap's lock (GuestMemory.vmm_dirty), after the write.
@@ -21,17 +22,14 @@ A ring the guest got wrong (out-of-RAM buffers, absurd lengths, index overruns) 
 on_fault(reason) stop the VM as guest-panicked; the host never trusts an index it reads.
 """
 
-import logging
 import os
 import select
-import threading
 
 import native
 
 from ..errors import GuestError
 from .nic import Nic
-
-_log = logging.getLogger(__name__)
+from .thread import DeviceThread, clear_eventfd
 
 RING_MAX_SLOTS = 4096
 _BATCH = 64  # frames per direction per pass, so neither direction starves the other
@@ -46,18 +44,11 @@ class NicRings:
     def __init__(self, nic: Nic, memory, on_fault):
         self.nic = nic
         self.memory = memory
-        self._on_fault = on_fault  # on_fault(reason), from the NIC thread
         self.doorbell_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # KVM_IOEVENTFD target
         self.rx_ready_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # frames published
         self.tx_done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # TX slots freed
-        self._control_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # stop() or close()
-        self._cond = threading.Condition()
-        self._run = False
-        self._active = False
-        self._quit = False
         self.passes = 0  # NIC thread passes that moved frames (for the benchmark)
-        self._thread = threading.Thread(target=self._main, name="nic-rings", daemon=True)
-        self._thread.start()
+        self._thread = DeviceThread("nic-rings", "NIC", self._main, on_fault)
 
     # --- from the vCPU thread ------------------------------------------------------------
 
@@ -97,72 +88,37 @@ class NicRings:
 
     def start(self):
         """Let the NIC thread run (the vCPU is about to enter the guest)."""
-        with self._cond:
-            self._run = True
-            self._cond.notify_all()
+        self._thread.start()
 
     def stop(self):
         """Send what the guest queued, then park the NIC thread; returns once it is parked."""
-        with self._cond:
-            self._run = False
-            os.eventfd_write(self._control_fd, 1)
-            while self._active:
-                self._cond.wait()
+        self._thread.stop()
 
     def close(self):
-        with self._cond:
-            self._quit, self._run = True, False
-            os.eventfd_write(self._control_fd, 1)
-            self._cond.notify_all()
-        self._thread.join()
-        for fd in (self.doorbell_fd, self.rx_ready_fd, self.tx_done_fd, self._control_fd):
+        self._thread.close()
+        for fd in (self.doorbell_fd, self.rx_ready_fd, self.tx_done_fd):
             os.close(fd)
 
     # --- the NIC thread ------------------------------------------------------------------
 
     def _main(self):
-        while True:
-            with self._cond:
-                self._active = False
-                self._cond.notify_all()
-                while not (self._quit or self._run):
-                    self._cond.wait()
-                if self._quit:
-                    return
-                self._active = True
-            try:
-                if self.nic.state.rings is not None:
-                    self._serve()
-                else:
-                    self._idle()
-            except ValueError as exc:  # the ring functions' word for a guest error
-                self._on_fault(f"bad NIC ring: {exc}")
-            except Exception as exc:
-                _log.exception("NIC thread failed")
-                self._on_fault(f"VMM error in the NIC thread: {exc!r}")
-
-    def _stopping(self) -> bool:
-        try:
-            os.eventfd_read(self._control_fd)
-        except BlockingIOError:
-            pass
-        with self._cond:
-            return not self._run
+        """The NIC thread's serve(): returns once stopping(), every queued TX frame sent."""
+        if self.nic.state.rings is not None:
+            self._serve()
+        else:
+            self._idle()
 
     def _idle(self):
         """No rings yet: wait for the guest's HC_NET_SETUP (its doorbell follows) or stop()."""
-        while not self._stopping():
-            select.select([self._control_fd, self.doorbell_fd], [], [])
-            try:
-                os.eventfd_read(self.doorbell_fd)
-            except BlockingIOError:
-                pass
+        while not self._thread.stopping():
+            select.select([self._thread.control_fd, self.doorbell_fd], [], [])
+            clear_eventfd(self.doorbell_fd)
             if self.nic.state.rings is not None:
                 return self._serve()
 
     def _serve(self):
         while True:
-            if self._stopping():
+            if self._thread.stopping():
                 while self._tx_pass(limit=1 << 16):
                     pass
                 return
@@ -189,7 +145,7 @@ class NicRings:
             with self.memory.vmm_dirty_unlocked() as dirty:
                 cons, used, sent, dropped, received, too_big, tx_bytes, rx_bytes, _why = backend.serve_rings(
                     self.memory.mmap, dirty, ctrl, tx_ring, tx_size, rx_ring, rx_size, state.tx_cons,
-                    state.rx_used, self.doorbell_fd, self._control_fd, self.nic.event_fd,
+                    state.rx_used, self.doorbell_fd, self._thread.control_fd, self.nic.event_fd,
                     self.rx_ready_fd, self.tx_done_fd, _SERVE_IDLE_MS, _SERVE_FRAMES)
             if cons != state.tx_cons:
                 self._learn_address(tx_ring, tx_size, cons)
@@ -209,11 +165,8 @@ class NicRings:
         tx_pending = self._outstanding(tx_prod, state.tx_cons, tx_size, "TX producer")
         rx_free_now = self._outstanding(rx_avail, state.rx_used, rx_size, "RX available")
         if not tx_pending and (rx_free_now == 0) == (rx_free == 0):
-            self.nic.wait([self.doorbell_fd, self._control_fd], _SAFETY_WAIT, rx=rx_free_now > 0)
-        try:
-            os.eventfd_read(self.doorbell_fd)
-        except BlockingIOError:
-            pass
+            self.nic.wait([self.doorbell_fd, self._thread.control_fd], _SAFETY_WAIT, rx=rx_free_now > 0)
+        clear_eventfd(self.doorbell_fd)
         with self.memory.vmm_dirty() as dirty:
             native.ring_arm(self.memory.mmap, dirty, ctrl, 0, 0)
 
