@@ -2,12 +2,12 @@
 while the vCPU thread is out of its park, so a paused, saving or checkpointing VM sees no
 host write into its RAM.
 
-    vCPU thread                          device thread
-    -----------                          -------------
-    start(), before KVM_RUN   -------->  parked -> serve()
-    stop(), after KVM_RUN     --control_fd-->  serve() finishes its pending work, sees
-      returns once parked     <--------          stopping(), returns; parked
-    close()                   -------->  quits; joined, control_fd closed
+    vCPU thread                               device thread
+    -----------                               -------------
+    start(), before KVM_RUN  ---------------> leaves its park, calls serve()
+    stop(), after KVM_RUN    -- control_fd -> serve() finishes its pending work,
+      returns once parked    <---------------   sees stopping(), returns; parked
+    close()                  ---------------> quits; joined, control_fd closed
 
 serve() raising parks the thread until the next start() and stops the VM through
 on_fault(reason): a ValueError is the guest's fault ("bad NIC ring: ..."), anything else
