@@ -51,6 +51,8 @@ void cmp_failover(comparer *c);
 int cmp_failed_over(const comparer *c);
 size_t cmp_held(const comparer *c);                /* primary frames held now */
 const uint64_t (*cmp_counters(const comparer *c))[CMP_COUNTERS];   /* [PKT_FLOWS][CMP_COUNTERS] */
+/* Counters as Python sees them: {flow class: {counter: n}} (needs the GIL). */
+PyObject *cmp_counters_dict(const uint64_t counts[PKT_FLOWS][CMP_COUNTERS]);
 
 /* --- rewriter (native/colo_rewrite.c) ------------------------------------------------ */
 

@@ -981,15 +981,13 @@ static PyObject *Comparer_failover(ComparerObject *self, PyObject *unused)
     return leave(self, Py_NewRef(Py_None));
 }
 
-static PyObject *Comparer_counters(ComparerObject *self, void *unused)
+PyObject *cmp_counters_dict(const uint64_t counts[PKT_FLOWS][CMP_COUNTERS])
 {
-    if (!initialised(self))
-        return NULL;
     PyObject *all = PyDict_New();
     for (int flow = 0; all && flow < PKT_FLOWS; flow++) {
         PyObject *values = PyDict_New();
         for (int i = 0; values && i < CMP_COUNTERS; i++) {
-            PyObject *n = PyLong_FromUnsignedLongLong(self->c->counters[flow][i]);
+            PyObject *n = PyLong_FromUnsignedLongLong(counts[flow][i]);
             if (!n || PyDict_SetItemString(values, counter_names[i], n) < 0)
                 Py_CLEAR(values);
             Py_XDECREF(n);
@@ -999,6 +997,13 @@ static PyObject *Comparer_counters(ComparerObject *self, void *unused)
         Py_XDECREF(values);
     }
     return all;
+}
+
+static PyObject *Comparer_counters(ComparerObject *self, void *unused)
+{
+    if (!initialised(self))
+        return NULL;
+    return cmp_counters_dict((const uint64_t (*)[CMP_COUNTERS])self->c->counters);
 }
 
 static PyObject *Comparer_held(ComparerObject *self, void *unused)

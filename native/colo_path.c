@@ -456,10 +456,6 @@ static PyObject *ColoPrimary_failover(ColoPrimary *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static const char *const flow_names[PKT_FLOWS] = {"tcp", "udp", "icmp", "other", "non-ip"};
-static const char *const counter_names[CMP_COUNTERS] = {"primary", "secondary", "released", "matched",
-                                                        "mismatches", "timeouts", "dropped", "malformed"};
-
 static PyObject *ColoPrimary_counters(ColoPrimary *self, PyObject *unused)
 {
     if (!primary_ready(self))
@@ -469,19 +465,7 @@ static PyObject *ColoPrimary_counters(ColoPrimary *self, PyObject *unused)
     memcpy(counts, cmp_counters(self->cmp), sizeof counts);
     uint64_t held = cmp_held(self->cmp);
     pthread_mutex_unlock(&self->lock);
-    PyObject *result = PyDict_New();
-    for (int flow = 0; result && flow < PKT_FLOWS; flow++) {
-        PyObject *one = PyDict_New();
-        for (int k = 0; one && k < CMP_COUNTERS; k++) {
-            PyObject *v = PyLong_FromUnsignedLongLong(counts[flow][k]);
-            if (!v || PyDict_SetItemString(one, counter_names[k], v) < 0)
-                Py_CLEAR(one);
-            Py_XDECREF(v);
-        }
-        if (!one || PyDict_SetItemString(result, flow_names[flow], one) < 0)
-            Py_CLEAR(result);
-        Py_XDECREF(one);
-    }
+    PyObject *result = cmp_counters_dict((const uint64_t (*)[CMP_COUNTERS])counts);
     if (!result)
         return NULL;
     PyObject *extra = Py_BuildValue("{sKsKsKsKsKsK}", "mirrored", self->mirrored, "mirror-dropped",

@@ -49,6 +49,9 @@ class MigrationRun:
 
     def __init__(self, on_event: Callable[[str, dict], None]):
         self.on_event = on_event
+        # Called as the status becomes completed, before any query or event can tell: what must
+        # be on disk by then (the node's record that its guest left) is written here.
+        self.before_completed: Callable[[], None] | None = None
         self.status: str = MigrationStatus.NONE.value
         self.error: str | None = None
         self.start_time = 0.0
@@ -67,6 +70,8 @@ class MigrationRun:
         with self._lock:
             if self.status not in olds:
                 return False
+            if new is MigrationStatus.COMPLETED and self.before_completed is not None:
+                self.before_completed()
             self.status = new = new.value       # plain strings for query-migrate and events (the node logs them)
         self.on_event("MIGRATION", {"status": new})
         return True

@@ -157,6 +157,7 @@ class Node:
                                               tls=lambda: self.settings.tls.server(params), refused=self.incoming_refused,
                                               handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout,
                                               parameters=self.settings.parameters)
+        self._remember_on_completion(incoming=True)
         self.migration.start()
 
     def _migration_event(self, name: str, data: dict) -> None:
@@ -164,8 +165,6 @@ class Node:
         what follows a finished incoming migration (announce the guest's new place; re-arm a
         failed socket for another try)."""
         incoming = isinstance(self.migration, MigrationDestination)
-        if name == "MIGRATION" and data["status"] == "completed" and self.state_dir is not None:
-            self._remember_where_the_guest_is(incoming)
         finished = name == "MIGRATION" and data["status"] in OUTCOMES
         if self.migration.caps["events"]:
             self.events.emit(name, data)        # its log line tells the status
@@ -190,8 +189,13 @@ class Node:
         level = logging.WARNING if info["status"] == "failed" else logging.INFO
         log_migration_summary(log, level, role, info, moved)
 
+    def _remember_on_completion(self, incoming: bool) -> None:
+        if self.state_dir is not None:
+            self.migration.before_completed = lambda: self._remember_where_the_guest_is(incoming)
+
     def _remember_where_the_guest_is(self, incoming: bool) -> None:
-        """Before anyone hears of the completion: a restart must not boot a guest that left."""
+        """Before anyone hears of the completion (query-migrate, the event): a restart must not
+        boot a guest that left."""
         if incoming:
             migrated_away.forget(self.state_dir, self.name)
         elif self.migration.colo_handover is None:     # a COLO primary's guest ran on here
@@ -453,6 +457,7 @@ class Node:
                                          ctx.fds, self._migration_event, verify_ram=self.colo.settings.verify_ram,
                                          colo_handover=self.colo.run_primary if caps["x-colo"] else None, tls=tls,
                                          file_overwrite=self.file_overwrite)
+        self._remember_on_completion(incoming=False)
         self.migration.start()
 
     @staticmethod
