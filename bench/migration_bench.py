@@ -111,7 +111,7 @@ def migrate(memory_mib: int, cmdline: str, caps: dict, params: dict, verify_ram:
         info = source.info()
         if info["status"] != "completed" or destination.status != "completed":
             raise RuntimeError(f"migration failed: {info.get('error-desc') or destination.error}")
-        info["converged-at"] = source.stats.expected_downtime
+        info["converged-at"] = source.stats.expected_at_switch
         return info
     finally:
         src.close()

@@ -397,7 +397,10 @@ class MigrationSource(MigrationRun):
         dirty = sum(count for _, count in self._dirty_runs)
         self.stats.dirty_synced(dirty, seconds)
         self._auto_converge(dirty)
-        return self.stats.expected_downtime <= self.params["downtime-limit"]
+        if self.stats.expected_downtime > self.params["downtime-limit"]:
+            return False
+        self.stats.expected_at_switch = self.stats.expected_downtime
+        return True
 
     def _dirty_pass(self, final: bool) -> None:
         if final:

@@ -68,6 +68,7 @@ class MigrationStats:
         self.setup_time = 0
         self.downtime: int | None = None
         self.expected_downtime = 0
+        self.expected_at_switch: int | None = None     # the estimate that let the guest stop (benchmarks)
         self.throttle_pct = 0
         # CompressionStats
         self.compress_pages = 0
