@@ -97,6 +97,7 @@ static uint8_t *buf_put_frame(stream_buf *b, size_t limit, uint32_t epoch, const
 /* The channel's state on one side: what failed, said once. */
 typedef struct {
     int out_fd, in_fd;
+    int in_readable;            /* as the last poll said (1 until it said otherwise) */
     stream_buf out, in;
     size_t out_limit;
     char lost[160];
@@ -132,19 +133,30 @@ static void channel_flush(channel *c, int *worked)
 /* One read of what the peer sent, as far as the buffer has room. */
 static void channel_fill(channel *c, int *worked)
 {
-    if (c->lost[0] || !buf_room(&c->in, 1))
+    if (c->lost[0] || !c->in_readable || !buf_room(&c->in, 1))
         return;
     ssize_t got;
+    size_t room = c->in.cap - c->in.end;
     do
-        got = recv(c->in_fd, c->in.data + c->in.end, c->in.cap - c->in.end, MSG_DONTWAIT);
+        got = recv(c->in_fd, c->in.data + c->in.end, room, MSG_DONTWAIT);
     while (got < 0 && errno == EINTR);
     if (got > 0) {
         c->in.end += (size_t)got;
+        c->in_readable = (size_t)got == room;      /* a short read took all there was */
         *worked = 1;
     } else if (got == 0)
         channel_lose(c, "the peer closed it");
     else if (errno != EAGAIN && errno != EWOULDBLOCK)
         channel_lose(c, strerror(errno));
+    else
+        c->in_readable = 0;
+}
+
+static void channel_polled(channel *c, const struct pollfd *fds, int n)
+{
+    int revents = serve_revents(fds, n, c->in_fd);
+    if (revents >= 0)
+        c->in_readable = revents != 0;
 }
 
 /* The next whole frame received: 1 with its epoch, body and length (not consumed yet),
@@ -194,6 +206,7 @@ static int channel_init(channel *c, int out_fd, int in_fd, size_t out_limit)
     memset(c, 0, sizeof *c);
     c->out_fd = out_fd;
     c->in_fd = in_fd;
+    c->in_readable = 1;
     c->out_limit = out_limit;
     if (buf_init(&c->out, out_limit + FRAME_HEAD + RING_MAX_FRAME) < 0 || buf_init(&c->in, FROM_CHANNEL_CAP) < 0)
         return -1;
@@ -229,7 +242,7 @@ typedef struct {
     pthread_mutex_t lock;
     comparer *cmp;
     channel ch;                 /* out: client frames to the SVM; in: the SVM's output */
-    int tap;
+    int tap, tap_readable;
     uint32_t epoch;             /* the checkpoint the PVM's input follows */
     double scan_every, next_scan;
     char request[32];           /* a checkpoint the comparer asked for, not told to Python yet */
@@ -278,7 +291,16 @@ static void primary_mirror(void *ctx, const uint8_t *frame, uint32_t len)
 static long primary_rx(serve_port *p, serve_ctx *s, long limit)
 {
     ColoPrimary *self = PRIMARY_OF(p);
-    return serve_rx_from_fd(s, self->tap, limit, self->scratch, primary_mirror, self);
+    return serve_rx_from_fd(s, self->tap, &self->tap_readable, limit, self->scratch, primary_mirror, self);
+}
+
+static void primary_polled(serve_port *p, const struct pollfd *fds, int n)
+{
+    ColoPrimary *self = PRIMARY_OF(p);
+    channel_polled(&self->ch, fds, n);
+    int revents = serve_revents(fds, n, self->tap);
+    if (revents >= 0)
+        self->tap_readable = revents != 0;
 }
 
 static const char *primary_pass(serve_port *p, int *worked)
@@ -361,8 +383,9 @@ static int ColoPrimary_init(ColoPrimary *self, PyObject *args, PyObject *kwargs)
         return -1;
     }
     pthread_mutex_init(&self->lock, NULL);
-    self->port = (serve_port){primary_tx, primary_rx, primary_pass, primary_wait_fds};
+    self->port = (serve_port){primary_tx, primary_rx, primary_pass, primary_wait_fds, primary_polled};
     self->tap = tap;
+    self->tap_readable = 1;
     self->scan_every = scan_ms / 1000.0;
     self->next_scan = monotonic() + self->scan_every;
     return 0;
@@ -614,6 +637,11 @@ static int secondary_wait_fds(serve_port *p, struct pollfd *fds, int rx_room, in
     return channel_wait_fds(&self->ch, fds, rx_room);
 }
 
+static void secondary_polled(serve_port *p, const struct pollfd *fds, int n)
+{
+    channel_polled(&SECONDARY_OF(p)->ch, fds, n);
+}
+
 static int ColoSecondary_init(ColoSecondary *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"in_fd", "out_fd", "rewriter", "out_limit", "diverge_at", NULL};
@@ -638,7 +666,7 @@ static int ColoSecondary_init(ColoSecondary *self, PyObject *args, PyObject *kwa
     self->rewriter_object = rewriter_object;
     self->rw = rw;
     self->diverge_at = diverge_at;
-    self->port = (serve_port){secondary_tx, secondary_rx, secondary_pass, secondary_wait_fds};
+    self->port = (serve_port){secondary_tx, secondary_rx, secondary_pass, secondary_wait_fds, secondary_polled};
     return 0;
 }
 

@@ -375,28 +375,30 @@ static const char *serve_loop(serve_ctx *s, serve_port *port, const serve_fds *f
         if (why)
             return why;
         total += (uint64_t)(tx + rx);
-        if (tx + rx || worked) {
-            if (total >= f->max_frames)
-                return "batch";
-            struct pollfd quick[2] = {{f->control, POLLIN, 0}, {f->event, POLLIN, 0}};
-            if (poll(quick, 2, 0) > 0)
-                return "event";
-            continue;
-        }
-        /* Idle: ask for doorbells (and for RX buffers when out of them), re-check, sleep. */
         int64_t free_slots = serve_rx_free(s);
         if (free_slots < 0)
             return "error";
         int room = free_slots > 0;
+        struct pollfd fds[6] = {{f->doorbell, POLLIN, 0}, {f->control, POLLIN, 0}, {f->event, POLLIN, 0}};
+        int wait_ms = f->timeout_ms;
+        int n_fds = 3 + port->wait_fds(port, fds + 3, room, &wait_ms);
+        if (tx + rx || worked) {
+            if (total >= f->max_frames)
+                return "batch";
+            /* Busy: one look at everything (what is readable, and stop() or an event). */
+            poll(fds, n_fds, 0);
+            if (fds[1].revents || fds[2].revents)
+                return "event";
+            port->polled(port, fds + 3, n_fds - 3);
+            continue;
+        }
+        /* Idle: ask for doorbells (and for RX buffers when out of them), re-check, sleep. */
         serve_arm(s, 1, room ? 0 : 1);
         uint32_t tx_prod = ring_u32(&s->tx, s->tx.ctrl + RING_TX_PROD);
         uint32_t rx_avail = ring_u32(&s->rx, s->rx.ctrl + RING_RX_AVAIL);
         int busy = (tx_prod != s->tx_cons && !s->tx_blocked) || (!room && rx_avail != s->rx_used);
         int woke = 0;
         if (!busy) {
-            struct pollfd fds[6] = {{f->doorbell, POLLIN, 0}, {f->control, POLLIN, 0}, {f->event, POLLIN, 0}};
-            int wait_ms = f->timeout_ms;
-            int n_fds = 3 + port->wait_fds(port, fds + 3, room, &wait_ms);
             int n = poll(fds, n_fds, wait_ms);
             if (fds[0].revents)
                 eventfd_drain(f->doorbell);
@@ -404,6 +406,7 @@ static const char *serve_loop(serve_ctx *s, serve_port *port, const serve_fds *f
                 woke = 1;
             else if (n == 0 && wait_ms == f->timeout_ms)
                 woke = -1;                  /* idle for timeout_ms (not a timer of the port's) */
+            port->polled(port, fds + 3, n_fds - 3);
         }
         serve_arm(s, 0, 0);
         if (woke == -1)
@@ -450,6 +453,7 @@ PyObject *serve_rings(serve_port *port, PyObject *args)
 typedef struct {
     serve_port port;
     int fd;
+    int readable;                       /* as the last poll said (1 until it said otherwise) */
     uint8_t scratch[RING_MAX_FRAME];    /* the rest of a frame too big for the guest's buffer */
 } tap_port;
 
@@ -465,11 +469,19 @@ static int tap_tx(serve_port *p, serve_ctx *s, const uint8_t *frame, uint32_t le
 
 /* Reads frames from `fd` straight into the guest's RX buffers: frames read, or -1.  With
  * `mirror`, each frame the guest gets is also passed to it. */
-long serve_rx_from_fd(serve_ctx *s, int fd, long limit, uint8_t *scratch,
+int serve_revents(const struct pollfd *fds, int n, int fd)
+{
+    for (int i = 0; i < n; i++)
+        if (fds[i].fd == fd)
+            return fds[i].revents;
+    return -1;
+}
+
+long serve_rx_from_fd(serve_ctx *s, int fd, int *readable, long limit, uint8_t *scratch,
                       void (*mirror)(void *ctx, const uint8_t *frame, uint32_t len), void *ctx)
 {
     long moved = 0;
-    while (moved < limit) {
+    while (*readable && moved < limit) {
         uint8_t *buffer;
         uint32_t capacity;
         int slot = serve_rx_slot(s, &buffer, &capacity);
@@ -480,6 +492,7 @@ long serve_rx_from_fd(serve_ctx *s, int fd, long limit, uint8_t *scratch,
         if (got <= 0) {
             if (got < 0 && errno == EINTR)
                 continue;
+            *readable = 0;
             return moved;
         }
         moved++;
@@ -493,7 +506,15 @@ long serve_rx_from_fd(serve_ctx *s, int fd, long limit, uint8_t *scratch,
 static long tap_rx(serve_port *p, serve_ctx *s, long limit)
 {
     tap_port *t = (tap_port *)p;
-    return serve_rx_from_fd(s, t->fd, limit, t->scratch, NULL, NULL);
+    return serve_rx_from_fd(s, t->fd, &t->readable, limit, t->scratch, NULL, NULL);
+}
+
+static void tap_polled(serve_port *p, const struct pollfd *fds, int n)
+{
+    tap_port *t = (tap_port *)p;
+    int revents = serve_revents(fds, n, t->fd);
+    if (revents >= 0)
+        t->readable = revents != 0;
 }
 
 static int tap_wait_fds(serve_port *p, struct pollfd *fds, int rx_room, int *timeout_ms)
@@ -516,7 +537,7 @@ PyObject *ring_serve_tap(PyObject *self, PyObject *args)
     tap_port *port = PyMem_RawMalloc(sizeof *port);
     if (!port)
         return PyErr_NoMemory();
-    *port = (tap_port){.port = {tap_tx, tap_rx, NULL, tap_wait_fds}};
+    *port = (tap_port){.port = {tap_tx, tap_rx, NULL, tap_wait_fds, tap_polled}, .readable = 1};
     port->fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(args, 9));
     PyObject *rest = NULL, *result = NULL;
     if (!PyErr_Occurred()) {

@@ -55,9 +55,12 @@ struct serve_port {
     /* Work of the port's own (sockets, timers): sets *worked when it did some; returns a
      * reason to hand back to Python now ("checkpoint", "lost"), or NULL.  May be NULL. */
     const char *(*pass)(serve_port *p, int *worked);
-    /* Before the loop sleeps: up to 3 pollfds of its own, given whether the RX ring has
-     * room; lowers *timeout_ms to its next timer.  Returns how many it filled. */
+    /* Before each poll: up to 3 pollfds of its own, given whether the RX ring has room;
+     * lowers *timeout_ms to its next timer.  Returns how many it filled. */
     int (*wait_fds)(serve_port *p, struct pollfd *fds, int rx_room, int *timeout_ms);
+    /* After each poll, those pollfds with their revents: the port reads only what poll
+     * said is readable (no read that only finds EAGAIN), until a read comes up short. */
+    void (*polled)(serve_port *p, const struct pollfd *fds, int n);
 };
 
 void mark_pages(uint8_t *bits, uint64_t gpa, uint64_t len);
@@ -70,11 +73,14 @@ void serve_rx_commit(serve_ctx *s, uint32_t len, uint32_t capacity);
 void serve_rx_publish(serve_ctx *s);
 
 /* Reads frames from `fd` (a tap: one frame per read) straight into the guest's RX buffers:
- * frames read (too big ones included), or -1 (s->failed).  `scratch` takes the rest of a
- * frame too big for its buffer (RING_MAX_FRAME bytes).  With `mirror`, every frame the
- * guest gets is also passed to it. */
-long serve_rx_from_fd(serve_ctx *s, int fd, long limit, uint8_t *scratch,
+ * frames read (too big ones included), or -1 (s->failed); *readable becomes 0 when a read
+ * found nothing.  `scratch` takes the rest of a frame too big for its buffer
+ * (RING_MAX_FRAME bytes).  With `mirror`, every frame the guest gets is also passed to it. */
+long serve_rx_from_fd(serve_ctx *s, int fd, int *readable, long limit, uint8_t *scratch,
                       void (*mirror)(void *ctx, const uint8_t *frame, uint32_t len), void *ctx);
+
+/* revents of `fd` among `fds`, or -1 when it was not polled. */
+int serve_revents(const struct pollfd *fds, int n, int fd);
 
 /* serve_rings(port, args): parses ring_serve_tap's arguments (without the tap), runs the loop
  * over `port`, returns ring_serve_tap's tuple; ValueError on a ring the guest got wrong. */
