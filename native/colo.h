@@ -51,6 +51,11 @@ void cmp_failover(comparer *c);
 int cmp_failed_over(const comparer *c);
 size_t cmp_held(const comparer *c);                /* primary frames held now */
 const uint64_t (*cmp_counters(const comparer *c))[CMP_COUNTERS];   /* [PKT_FLOWS][CMP_COUNTERS] */
+/* Passthrough rules as the Python comparer takes them, ((protocol, port), ...) with "tcp" or
+ * "udp" in any case (ports that are not ints of 0..65535 never match, as in Python): a
+ * PyMem_Malloc'd list of *n rules and, in *set, the rules as a set of (protocol, port); NULL
+ * with ValueError or TypeError set.  Needs the GIL. */
+cmp_passthrough *cmp_passthrough_parse(PyObject *passthrough, PyObject **set, Py_ssize_t *n);
 /* Counters as Python sees them: {flow class: {counter: n}} (needs the GIL). */
 PyObject *cmp_counters_dict(const uint64_t counts[PKT_FLOWS][CMP_COUNTERS]);
 

@@ -1130,6 +1130,23 @@ static cmp_passthrough *passthrough_list(PyObject *set, Py_ssize_t *n_out)
     return list;
 }
 
+cmp_passthrough *cmp_passthrough_parse(PyObject *passthrough, PyObject **set, Py_ssize_t *n)
+{
+    *set = passthrough ? passthrough_set(passthrough) : PySet_New(NULL);
+    cmp_passthrough *list = *set ? passthrough_list(*set, n) : NULL;
+    if (list && *n < 0) {
+        PyObject *sorted = PySequence_List(*set);
+        if (sorted && PyList_Sort(sorted) == 0)
+            PyErr_Format(PyExc_ValueError, "passthrough protocols are tcp or udp, not %R", sorted);
+        Py_XDECREF(sorted);
+        PyMem_Free(list);
+        list = NULL;
+    }
+    if (!list)
+        Py_CLEAR(*set);
+    return list;
+}
+
 static int Comparer_init(ComparerObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"release", "request_checkpoint", "compare_timeout_ms", "max_queue_size",
@@ -1167,17 +1184,9 @@ static int Comparer_init(ComparerObject *self, PyObject *args, PyObject *kwargs)
     queue = PyNumber_AsSsize_t(max_queue_size, NULL);       /* beyond Py_ssize_t: as good as unbounded */
     if (queue == -1 && PyErr_Occurred())
         goto done;
-    set = passthrough ? passthrough_set(passthrough) : PySet_New(NULL);
-    list = set ? passthrough_list(set, &n) : NULL;
+    list = cmp_passthrough_parse(passthrough, &set, &n);
     if (!list)
         goto done;
-    if (n < 0) {
-        PyObject *sorted = PySequence_List(set);
-        if (sorted && PyList_Sort(sorted) == 0)
-            PyErr_Format(PyExc_ValueError, "passthrough protocols are tcp or udp, not %R", sorted);
-        Py_XDECREF(sorted);
-        goto done;
-    }
     if (!clock) {
         PyObject *time_module = PyImport_ImportModule("time");
         clock = time_module ? PyObject_GetAttrString(time_module, "monotonic") : NULL;

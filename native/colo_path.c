@@ -358,21 +358,14 @@ static int ColoPrimary_init(ColoPrimary *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iii$IIOIK", keywords, &tap, &out_fd, &in_fd, &timeout_ms,
                                      &queue_size, &passthrough, &scan_ms, &mirror_limit))
         return -1;
-    PyObject *seq = PySequence_Fast(passthrough, "passthrough: a sequence of (protocol number, port)");
-    if (!seq)
+    PyObject *set;
+    Py_ssize_t n;
+    cmp_passthrough *rules = cmp_passthrough_parse(passthrough, &set, &n);
+    if (!rules)
         return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    cmp_passthrough *rules = PyMem_RawCalloc(n ? (size_t)n : 1, sizeof *rules);
-    for (Py_ssize_t i = 0; rules && i < n; i++)
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "II", &rules[i].protocol, &rules[i].port))
-            break;
-    Py_DECREF(seq);
-    if (!rules || PyErr_Occurred()) {
-        PyMem_RawFree(rules);
-        return rules ? -1 : (PyErr_NoMemory(), -1);
-    }
+    Py_DECREF(set);
     self->cmp = cmp_new(timeout_ms, queue_size, rules, (size_t)n, primary_release, primary_request, self);
-    PyMem_RawFree(rules);
+    PyMem_Free(rules);
     if (!self->cmp) {
         PyErr_SetString(PyExc_ValueError, "comparer: bad settings (timeouts and queue size positive, "
                         "passthrough protocols 6 or 17)");

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -101,6 +102,11 @@ class PacketChannel:
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
         self._pos = 0
+
+    @property
+    def encrypted(self) -> bool:
+        """TLS on the connections: Python's ssl must drive them (not the native datapath)."""
+        return isinstance(self.outbound, ssl.SSLSocket)
 
     @classmethod
     def connect(cls, address: str, port: int, timeout: float = 10.0, tls: ClientTls | None = None) -> "PacketChannel":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import ssl
 import threading
 import time
 from typing import Callable
@@ -36,7 +35,6 @@ log = logging.getLogger(__name__)
 MIRROR_QUEUE = 4096          # client frames waiting to be mirrored; beyond, dropped and counted
 BURST = 64                   # frames in one write to the packet channel
 MIRROR_LIMIT = 4 << 20       # bytes of client frames the native mirror buffers; beyond, dropped and counted
-PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 
 
 class MirroringBackend:
@@ -181,8 +179,7 @@ class PrimaryFilters:
 def make_primary_filters(nic, channel: PacketChannel, settings: NetfilterSettings,
                          request_checkpoint: Callable[[str], None], on_lost: Callable[[str], None]):
     """The datapath in C when it can run it (module docstring), else the Python threads."""
-    plaintext = not any(isinstance(sock, ssl.SSLSocket) for sock in (channel.outbound, channel.inbound))
-    if native.IMPLEMENTATION == "native" and plaintext and type(nic.backend) is TapBackend:
+    if native.IMPLEMENTATION == "native" and not channel.encrypted and type(nic.backend) is TapBackend:
         return NativePrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
     return PrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
 
@@ -237,7 +234,7 @@ class NativePrimaryFilters:
         self.path = native.ColoPrimary(
             self.tap.fd, channel.outbound.fileno(), channel.inbound.fileno(),
             compare_timeout_ms=settings.compare_timeout_ms, max_queue_size=settings.max_queue_size,
-            passthrough=[(PROTOCOL_NUMBERS[protocol.lower()], port) for protocol, port in settings.passthrough],
+            passthrough=settings.passthrough,
             expired_scan_cycle_ms=settings.expired_scan_cycle_ms, mirror_limit=MIRROR_LIMIT)
         self._backend = NativeMirroringBackend(self.tap, self.path, request_checkpoint, self._lost)
 

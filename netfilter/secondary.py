@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import ssl
 import threading
 import time
 from typing import Callable
@@ -211,8 +210,7 @@ class SecondaryFilters:
 
 def make_secondary_filters(nic, channel: PacketChannel, on_lost: Callable[[str], None]):
     """The datapath in C when it can run it (module docstring), else the Python threads."""
-    plaintext = not any(isinstance(sock, ssl.SSLSocket) for sock in (channel.outbound, channel.inbound))
-    if native.IMPLEMENTATION == "native" and plaintext:
+    if native.IMPLEMENTATION == "native" and not channel.encrypted:
         return NativeSecondaryFilters(nic, channel, on_lost)
     return SecondaryFilters(nic, channel, on_lost)
 

@@ -11,7 +11,7 @@ import pytest
 import native
 from netfilter.channel import FRAME_HEAD
 from netfilter.rewriter import Rewriter
-from test_netfilter_packet import CLIENT, GUEST, tcp_frame
+from test_netfilter_packet import CLIENT, GUEST, tcp_frame, udp_frame
 from test_vmm_rings import CTRL, RX, TX, queue_tx, ring_ram, take_rx
 
 pytestmark = pytest.mark.skipif(native.IMPLEMENTATION != "native", reason="the native build is under test")
@@ -188,6 +188,32 @@ def test_a_frozen_secondary_costs_mirrored_frames_never_the_pvms_input(primary):
         given += len(rings.guest_reads())
         assert given < 10000, "the mirror never filled"
     assert given == path.counters()["mirrored"] + path.counters()["mirror-dropped"]
+
+
+def test_passthrough_flows_leave_at_once_and_bad_rules_are_refused():
+    """The rules are the comparer's own ((protocol, port), any case): a UDP answer from port 53
+    is never compared, another UDP one waits for the SVM's."""
+    tap_far, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mirror_far, mirror = socket.socketpair()
+    svm_far, svm = socket.socketpair()
+    for sock in (tap, tap_far):
+        sock.setblocking(False)
+    rings = Rings()
+    try:
+        path = native.ColoPrimary(tap.fileno(), mirror.fileno(), svm.fileno(), compare_timeout_ms=3000,
+                                  max_queue_size=1024, passthrough=[["UDP", 53]], expired_scan_cycle_ms=1000,
+                                  mirror_limit=1 << 20)
+        rings.guest_sends(udp_frame(b"dns", sport=53), udp_frame(b"other", sport=54))
+        rings.serve(path)
+        assert tap_frames(tap_far) == [udp_frame(b"dns", sport=53)] and path.counters()["held"] == 1
+        with pytest.raises(ValueError, match="passthrough protocols are tcp or udp"):
+            native.ColoPrimary(tap.fileno(), mirror.fileno(), svm.fileno(), compare_timeout_ms=3000,
+                               max_queue_size=1024, passthrough=[("sctp", 9)], expired_scan_cycle_ms=1000,
+                               mirror_limit=1 << 20)
+    finally:
+        rings.close()
+        for sock in (tap_far, tap, mirror_far, mirror, svm_far, svm):
+            sock.close()
 
 
 # --- the secondary ---------------------------------------------------------------------
