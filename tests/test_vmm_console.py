@@ -11,7 +11,7 @@ from appliance.vmm import GUEST_PANICKED, SHUTDOWN, abi
 from appliance.vmm.devices import Console, ConsoleRing, ConsoleState
 from appliance.vmm.errors import GuestError
 from appliance.vmm.memory import dirty_pages
-from vmm_helpers import wait_for
+from vmm_helpers import migrate_in_process, wait_for
 
 U32 = 0xFFFFFFFF
 
@@ -171,26 +171,12 @@ def test_output_continues_across_save_and_restore(guest_images, vms, tmp_path):
 def test_output_continues_across_live_migration_and_the_dirty_log_sees_the_console(guest_images, vms, tmp_path):
     """Precopy while the guest prints: equal RAM at the end (the host-written consumer
     index included) and no line lost or printed twice between source and destination."""
-    from appliance.control.migration_settings import DEFAULT_PARAMETERS
-    from replication.destination import MigrationDestination
-    from replication.source import MigrationSource
-    from replication.transport import Listener
-    caps = {"xbzrle": False, "compress": False, "multifd": False, "auto-converge": False, "events": True,
-            "pause-before-switchover": False, "validate-uuid": False, "return-path": False, "release-ram": False}
     src = vms.new("probe", "mode=stream delay_us=100")
     dst = vms.new("probe", "mode=stream delay_us=100", start_paused=True)
     assert dst.set_state("prelaunch", "inmigrate")
     src.start()
     wait_for(lambda: len(stream_numbers(src.read_console())) > 100, what="lines before the migration")
-    uri = f"unix:{tmp_path}/mig.sock"
-    params = {**DEFAULT_PARAMETERS, "max-bandwidth": 0}
-    source = MigrationSource(src, uri, caps, params, {}, lambda *_: None)
-    destination = MigrationDestination(dst, Listener(uri), caps, False, lambda *_: None)
-    destination.start()
-    source.start()
-    source.join(60)
-    destination.join(60)
-    assert source.status == "completed" and destination.status == "completed", (source.error, destination.error)
+    migrate_in_process(src, dst, tmp_path)
     assert blake3.blake3(src.memory.mmap).digest() == blake3.blake3(dst.memory.mmap).digest()
     assert dst.console.state.cons == struct.unpack_from("<I", dst.memory.mmap, dst.console.state.ctrl + 64)[0]
     dst.resume()

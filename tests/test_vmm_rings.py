@@ -12,7 +12,7 @@ from native import _native, reference
 from appliance.vmm import GUEST_PANICKED, SHUTDOWN
 from appliance.vmm.devices import QueueBackend
 from appliance.vmm.memory import dirty_pages
-from vmm_helpers import wait_for
+from vmm_helpers import migrate_in_process, wait_for
 
 RAM = 1 << 20
 CTRL, TX, RX, BUFS = 0x1000, 0x2000, 0x3000, 0x10000
@@ -337,12 +337,6 @@ def test_live_migration_with_frames_in_flight(guest_images, vms, tmp_path):
     RX buffers during precopy, so equal RAM at the end proves the dirty log saw them; the
     destination then echoes the frames left in the ring, none lost, none twice."""
     import blake3
-    from appliance.control.migration_settings import DEFAULT_PARAMETERS
-    from replication.destination import MigrationDestination
-    from replication.source import MigrationSource
-    from replication.transport import Listener
-    caps = {"xbzrle": False, "compress": False, "multifd": False, "auto-converge": False, "events": True,
-            "pause-before-switchover": False, "validate-uuid": False, "return-path": False, "release-ram": False}
     src, src_backend = queue_vm(vms, "ms", "mode=slowecho delay_us=200")
     dst, dst_backend = queue_vm(vms, "md", "mode=slowecho delay_us=200", start_paused=True)
     assert dst.set_state("prelaunch", "inmigrate")
@@ -362,17 +356,11 @@ def test_live_migration_with_frames_in_flight(guest_images, vms, tmp_path):
     feeder = threading.Thread(target=feed)
     feeder.start()
     wait_for(lambda: src.nic.state.tx_frames > 200, what="echoes before the migration")
-    uri = f"unix:{tmp_path}/mig.sock"
-    params = {**DEFAULT_PARAMETERS, "max-bandwidth": 0}
-    source = MigrationSource(src, uri, caps, params, {}, lambda *_: None)
-    destination = MigrationDestination(dst, Listener(uri), caps, False, lambda *_: None)
-    destination.start()
-    source.start()
-    source.join(60)
-    destination.join(60)
-    stop.append(True)
-    feeder.join()
-    assert source.status == "completed" and destination.status == "completed", (source.error, destination.error)
+    try:
+        migrate_in_process(src, dst, tmp_path)
+    finally:
+        stop.append(True)
+        feeder.join()
     assert blake3.blake3(src.memory.mmap).digest() == blake3.blake3(dst.memory.mmap).digest()
     ctrl = src.nic.state.rings[0]
     rx_cons = struct.unpack_from("<I", src.memory.mmap, ctrl + reference.RING_RX_CONS)[0]

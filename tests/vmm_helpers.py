@@ -1,4 +1,5 @@
-"""Helpers shared by the tests/test_vmm_*.py files: guest images, waiting, memdirty checks."""
+"""Helpers shared by the tests/test_vmm_*.py files: guest images, waiting, memdirty checks,
+a plain live migration between two VMs of this process."""
 
 import os
 import re
@@ -75,3 +76,22 @@ def assert_one_step(counters):
     below = (first - 1) % 256
     broken = [i for i in range(step, len(counters)) if counters[i] != below]
     assert not broken, f"pages {broken[:5]}... break the one-step invariant (step at {step})"
+
+
+def migrate_in_process(src, dst, tmp_path):
+    """Precopy from the running `src` to `dst` (in state inmigrate, left paused) over a UNIX
+    socket, no capability on and no bandwidth limit; asserts both ends completed."""
+    from appliance.control.migration_settings import DEFAULT_PARAMETERS
+    from replication.destination import MigrationDestination
+    from replication.source import MigrationSource
+    from replication.transport import Listener
+    caps = {"xbzrle": False, "compress": False, "multifd": False, "auto-converge": False, "events": True,
+            "pause-before-switchover": False, "validate-uuid": False, "return-path": False, "release-ram": False}
+    uri = f"unix:{tmp_path}/mig.sock"
+    source = MigrationSource(src, uri, caps, {**DEFAULT_PARAMETERS, "max-bandwidth": 0}, {}, lambda *_: None)
+    destination = MigrationDestination(dst, Listener(uri), caps, False, lambda *_: None)
+    destination.start()
+    source.start()
+    source.join(60)
+    destination.join(60)
+    assert source.status == "completed" and destination.status == "completed", (source.error, destination.error)
