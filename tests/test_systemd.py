@@ -286,22 +286,24 @@ def test_a_guest_that_migrated_away_is_not_booted_again(tmp_path, guest_images):
     message that says how to clear it.  Taking the guest back with --incoming is allowed and clears it."""
     saved = tmp_path / "guest.mig"
     src = start_daemon(tmp_path, *GUEST, name="src")
-    s, f = qmp_connect(src.qmp)
-    s.sendall(json.dumps({"execute": "migrate", "arguments": {"uri": f"exec:cat > {saved}"}, "id": 1}).encode())
-    assert reply(f) == {"return": {}, "id": 1}
-    deadline = time.monotonic() + 60
-    while True:
-        s.sendall(b'{"execute": "query-migrate", "id": 2}\n')
-        if reply(f)["return"]["status"] == "completed":
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    s.close()
-    marker = tmp_path / "src.migrated-away"
-    record = json.loads(marker.read_text())
-    assert record["destination"] == f"exec:cat > {saved}" and stat.S_IMODE(marker.stat().st_mode) == 0o600
-    src.proc.kill()
-    src.proc.wait()
+    try:
+        s, f = qmp_connect(src.qmp)
+        s.sendall(json.dumps({"execute": "migrate", "arguments": {"uri": f"exec:cat > {saved}"}, "id": 1}).encode())
+        assert reply(f) == {"return": {}, "id": 1}
+        deadline = time.monotonic() + 60
+        while True:
+            s.sendall(b'{"execute": "query-migrate", "id": 2}\n')
+            if reply(f)["return"]["status"] == "completed":
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        s.close()
+        marker = tmp_path / "src.migrated-away"
+        record = json.loads(marker.read_text())
+        assert record["destination"] == f"exec:cat > {saved}" and stat.S_IMODE(marker.stat().st_mode) == 0o600
+    finally:
+        src.proc.kill()         # the crash the test is about (and no daemon left behind if it fails)
+        src.proc.wait()
 
     again = subprocess.run([sys.executable, "-m", "appliance.cli", "serve", "--name", "src", "--qmp", src.qmp,
                             "--no-http", "--state-dir", str(tmp_path), *GUEST],
