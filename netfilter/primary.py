@@ -109,7 +109,7 @@ class PrimaryFilters:
         self.channel.close()
 
     def counters(self) -> dict:
-        return {**self.comparer.counters, "channel": self.channel.endpoints,
+        return {**self.comparer.counters, "channel": self.channel.endpoints, "datapath": "python",
                 "mirrored": self.channel.frames_sent, "mirror-dropped": self.mirror_dropped,
                 "svm-frames": self.channel.frames_received, "stale-dropped": self.stale_dropped}
 
@@ -257,7 +257,7 @@ class NativePrimaryFilters:
     def counters(self) -> dict:
         counters = self.path.counters()
         return {**{flow: counters.pop(flow) for flow in FLOW_CLASSES}, "channel": self.channel.endpoints,
-                **counters}
+                "datapath": "c", **counters}
 
     def _lost(self, why: str) -> None:
         if not self._stopping.is_set():

@@ -147,7 +147,7 @@ class SecondaryFilters:
             self.nic.attach(QueueBackend())
 
     def counters(self) -> dict:
-        return {**self.rewriter.counters, "channel": self.channel.endpoints,
+        return {**self.rewriter.counters, "channel": self.channel.endpoints, "datapath": "python",
                 "from-primary": self.channel.frames_received,
                 "to-primary": self.channel.frames_sent,
                 "checkpoint-dropped": self.checkpoint_dropped, "svm-dropped": self.backend.dropped,
@@ -274,7 +274,8 @@ class NativeSecondaryFilters:
             detached.close()
 
     def counters(self) -> dict:
-        return {**self.rewriter.counters, "channel": self.channel.endpoints, **self.path.counters()}
+        return {**self.rewriter.counters, "channel": self.channel.endpoints, "datapath": "c",
+                **self.path.counters()}
 
     def _lost(self, why: str) -> None:
         if not self._stopping.is_set():

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+import native
+
 from test_colo import Pair, colo_exit, http_get, http_status, topo  # noqa: F401  (the topology fixture)
 from test_migration_nodes import RedisLoad, kvstore_args, wait_console
 
@@ -62,6 +64,7 @@ async def test_client_connection_survives_losing_the_primary(topo, guest_images,
         assert before > 20 and not client.errors, (before, client.errors)
         status = (await http_status(pair.daemons["a"]))["colo"]
         assert status["netfilter"]["tcp"]["matched"] > 0, status["netfilter"]
+        assert status["netfilter"]["datapath"] == ("c" if native.IMPLEMENTATION == "native" else "python")
         with b.listener() as events:
             pair.daemons["a"].proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
             assert await colo_exit(events) == {"mode": "secondary", "reason": "error"}

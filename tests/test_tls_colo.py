@@ -64,6 +64,8 @@ async def test_tls_colo_pair_protects_kvstore(topo, guest_images, tmp_path):
         # ... and the SVM's output comes back on the other connection (TLS too), one per direction.
         assert a_colo["netfilter"]["svm-frames"] > 0 and b_colo["netfilter"]["to-primary"] > 0
         assert a_colo["netfilter"]["channel"].startswith("out ") and ", in " in a_colo["netfilter"]["channel"]
+        # TLS is driven by Python's ssl: never the C datapath, which would write frames in clear.
+        assert a_colo["netfilter"]["datapath"] == b_colo["netfilter"]["datapath"] == "python"
         # A datagram without the session's MAC, even from the primary's own address, is dropped.
         with inside(topo.nodes["a"].namespace):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
