@@ -7,7 +7,8 @@ then kvstore under COLO losing its primary under load; then a COLO drill.
     4. the same benchmark runs again while the guest migrates from A to B
     5. a report: ops/s before and during, the migration's figures, client errors (none)
     6. kvstore under COLO on two fresh nodes (bench/colo_net_bench.py's steps): redis-benchmark
-       unprotected and under COLO, then the primary daemon killed (SIGKILL) while redis-benchmark
+       unprotected and under COLO, each node's daemon on a CPU of its own as if each node were a
+       host, then the primary daemon killed (SIGKILL) while redis-benchmark
        and a verifying client (one connection, numbered keys) run; a report: whether the
        client's connection carried on, the longest silence between two replies, every
        acknowledged key read back, ops/s unprotected vs under COLO, checkpoints by reason
@@ -175,12 +176,13 @@ def kvstore_colo_demo(workdir: str) -> bool:
     say(f"kvstore under COLO: two fresh nodes in fresh namespaces (logs in {workdir})")
     # pyroute2's namespace calls run their own event loop: the topology is made outside ours.
     with Topology(f"kvcolo{os.getpid() % 10000}", ["a", "b"]) as topo:
+        say("each node's daemon runs on a CPU of its own (taskset), as if each node were a host")
         say(f"redis-benchmark against kvstore unprotected (node a alone), {bench.REQUESTS} requests")
-        alone = asyncio.run(bench.unprotected(topo, workdir))
+        alone = asyncio.run(bench.unprotected(topo, workdir, pinned=True))
         say(f"node a primary, node b secondary, x-checkpoint-delay {COLO_DELAY_MS} ms: redis-benchmark under COLO, "
             f"then SIGKILL to node a's daemon {bench.CLIENT_SECONDS:.0f} s into redis-benchmark and a verifying client")
         colo = asyncio.run(bench.protected(topo, workdir, COLO_DELAY_MS, failover=True,
-                                           load_requests=COLO_LOAD_REQUESTS))
+                                           load_requests=COLO_LOAD_REQUESTS, pinned=True))
     failover = colo["failover"]
     all_present = failover["present"] == failover["acked"]
 
@@ -190,7 +192,7 @@ def kvstore_colo_demo(workdir: str) -> bool:
     for test in ("SET", "GET"):
         unprotected_rps, colo_rps = alone["tests"][test]["rps"], colo["tests"][test]["rps"]
         print(f"  {test} ops/s        : unprotected {unprotected_rps:>7.0f}   under COLO {colo_rps:>7.0f}   "
-              f"({colo_rps / unprotected_rps:.2f}x)")
+              f"({colo_rps / unprotected_rps:.2f}x, a CPU per node)")
     reasons = ", ".join(f"{reason} {count}" for reason, count in colo["checkpoints"].items())
     print(f"  checkpoints      : {reasons} (during the benchmark under COLO)")
     print(f"  takeover         : COLO_EXIT on node b {failover['takeover-s'] * 1000:.0f} ms after the SIGKILL "
