@@ -2,7 +2,8 @@
  * The COLO datapath in C: the NIC thread's serve loop (rings.c) with the COLO network
  * layer behind the guest's rings instead of the bare tap, so no frame costs Python work
  * (netfilter/primary.py and secondary.py wire it; their threads are its Python twin, used
- * with COLO_NATIVE=0 and on TLS channels, which Python's ssl drives).
+ * with COLO_NATIVE=0).  On a TLS channel its sockets are the plaintext ends of
+ * netfilter/channel.py's TlsRelay, whose threads hand the bytes to Python's ssl.
  *
  *   ColoPrimary.serve (the PVM's NIC thread)
  *     tap ──readv──► PVM RX ring

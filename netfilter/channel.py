@@ -96,17 +96,29 @@ class PacketChannel:
         for sock in (outbound, inbound):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # for the status page: where frames go out, and where they come in from
-        self.endpoints = f"out {endpoints_of(outbound)}, in {endpoints_of(inbound)}"
+        self.endpoints = f"out {endpoints_of(outbound)}, in {endpoints_of(inbound)}" + (
+            " (TLS)" if self.encrypted else "")
         self.frames_sent = 0
         self.frames_received = 0
         self._send_lock = threading.Lock()
         self._buffer = bytearray()
         self._pos = 0
+        self._relay: TlsRelay | None = None
 
     @property
     def encrypted(self) -> bool:
-        """TLS on the connections: Python's ssl must drive them (not the native datapath)."""
+        """TLS on the connections: Python's ssl drives them."""
         return isinstance(self.outbound, ssl.SSLSocket)
+
+    def native_fds(self) -> tuple[int, int]:
+        """(outbound, inbound): the descriptors the C datapath sends and receives the frames
+        on.  The sockets' own in clear; under TLS the plaintext ends of a TlsRelay started
+        here, since only Python's ssl can encrypt them."""
+        if not self.encrypted:
+            return self.outbound.fileno(), self.inbound.fileno()
+        if self._relay is None:
+            self._relay = TlsRelay(self.outbound, self.inbound)
+        return self._relay.fds()
 
     @classmethod
     def connect(cls, address: str, port: int, timeout: float = 10.0, tls: ClientTls | None = None) -> "PacketChannel":
@@ -177,6 +189,8 @@ class PacketChannel:
         """Never waits on the peer: both threads, reading or writing, fail at once.  The
         descriptors stay open, so a thread about to use one cannot reach a socket opened
         meanwhile under the same number: close() once the threads are gone."""
+        if self._relay is not None:
+            self._relay.closing = True
         for sock in (self.outbound, self.inbound):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -185,8 +199,66 @@ class PacketChannel:
 
     def close(self) -> None:
         self.shutdown()
+        if self._relay is not None:
+            self._relay.close()
         self.outbound.close()
         self.inbound.close()
+
+
+class TlsRelay:
+    """The C datapath on a TLS channel: it sends and receives the frames in clear on local
+    socket pairs, and one thread per direction carries the bytes to or from the connection's
+    SSL object in bulk (whatever has gathered, up to RELAY_CHUNK a call), so Python's work
+    is per burst, not per frame, and each SSL object still has one thread.
+
+        C datapath ──► pair ══ relay-out thread ══ SSL (outbound) ──► peer
+        C datapath ◄── pair ══ relay-in thread  ══ SSL (inbound)  ◄── peer
+
+    A failure on either side shuts the other: a broken or closed TLS connection reaches the
+    datapath as a closed socket, a lost peer; the datapath's end closing ends its thread.
+    """
+
+    RELAY_CHUNK = 256 * 1024
+
+    def __init__(self, outbound: ssl.SSLSocket, inbound: ssl.SSLSocket):
+        self._out_near, self._out_far = socket.socketpair()  # near: the datapath's; far: the thread's
+        self._in_near, self._in_far = socket.socketpair()
+        self.closing = False  # set by the channel's shutdown: errors from then on are expected
+        self._threads = [threading.Thread(target=self._carry, args=(self._out_far, outbound, "out"),
+                                          name="tls-relay-out", daemon=True),
+                         threading.Thread(target=self._carry, args=(inbound, self._in_far, "in"),
+                                          name="tls-relay-in", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def fds(self) -> tuple[int, int]:
+        return self._out_near.fileno(), self._in_near.fileno()
+
+    def _carry(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
+        try:
+            while data := source.recv(self.RELAY_CHUNK):
+                sink.sendall(data)
+        except OSError as e:
+            if not self.closing:
+                log.warning("packet channel relay (%s): %s", direction, e)
+        for sock in (source, sink):     # the other side sees the end at once
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """After PacketChannel.shutdown(): the SSL sockets are shut, so are the pairs here;
+        both threads end without waiting on the peer."""
+        for sock in (self._out_near, self._in_near, self._out_far, self._in_far):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join()
+        for sock in (self._out_near, self._in_near, self._out_far, self._in_far):
+            sock.close()
 
 
 def remaining(deadline: float) -> float:

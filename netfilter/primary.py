@@ -7,9 +7,10 @@
     compare inbox ──► comparer thread: Comparer ──► release ──► tap
                                           └─► mismatch/timeout ──► COLO checkpoint request
 
-That is the Python twin.  With the native build, the NIC on its bare tap and a plaintext
-channel (Python's ssl drives TLS), make_primary_filters gives NativePrimaryFilters: the
-same layer run by the PVM's NIC thread in C (native/colo_path.c), no thread of its own.
+That is the Python twin.  With the native build and the NIC on its bare tap,
+make_primary_filters gives NativePrimaryFilters: the same layer run by the PVM's NIC thread
+in C (native/colo_path.c), no thread of its own (on a TLS channel, through the channel's
+TlsRelay: only Python's ssl encrypts).
 
 Only the comparer thread touches the Comparer; everything reaches it through its
 inbox, in order.  A checkpoint puts a marker there: held PVM frames are released,
@@ -179,7 +180,7 @@ class PrimaryFilters:
 def make_primary_filters(nic, channel: PacketChannel, settings: NetfilterSettings,
                          request_checkpoint: Callable[[str], None], on_lost: Callable[[str], None]):
     """The datapath in C when it can run it (module docstring), else the Python threads."""
-    if native.IMPLEMENTATION == "native" and not channel.encrypted and type(nic.backend) is TapBackend:
+    if native.IMPLEMENTATION == "native" and type(nic.backend) is TapBackend:
         return NativePrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
     return PrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
 
@@ -232,7 +233,7 @@ class NativePrimaryFilters:
         self.on_lost = on_lost
         self._stopping = threading.Event()
         self.path = native.ColoPrimary(
-            self.tap.fd, channel.outbound.fileno(), channel.inbound.fileno(),
+            self.tap.fd, *channel.native_fds(),
             compare_timeout_ms=settings.compare_timeout_ms, max_queue_size=settings.max_queue_size,
             passthrough=settings.passthrough,
             expired_scan_cycle_ms=settings.expired_scan_cycle_ms, mirror_limit=MIRROR_LIMIT)

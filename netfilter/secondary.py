@@ -12,10 +12,11 @@ older epoch and is dropped unrewritten by the sender thread.  At failover the ta
 back behind a RewritingBackend, so connections whose sequence numbers were
 offset keep working for as long as they live.
 
-That is the Python twin.  With the native build and a plaintext channel (Python's ssl
-drives TLS), make_secondary_filters gives NativeSecondaryFilters: the redirector and the
-rewriter run by the SVM's NIC thread in C (native/colo_path.c), no thread of their own;
-SVM frames the channel cannot take yet wait in the guest's TX ring.
+That is the Python twin.  With the native build make_secondary_filters gives
+NativeSecondaryFilters: the redirector and the rewriter run by the SVM's NIC thread in C
+(native/colo_path.c), no thread of their own (on a TLS channel, through the channel's
+TlsRelay: only Python's ssl encrypts); SVM frames the channel cannot take yet wait in the
+guest's TX ring.
 """
 from __future__ import annotations
 
@@ -210,7 +211,7 @@ class SecondaryFilters:
 
 def make_secondary_filters(nic, channel: PacketChannel, on_lost: Callable[[str], None]):
     """The datapath in C when it can run it (module docstring), else the Python threads."""
-    if native.IMPLEMENTATION == "native" and not channel.encrypted:
+    if native.IMPLEMENTATION == "native":
         return NativeSecondaryFilters(nic, channel, on_lost)
     return SecondaryFilters(nic, channel, on_lost)
 
@@ -251,7 +252,8 @@ class NativeSecondaryFilters:
         self.on_lost = on_lost
         self.rewriter = Rewriter()
         self._stopping = threading.Event()
-        self.path = native.ColoSecondary(channel.inbound.fileno(), channel.outbound.fileno(), self.rewriter,
+        out_fd, in_fd = channel.native_fds()
+        self.path = native.ColoSecondary(in_fd, out_fd, self.rewriter,
                                          out_limit=OUT_LIMIT, diverge_at=DIVERGE_AT)
 
     def start(self) -> None:

@@ -1,5 +1,6 @@
 """The packet channel between a COLO pair: frames both ways, one connection per direction
 (with TLS, one SSL object per thread), and what it refuses, on either connection."""
+import os
 import shutil
 import socket
 import ssl
@@ -156,6 +157,86 @@ def test_stop_never_waits_on_a_frozen_peer(pki):
     writer.join(5)
     reader.join(5)
     assert time.monotonic() - started < 1.0 and len(errors) == 2
+    server.close()
+
+
+def read_exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_native_fds_are_the_sockets_own_in_clear():
+    client, server = connected_pair()
+    assert client.native_fds() == (client.outbound.fileno(), client.inbound.fileno())
+    assert not client.encrypted and "(TLS)" not in client.endpoints
+    client.close()
+    server.close()
+
+
+def test_tls_relay_carries_the_datapaths_clear_bytes_as_tls(pki):
+    """What the C datapath writes in clear on native_fds() reaches the peer's SSL object (so
+    it went on the wire as TLS), in bursts and in order, and the peer's frames come out in
+    clear the other way."""
+    client, server = connected_pair(pki)
+    assert client.encrypted and client.endpoints.endswith("(TLS)")
+    out_fd, in_fd = client.native_fds()
+    assert client.native_fds() == (out_fd, in_fd)         # one relay per channel
+    assert {out_fd, in_fd}.isdisjoint({client.outbound.fileno(), client.inbound.fileno()})
+    out_sock, in_sock = socket.socket(fileno=os.dup(out_fd)), socket.socket(fileno=os.dup(in_fd))
+    frames = [(i, i.to_bytes(4, "big") * (1 + i % 300)) for i in range(2000)]
+    wire = b"".join(FRAME_HEAD.pack(epoch, len(frame)) + frame for epoch, frame in frames)
+    sender = threading.Thread(target=out_sock.sendall, args=(wire,))
+    sender.start()
+    assert [server.recv() for _ in frames] == frames
+    sender.join(5)
+    server.send_many(frames[:500])
+    expected = b"".join(FRAME_HEAD.pack(epoch, len(frame)) + frame for epoch, frame in frames[:500])
+    assert read_exactly(in_sock, len(expected)) == expected
+    out_sock.close()
+    in_sock.close()
+    client.close()
+    server.close()
+
+
+def test_tls_relay_a_broken_connection_is_a_closed_socket_for_the_datapath(pki):
+    client, server = connected_pair(pki)
+    out_fd, in_fd = client.native_fds()
+    in_sock = socket.socket(fileno=os.dup(in_fd))
+    in_sock.settimeout(5)
+    server.close()                          # the peer goes: the datapath reads the end
+    assert in_sock.recv(100) == b""
+    out_sock = socket.socket(fileno=os.dup(out_fd))
+    with pytest.raises(OSError):            # and its writes fail soon after, never hang
+        for _ in range(1000):
+            out_sock.send(b"x" * 60000)
+            time.sleep(0.001)
+    in_sock.close()
+    out_sock.close()
+    client.close()
+
+
+def test_tls_relay_closes_without_waiting_on_a_frozen_peer(pki):
+    """The relay's writer blocked on a peer that reads nothing, and its reader on a peer that
+    sends nothing: close() ends both at once."""
+    client, server = connected_pair(pki)
+    out_fd, _ = client.native_fds()
+    out_sock = socket.socket(fileno=os.dup(out_fd))
+    out_sock.setblocking(False)
+    try:
+        while True:                         # until the peer's, the relay's and the pair's buffers are full
+            out_sock.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 1.0
+    assert not [t for t in threading.enumerate() if t.name.startswith("tls-relay")]
+    out_sock.close()
     server.close()
 
 

@@ -4,9 +4,13 @@ datagrams MAC'd under keys exchanged inside TLS.  A primary whose client certifi
 in the secondary's authz list is refused, and the secondary keeps waiting."""
 import asyncio
 import socket
+import threading
+import time
 import uuid
 
 import pytest
+
+import native
 
 from appliance.certs import make_certs
 from appliance.netns import inside
@@ -16,6 +20,38 @@ from test_migration_nodes import kvstore_args, wait_console
 
 pytestmark = [pytest.mark.kvm, pytest.mark.netns]
 GUEST_UUID = uuid.UUID("7a1f3c52-0d6b-4e8a-9c2f-5b1e0a9d4c37")
+
+
+class Capture:
+    """Every IPv4 frame on a node namespace's eth0 (its link to the client side and to the
+    other node) while the block runs: (source, destination, frame)."""
+
+    def __init__(self, namespace: str):
+        with inside(namespace):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+        self.sock.bind(("eth0", 0))
+        self.sock.settimeout(0.05)
+        self.frames: list[tuple[str, str, bytes]] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                frame = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if frame[12:14] == b"\x08\x00":
+                self.frames.append((socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34]), frame))
+
+    def __enter__(self) -> "Capture":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self.sock.close()
 
 
 def write_configs(tmp_path, topo, client_dir):
@@ -49,10 +85,18 @@ async def test_tls_colo_pair_protects_kvstore(topo, guest_images, tmp_path):
         assert (await a.execute("query-migrate-parameters"))["tls-creds"] == "tls0"
         await pair.enter_colo(delay=100)
         await pair.wait_checkpoints("a", 10)
-        # Client traffic goes through the packet channel (TLS) and is compared.
-        result = topo.run_client(["redis-cli", "-h", topo.guest_address, "SET", "k", "tls"],
-                                 capture_output=True, text=True, timeout=30)
-        assert result.stdout.strip() == "OK", result
+        # Client traffic goes through the packet channel (TLS) and is compared; node a's wire
+        # shows the client's bytes going to the guest, and never in clear to node b.
+        marker = uuid.uuid4().hex.encode()
+        with Capture(topo.nodes["a"].namespace) as wire:
+            result = topo.run_client(["redis-cli", "-h", topo.guest_address, "SET", "k", marker],
+                                     capture_output=True, text=True, timeout=30)
+            assert result.stdout.strip() == "OK", result
+            time.sleep(0.2)
+        nodes = {topo.nodes["a"].address, topo.nodes["b"].address}
+        between_nodes = [frame for src, dst, frame in wire.frames if {src, dst} == nodes]
+        assert any(marker in frame for src, dst, frame in wire.frames if dst == topo.guest_address)
+        assert between_nodes and not any(marker in frame for frame in between_nodes)
         await pair.wait_checkpoints("a", 15)
         await assert_digests_match(pair, 10)
         a_colo = (await http_status(pair.daemons["a"]))["colo"]
@@ -64,8 +108,11 @@ async def test_tls_colo_pair_protects_kvstore(topo, guest_images, tmp_path):
         # ... and the SVM's output comes back on the other connection (TLS too), one per direction.
         assert a_colo["netfilter"]["svm-frames"] > 0 and b_colo["netfilter"]["to-primary"] > 0
         assert a_colo["netfilter"]["channel"].startswith("out ") and ", in " in a_colo["netfilter"]["channel"]
-        # TLS is driven by Python's ssl: never the C datapath, which would write frames in clear.
-        assert a_colo["netfilter"]["datapath"] == b_colo["netfilter"]["datapath"] == "python"
+        # The C datapath, its frames through the TLS relay: the peers above are SSL objects, so
+        # what crossed went as TLS.
+        datapath = "c" if native.IMPLEMENTATION == "native" else "python"
+        assert a_colo["netfilter"]["datapath"] == b_colo["netfilter"]["datapath"] == datapath
+        assert a_colo["netfilter"]["channel"].endswith("(TLS)") and b_colo["netfilter"]["channel"].endswith("(TLS)")
         # A datagram without the session's MAC, even from the primary's own address, is dropped.
         with inside(topo.nodes["a"].namespace):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
