@@ -91,9 +91,10 @@ class Node:
         self.log.close()
 
 
-async def colo_pair(topo, workdir, guest: list[str], delay_ms: int):
-    a = Node(topo, "a", workdir, guest)
-    b = Node(topo, "b", workdir, guest + ["--incoming", f"tcp:0.0.0.0:{PORT}"])
+async def colo_pair(topo, workdir, guest: list[str], delay_ms: int, a_args: tuple = (), b_args: tuple = ()):
+    """Node a protected by node b; ``a_args``, ``b_args``: more daemon flags for each."""
+    a = Node(topo, "a", workdir, guest + list(a_args))
+    b = Node(topo, "b", workdir, guest + list(b_args) + ["--incoming", f"tcp:0.0.0.0:{PORT}"])
     await a.connect()
     await b.connect()
     await asyncio.sleep(1.0)                      # the workload reaches its rate

@@ -6,7 +6,7 @@ failover a client sees on its own TCP connection.
 Node daemons in network namespaces as bench/colo_bench.py starts them (Node, colo_pair),
 kvstore on the service network, every client in the client namespace.  The baseline is
 the same guest on a single node without COLO, measured in the same run.  Per
-configuration: redis-benchmark (SET and GET, 50 clients, the median of 3 runs) for throughput and latency, the
+configuration (COLO also with TLS on its channels): redis-benchmark (SET and GET, 50 clients, the median of 3 runs) for throughput and latency, the
 checkpoints taken meanwhile by reason, the daemons' CPU per request; then one verifying
 client (one connection, numbered keys, every reply checked) for single-connection latency.
 Failover: the primary daemon gets SIGKILL while that client runs; the longest silence
@@ -30,7 +30,8 @@ import time
 import psutil
 
 from colo_bench import Node, colo_pair
-from appliance.netns import Topology  # (colo_bench has put the repository on sys.path)
+from appliance.certs import make_certs  # (colo_bench has put the repository on sys.path)
+from appliance.netns import Topology
 from report import machine, write_section
 
 HEADING = "## COLO network"
@@ -303,18 +304,37 @@ async def two_unprotected(topo: Topology, workdir: str) -> dict:
         await a.close()
 
 
+def tls_configs(topo: Topology, workdir: str) -> tuple[list[str], list[str]]:
+    """Node configs with TLS on every COLO channel (docs/security.md): a the client, b the server."""
+    pki = os.path.join(workdir, "pki")
+    make_certs(pki, [topo.nodes["b"].address], "/O=colo-appliance/CN=node-a")
+    configs = {"a": f'[tls-creds.tls0]\ndir = "{pki}"\nendpoint = "client"\n\n[migration]\ntls_creds = "tls0"\n',
+               "b": f'[tls-creds.tls0]\ndir = "{pki}"\nendpoint = "server"\nverify-peer = true\n\n'
+                    '[authz.auth0]\nidentities = ["CN=node-a,O=colo-appliance"]\n\n'
+                    '[migration]\ntls_creds = "tls0"\ntls_authz = "auth0"\n'}
+    flags = []
+    for node, text in configs.items():
+        path = os.path.join(workdir, f"{node}-tls.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        flags.append(["--config", path])
+    return flags[0], flags[1]
+
+
 async def protected(topo: Topology, workdir: str, delay_ms: int, failover: bool, load_requests: int = 0,
-                    pinned: bool = False) -> dict:
+                    pinned: bool = False, tls: bool = False) -> dict:
     """Under COLO at ``delay_ms``; with ``failover``, the primary is killed at the end (with
-    ``load_requests``, while redis-benchmark runs too); with ``pinned``, a CPU per node."""
-    a, b = await colo_pair(topo, workdir, kvstore_args(topo), delay_ms)
+    ``load_requests``, while redis-benchmark runs too); with ``pinned``, a CPU per node; with
+    ``tls``, TLS on the COLO connection and the packet channel."""
+    a_args, b_args = tls_configs(topo, workdir) if tls else ((), ())
+    a, b = await colo_pair(topo, workdir, kvstore_args(topo), delay_ms, a_args, b_args)
     try:
         before = await filters_up(a)
         if pinned:
             pin([a, b])
         figures = await asyncio.to_thread(loaded, topo, [a, b])
         after = a.status()["colo"]
-        figures.update(delay=delay_ms, checkpoints={reason: after["checkpoints"][reason] - before["checkpoints"][reason]
+        figures.update(delay=delay_ms, tls=tls, checkpoints={reason: after["checkpoints"][reason] - before["checkpoints"][reason]
                                                     for reason in after["checkpoints"]},
                        pause_p99=after["pause-ms"]["p99"],
                        compare={key: after["netfilter"]["tcp"][key] - before["netfilter"]["tcp"][key]
@@ -343,6 +363,8 @@ def measure(workdir: str) -> tuple[dict, list[dict]]:
         with fresh_topology() as topo:
             rows.append(asyncio.run(protected(topo, workdir, delay, failover=delay == FAILOVER_DELAY_MS)))
     with fresh_topology() as topo:
+        rows.append(asyncio.run(protected(topo, workdir, FAILOVER_DELAY_MS, failover=False, tls=True)))
+    with fresh_topology() as topo:
         pinned_baseline = asyncio.run(unprotected(topo, workdir, pinned=True))
     with fresh_topology() as topo:
         pinned_row = asyncio.run(protected(topo, workdir, FAILOVER_DELAY_MS, failover=False, pinned=True))
@@ -361,6 +383,10 @@ def throughput_rows(configurations: list[tuple[str, dict]], baseline: dict) -> l
     return out
 
 
+def colo_name(row: dict) -> str:
+    return f"COLO, x-checkpoint-delay {row['delay']} ms" + (", TLS channels" if row["tls"] else "")
+
+
 def worst_ratio(row: dict, baseline: dict) -> float:
     return min(row["tests"][t]["rps"] / baseline["tests"][t]["rps"] for t in ("SET", "GET"))
 
@@ -374,13 +400,14 @@ def markdown(baseline: dict, two_guests: dict, rows: list[dict], pinned_baseline
            f"{REQUESTS:,} requests, {CLIENTS} clients, unpipelined, the median of {ROUNDS} runs. *CPU/request* is the",
            "node daemons' CPU time",
            "over the requests (primary + secondary under COLO); *host busy* the share of all the host's CPUs",
-           "in use during the run.", "",
+           "in use during the run. *TLS channels*: TLS (docs/security.md) on the COLO connection and the",
+           "packet channel, whose frames the C datapath hands to Python's ssl through a relay.", "",
            "| configuration | test | ops/s | / unprotected | p50 ms | p99 ms | CPU/request µs | host busy |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
-    configurations = [("unprotected", baseline)] + [(f"COLO, x-checkpoint-delay {r['delay']} ms", r) for r in rows]
+    configurations = [("unprotected", baseline)] + [(colo_name(r), r) for r in rows]
     out += throughput_rows(configurations[:1] + [("two unprotected guests at once, per guest", two_guests)]
                            + configurations[1:], baseline)
-    floor_row = next(r for r in rows if r["delay"] == FAILOVER_DELAY_MS)
+    floor_row = next(r for r in rows if r["delay"] == FAILOVER_DELAY_MS and not r["tls"])
     out += ["", "*Two unprotected guests at once* is node a's and node b's guest side by side, each with its own",
             f"redis-benchmark as above, all on the same two CPUs: the work COLO gives these CPUs, a primary and a",
             "secondary guest, without COLO.  Under COLO at {} ms a guest gets {:.2f}x what it gets there.".format(
@@ -407,7 +434,7 @@ def markdown(baseline: dict, two_guests: dict, rows: list[dict], pinned_baseline
             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         c, f = r["checkpoints"], r["compare"]
-        out.append(f"| {r['delay']} | {c['periodic']} | {c['request']} | {c['mismatch']} | {r['pause_p99']:.1f} | "
+        out.append(f"| {r['delay']}{' (TLS)' if r['tls'] else ''} | {c['periodic']} | {c['request']} | {c['mismatch']} | {r['pause_p99']:.1f} | "
                    f"{f['mismatches']} | {f['timeouts']} | {f['dropped']} |")
 
     out += ["", f"One verifying client alone for {CLIENT_SECONDS:.0f} s (one connection, one SET at a time); "
