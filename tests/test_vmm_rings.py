@@ -393,7 +393,11 @@ def test_the_clock_page_time_follows_the_guest_clock_across_a_restore(guest_imag
     restored.resume()
     wait_for(lambda: len(pairs(restored)) >= 5, what="clock lines after the restore")
     restored.pause()
-    for page, hypercall in pairs(vm) + pairs(restored):
-        assert 0 <= hypercall - page < 5_000_000, (page, hypercall)  # the exit sits between them
+    for seen in (pairs(vm), pairs(restored)):
+        # The exit sits between the two reads: never negative, typically tens of µs.  A wrong
+        # clock shifts every pair; a preempted vCPU only stretches one (so: the median, and a
+        # wide bound for each).
+        gaps = sorted(hypercall - page for page, hypercall in seen)
+        assert gaps[0] >= 0 and gaps[-1] < 100_000_000 and gaps[len(gaps) // 2] < 1_000_000, seen
     assert min(page for page, _ in pairs(restored)) >= stopped_at
     assert pairs(restored)[-1][0] > stopped_at
