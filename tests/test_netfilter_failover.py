@@ -49,8 +49,15 @@ class VerifyingClient(RedisLoad):
             assert self.call(b"GET", b"key%d" % i) == b"value%d" % i, f"acknowledged key{i} lost"
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
-async def test_client_connection_survives_losing_the_primary(topo, guest_images, tmp_path, how):  # noqa: F811
+@pytest.mark.parametrize("how, datapath", [("kill", "c"), ("stop", "c"), ("kill", "python")])
+async def test_client_connection_survives_losing_the_primary(topo, guest_images, tmp_path, monkeypatch,  # noqa: F811
+                                                             how, datapath):
+    """The C datapath, and its Python twin (the daemons run with COLO_NATIVE=0) end to end
+    (a whole run with COLO_NATIVE=0 has only the twin)."""
+    if datapath == "python":
+        monkeypatch.setenv("COLO_NATIVE", "0")
+    elif native.IMPLEMENTATION != "native":
+        datapath = "python"
     pair = Pair(topo, tmp_path, kvstore_args(topo))
     try:
         _, a = await pair.start("a")
@@ -64,7 +71,7 @@ async def test_client_connection_survives_losing_the_primary(topo, guest_images,
         assert before > 20 and not client.errors, (before, client.errors)
         status = (await http_status(pair.daemons["a"]))["colo"]
         assert status["netfilter"]["tcp"]["matched"] > 0, status["netfilter"]
-        assert status["netfilter"]["datapath"] == ("c" if native.IMPLEMENTATION == "native" else "python")
+        assert status["netfilter"]["datapath"] == datapath
         with b.listener() as events:
             pair.daemons["a"].proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
             assert await colo_exit(events) == {"mode": "secondary", "reason": "error"}
