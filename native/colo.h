@@ -78,7 +78,7 @@ size_t rw_connections(const rewriter *r);
 const uint64_t *rw_counters(const rewriter *r);    /* [RW_COUNTERS] */
 /* The learned offset of a TCP connection (either direction's addresses and ports, host
  * order): 1 and *offset, or 0 when untracked or not learned yet (Rewriter.offset(key)). */
-int rw_offset(const rewriter *r, uint32_t ip_a, unsigned port_a, uint32_t ip_b, unsigned port_b,
+int rw_offset(rewriter *r, uint32_t ip_a, unsigned port_a, uint32_t ip_b, unsigned port_b,
               uint32_t *offset);
 /* The rewriter inside a native.Rewriter object (borrowed: it lives as long as the object),
  * so a datapath loop works on the state the Python side reads; NULL and TypeError for any

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "colo.h"
+#include "conn_table.h"
 
 #define SEQ_NONE (-1)   /* an absent sequence number (Python's None); present ones are 0..2**32-1 */
 
@@ -203,7 +204,7 @@ typedef struct {
 } conn_key;
 
 typedef struct conn {
-    struct conn *chain;                 /* the next in its hash bucket */
+    conn_link link;                     /* in the table (first: conn_table.h) */
     struct conn *prev, *next;           /* every connection, for scans and checkpoints */
     conn_key key;
     bool active;                        /* a frame since the last checkpoint */
@@ -232,8 +233,7 @@ struct comparer {
     cmp_release_fn release;
     cmp_checkpoint_fn request_checkpoint;
     void *ctx;
-    conn **buckets;                     /* chained hash table, a power of two long */
-    size_t n_buckets, n_conns;
+    conn_table table;
     conn *all;                          /* the list of every connection */
     size_t held;                        /* primary frames held, over all connections */
     uint64_t order;
@@ -263,43 +263,23 @@ static bool key_equal(const conn_key *x, const conn_key *y)
         && x->port_a == y->port_a && x->port_b == y->port_b;
 }
 
-static size_t key_hash(const conn_key *k)
+static uint64_t hash_of(const comparer *c, const conn_key *k)
 {
-    uint64_t h = ((uint64_t)k->ip_a << 32 | k->ip_b) * 0x9E3779B97F4A7C15ULL;
-    h ^= ((uint64_t)k->port_a << 32 | (uint64_t)k->port_b << 16 | (uint64_t)k->flow << 8 | k->protocol)
-         * 0xC2B2AE3D27D4EB4FULL;
-    h ^= h >> 29;
-    h *= 0xBF58476D1CE4E5B9ULL;
-    return (size_t)(h ^ h >> 32);
+    return ct_hash(&c->table, (uint64_t)k->ip_a << 32 | k->ip_b,
+                   (uint64_t)k->port_a << 32 | (uint64_t)k->port_b << 16 | (uint64_t)k->flow << 8 | k->protocol);
 }
 
-/* Doubles the table when connections outnumber buckets; on no memory, keeps the old one
- * (longer chains, still correct). */
-static void table_grow(comparer *c)
+static int same_key(const conn_link *link, const void *key)
 {
-    size_t n = c->n_buckets * 2;
-    conn **buckets = calloc(n, sizeof *buckets);
-    if (!buckets)
-        return;
-    for (conn *x = c->all; x; x = x->next) {
-        size_t i = key_hash(&x->key) & (n - 1);
-        x->chain = buckets[i];
-        buckets[i] = x;
-    }
-    free(c->buckets);
-    c->buckets = buckets;
-    c->n_buckets = n;
+    return key_equal(&((const conn *)link)->key, key);
 }
 
 /* _connection: the connection, created when new, marked active.  NULL on no memory. */
 static conn *connection(comparer *c, const pkt_info *k)
 {
     conn_key key = key_of(k);
-    size_t i = key_hash(&key) & (c->n_buckets - 1);
-    conn *x;
-    for (x = c->buckets[i]; x; x = x->chain)
-        if (key_equal(&x->key, &key))
-            break;
+    uint64_t hash = hash_of(c, &key);
+    conn *x = (conn *)*ct_find(&c->table, hash, same_key, &key);
     if (!x) {
         x = calloc(1, sizeof *x);
         if (!x)
@@ -307,14 +287,11 @@ static conn *connection(comparer *c, const pkt_info *k)
         x->key = key;
         x->base = x->syn_seq = x->secondary_syn_seq = x->secondary_acked = SEQ_NONE;
         x->primary_end = x->primary_acked = x->primary_syn_seq = SEQ_NONE;
-        x->chain = c->buckets[i];
-        c->buckets[i] = x;
         x->next = c->all;
         if (c->all)
             c->all->prev = x;
         c->all = x;
-        if (++c->n_conns > c->n_buckets)
-            table_grow(c);
+        ct_insert(&c->table, &x->link, hash);
     }
     x->active = true;
     return x;
@@ -333,17 +310,13 @@ static void conn_clear(comparer *c, conn *x)
 
 static void conn_delete(comparer *c, conn *x)
 {
-    conn **p = &c->buckets[key_hash(&x->key) & (c->n_buckets - 1)];
-    while (*p != x)
-        p = &(*p)->chain;
-    *p = x->chain;
+    ct_unlink(&c->table, ct_find(&c->table, x->link.hash, same_key, &x->key));
     if (x->prev)
         x->prev->next = x->next;
     else
         c->all = x->next;
     if (x->next)
         x->next->prev = x->prev;
-    c->n_conns--;
     conn_clear(c, x);
     list_free(&x->primary);
     list_free(&x->secondary);
@@ -805,10 +778,8 @@ static comparer *comparer_create(double compare_timeout, size_t max_queue_size,
     c->release = release;
     c->request_checkpoint = request_checkpoint;
     c->ctx = ctx;
-    c->n_buckets = 64;
-    c->buckets = calloc(c->n_buckets, sizeof *c->buckets);
     c->passthrough = malloc((n_passthrough ? n_passthrough : 1) * sizeof *c->passthrough);
-    if (!c->buckets || !c->passthrough) {
+    if (ct_init(&c->table) < 0 || !c->passthrough) {
         cmp_free(c);
         return NULL;
     }
@@ -831,9 +802,9 @@ void cmp_free(comparer *c)
 {
     if (!c)
         return;
-    if (c->buckets)
+    if (c->table.buckets)
         delete_all(c);
-    free(c->buckets);
+    free(c->table.buckets);
     free(c->passthrough);
     free(c);
 }

@@ -8,7 +8,7 @@
  *   native.Rewriter   a Python type around them with netfilter.rewriter.PyRewriter's API,
  *                     for the Python-wired path and the tests (both tested against it).
  *
- * Connections live in a chained hash table keyed by their two (address, port) ends, sorted
+ * Connections live in a conn_table.h table keyed by their two (address, port) ends, sorted
  * so both directions find the same entry (Packet.key for TCP).  A frame costs one parse,
  * one lookup and, when rewritten, one checksum pass; only scan_expired walks the table.
  */
@@ -20,13 +20,13 @@
 #include <time.h>
 
 #include "colo.h"
+#include "conn_table.h"
 
 enum { TCP_OPTION_END = 0, TCP_OPTION_NOP = 1, TCP_OPTION_SACK = 5 };
-enum { FIRST_BUCKETS = 64 };
 
 /* A connection the SVM opened (or accepted) since the last checkpoint. */
 typedef struct connection {
-    struct connection *next;        /* in its bucket's chain */
+    conn_link link;                 /* in the table (first: conn_table.h) */
     uint32_t ip_lo, ip_hi;          /* the two ends, the lower (ip, port) first */
     unsigned port_lo, port_hi;
     uint32_t svm_isn;
@@ -39,10 +39,7 @@ typedef struct connection {
 
 struct rewriter {
     double idle_timeout, close_linger;
-    connection **buckets;
-    size_t n_buckets;               /* a power of two */
-    size_t count;
-    uint64_t seed;                  /* differs per table, so no fixed set of ports shares a chain */
+    conn_table table;
     int failed_over;
     uint64_t counters[RW_COUNTERS];
 };
@@ -60,68 +57,21 @@ static ends ends_of(uint32_t ip_a, unsigned port_a, uint32_t ip_b, unsigned port
     return (ends){ip_b, ip_a, port_b, port_a};
 }
 
-/* splitmix64's finaliser: every input bit reaches every output bit. */
-static uint64_t mix64(uint64_t h)
+static uint64_t hash_of(const rewriter *r, const ends *e)
 {
-    h ^= h >> 30;
-    h *= 0xBF58476D1CE4E5B9ULL;
-    h ^= h >> 27;
-    h *= 0x94D049BB133111EBULL;
-    return h ^ (h >> 31);
+    return ct_hash(&r->table, (uint64_t)e->ip_lo << 32 | e->ip_hi, (uint64_t)e->port_lo << 16 | e->port_hi);
 }
 
-static size_t bucket_of(const rewriter *r, const ends *e)
+static int same_ends(const conn_link *link, const void *key)
 {
-    uint64_t h = mix64(((uint64_t)e->ip_lo << 32 | e->ip_hi) ^ r->seed);
-    h = mix64(h ^ ((uint64_t)e->port_lo << 16 | e->port_hi));
-    return (size_t)h & (r->n_buckets - 1);
-}
-
-static int same_ends(const connection *c, const ends *e)
-{
+    const connection *c = (const connection *)link;
+    const ends *e = key;
     return c->ip_lo == e->ip_lo && c->ip_hi == e->ip_hi && c->port_lo == e->port_lo && c->port_hi == e->port_hi;
 }
 
-static connection *find(const rewriter *r, const ends *e)
+static connection *find(rewriter *r, const ends *e)
 {
-    connection *c = r->buckets[bucket_of(r, e)];
-    while (c && !same_ends(c, e))
-        c = c->next;
-    return c;
-}
-
-/* The link that points at the connection, or the NULL at the end of its chain. */
-static connection **find_link(rewriter *r, const ends *e)
-{
-    connection **link = &r->buckets[bucket_of(r, e)];
-    while (*link && !same_ends(*link, e))
-        link = &(*link)->next;
-    return link;
-}
-
-/* Doubles the bucket array; on no memory the old one stays (chains just get longer). */
-static void grow(rewriter *r)
-{
-    size_t n = r->n_buckets * 2;
-    connection **buckets = calloc(n, sizeof *buckets);
-    if (!buckets)
-        return;
-    connection **old = r->buckets;
-    size_t old_n = r->n_buckets;
-    r->buckets = buckets;
-    r->n_buckets = n;
-    for (size_t i = 0; i < old_n; i++) {
-        connection *c = old[i];
-        while (c) {
-            connection *next = c->next;
-            ends e = {c->ip_lo, c->ip_hi, c->port_lo, c->port_hi};
-            size_t b = bucket_of(r, &e);
-            c->next = buckets[b];
-            buckets[b] = c;
-            c = next;
-        }
-    }
-    free(old);
+    return (connection *)*ct_find(&r->table, hash_of(r, e), same_ends, e);
 }
 
 rewriter *rw_new(double idle_timeout_s, double close_linger_s)
@@ -129,15 +79,10 @@ rewriter *rw_new(double idle_timeout_s, double close_linger_s)
     rewriter *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;
-    r->buckets = calloc(FIRST_BUCKETS, sizeof *r->buckets);
-    if (!r->buckets) {
+    if (ct_init(&r->table) < 0) {
         free(r);
         return NULL;
     }
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    r->n_buckets = FIRST_BUCKETS;
-    r->seed = mix64((uint64_t)(uintptr_t)r ^ (uint64_t)ts.tv_nsec << 20 ^ (uint64_t)ts.tv_sec);
     r->idle_timeout = idle_timeout_s;
     r->close_linger = close_linger_s;
     return r;
@@ -145,24 +90,15 @@ rewriter *rw_new(double idle_timeout_s, double close_linger_s)
 
 void rw_checkpoint(rewriter *r)
 {
-    for (size_t i = 0; i < r->n_buckets; i++) {
-        connection *c = r->buckets[i];
-        while (c) {
-            connection *next = c->next;
-            free(c);
-            c = next;
-        }
-        r->buckets[i] = NULL;
-    }
-    r->count = 0;
+    ct_clear(&r->table);
 }
 
 void rw_free(rewriter *r)
 {
     if (!r)
         return;
-    rw_checkpoint(r);
-    free(r->buckets);
+    ct_clear(&r->table);
+    free(r->table.buckets);
     free(r);
 }
 
@@ -244,30 +180,25 @@ int rw_from_guest(rewriter *r, uint8_t *frame, size_t len, double now)
     if (!parse_tcp(r, frame, len, &k))
         return 0;
     ends e = ends_of(k.src, k.sport, k.dst, k.dport);
-    connection **link = find_link(r, &e);
-    connection *c = *link;
+    uint64_t hash = hash_of(r, &e);
+    conn_link **link = ct_find(&r->table, hash, same_ends, &e);
+    connection *c = (connection *)*link;
     if ((k.tcp_flags & PKT_SYN) && (!c || c->svm_isn != k.seq)) {
         if (r->failed_over) {       /* a new connection: not ours to rewrite */
             if (c) {
-                *link = c->next;
+                ct_unlink(&r->table, link);
                 free(c);
-                r->count--;
             }
             return 0;
         }
-        if (!c) {
-            c = malloc(sizeof *c);
-            if (!c)                 /* no memory: untracked, so never rewritten */
-                return 0;
-            c->next = NULL;
-            *link = c;
-            r->count++;
-        }
+        int fresh = !c;
+        if (fresh && !(c = malloc(sizeof *c)))
+            return 0;               /* no memory: untracked, so never rewritten */
         /* Tracked from this SYN on, learned afresh (Python replaces its _Tracked). */
-        *c = (connection){.next = c->next, .ip_lo = e.ip_lo, .ip_hi = e.ip_hi, .port_lo = e.port_lo,
-                          .port_hi = e.port_hi, .svm_isn = k.seq, .last_seen = now};
-        if (r->count > r->n_buckets)
-            grow(r);
+        *c = (connection){.link = fresh ? (conn_link){0} : c->link, .ip_lo = e.ip_lo, .ip_hi = e.ip_hi,
+                          .port_lo = e.port_lo, .port_hi = e.port_hi, .svm_isn = k.seq, .last_seen = now};
+        if (fresh)
+            ct_insert(&r->table, &c->link, hash);
         return 0;
     }
     if (!c)
@@ -287,29 +218,28 @@ int rw_from_guest(rewriter *r, uint8_t *frame, size_t len, double now)
 size_t rw_scan_expired(rewriter *r, double now)
 {
     size_t expired = 0;
-    for (size_t i = 0; i < r->n_buckets; i++) {
-        connection **link = &r->buckets[i];
+    for (size_t i = 0; i < r->table.n_buckets; i++) {
+        conn_link **link = &r->table.buckets[i];
         while (*link) {
-            connection *c = *link;
+            connection *c = (connection *)*link;
             if ((c->closed && now - c->closed_at >= r->close_linger) || now - c->last_seen >= r->idle_timeout) {
-                *link = c->next;
+                ct_unlink(&r->table, link);
                 free(c);
                 expired++;
             } else {
-                link = &c->next;
+                link = &c->link.chain;
             }
         }
     }
-    r->count -= expired;
     return expired;
 }
 
 void rw_failover(rewriter *r) { r->failed_over = 1; }
 int rw_failed_over(const rewriter *r) { return r->failed_over; }
-size_t rw_connections(const rewriter *r) { return r->count; }
+size_t rw_connections(const rewriter *r) { return r->table.count; }
 const uint64_t *rw_counters(const rewriter *r) { return r->counters; }
 
-int rw_offset(const rewriter *r, uint32_t ip_a, unsigned port_a, uint32_t ip_b, unsigned port_b, uint32_t *offset)
+int rw_offset(rewriter *r, uint32_t ip_a, unsigned port_a, uint32_t ip_b, unsigned port_b, uint32_t *offset)
 {
     ends e = ends_of(ip_a, port_a, ip_b, port_b);
     const connection *c = find(r, &e);

@@ -290,6 +290,25 @@ def test_udp_ports_are_compared(h):
     assert h.released == [] and not h.requests
 
 
+def test_thousands_of_connections_each_matched_on_its_own(h):
+    """Past the table's first buckets (it grows several times), connections found again in
+    another order, and forgotten at the checkpoints: each still compares on its own."""
+    ports = range(20000, 23000)
+    for port in ports:
+        h.comparer.primary(udp_frame(b"p%d" % port, sport=53, dport=port))
+    assert h.comparer.held == len(ports)
+    for port in reversed(ports):
+        h.comparer.secondary(udp_frame(b"p%d" % port, sport=53, dport=port))
+    assert len(h.take()) == len(ports) and h.comparer.held == 0 and not h.requests
+    assert h.count("udp", "matched") == len(ports)
+    h.comparer.checkpoint()                 # UDP connections are forgotten
+    h.comparer.primary(udp_frame(b"again", sport=53, dport=ports[7]))
+    h.comparer.secondary(udp_frame(b"other", sport=53, dport=ports[8]))   # another connection: no match
+    assert h.comparer.held == 1 and not h.requests
+    h.comparer.secondary(udp_frame(b"again", sport=53, dport=ports[7]))
+    assert len(h.take()) == 1 and h.comparer.held == 0
+
+
 def test_icmp(h):
     reply = icmp_frame(0, ident=3, sequence=1, payload=b"abc")
     h.comparer.primary(reply)

@@ -204,6 +204,25 @@ def test_close_and_idle_expiry(new_rewriter):
     assert rw.scan_expired() == 1
 
 
+def test_thousands_of_connections_each_keeps_its_own_offset(new_rewriter):
+    """Past the table's first buckets (it grows several times): every connection found with
+    its own offset, closed ones expire, the rest stay found."""
+    clock = Clock()
+    rw = new_rewriter(clock=clock, close_linger_s=10, idle_timeout_s=1000)
+    ports = range(20000, 23000)
+    for i, port in enumerate(ports):
+        rw.from_guest(tcp_frame(seq=i, flags=SYN, sport=port, dport=443))
+        rw.to_guest(tcp_frame(seq=7, ack=i * 1000 + 1, flags=SYN | ACK, sport=443, dport=port, src=CLIENT, dst=GUEST))
+    assert rw.counters["connections"] == len(ports) and rw.counters["learned"] == len(ports)
+    key = lambda port: parse(tcp_frame(sport=port, dport=443)).key  # noqa: E731
+    assert all(rw.offset(key(port)) == i * 999 for i, port in enumerate(ports))
+    for port in ports[::2]:
+        rw.to_guest(tcp_frame(seq=8, flags=RST | ACK, sport=443, dport=port, src=CLIENT, dst=GUEST))
+    clock.now += 10
+    assert rw.scan_expired() == len(ports) // 2 and rw.counters["connections"] == len(ports) // 2
+    assert all(rw.offset(key(port)) == (i * 999 if i % 2 else None) for i, port in enumerate(ports))
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["to_guest", "from_guest", "checkpoint"]),
                           st.one_of(st.binary(max_size=80),
