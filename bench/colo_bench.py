@@ -101,9 +101,21 @@ async def colo_pair(topo, workdir, guest: list[str], delay_ms: int, a_args: tupl
     await a.qmp.execute("migrate-set-parameters", {"x-checkpoint-delay": delay_ms, "max-bandwidth": 0})
     with a.qmp.listener("MIGRATION") as events:
         await a.qmp.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
-        while (await asyncio.wait_for(events.get(), 60))["data"]["status"] != "colo":
+        try:
+            while (await asyncio.wait_for(events.get(), 60))["data"]["status"] not in ("colo", "failed", "cancelled"):
+                pass
+        except asyncio.TimeoutError:
             pass
+        info = await a.qmp.execute("query-migrate")
+        if info["status"] != "colo":
+            raise RuntimeError(f"COLO did not start: migration {info['status']} {info.get('error-desc', '')}\n"
+                               f"node a's log ends:\n{log_tail(a)}\nnode b's log ends:\n{log_tail(b)}")
     return a, b
+
+
+def log_tail(node: Node, lines: int = 15) -> str:
+    with open(node.log.name) as f:
+        return "".join(f.readlines()[-lines:])
 
 
 async def checkpoint_figures(topo, workdir, mib_per_checkpoint: int, delay_ms: int, seconds: float,
