@@ -43,7 +43,7 @@ import time
 from typing import Callable
 
 from replication.tls import ClientTls, ServerTls, TlsError
-from replication.transport import keepalive
+from replication.transport import keepalive, shut_down
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def endpoints_of(sock: socket.socket) -> str:
 
 def close_quietly(sock: socket.socket) -> None:
     """Shut down first: a thread blocked on the socket wakes at once, even on a frozen peer."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    shut_down(sock)
     sock.close()
 
 
@@ -192,10 +189,7 @@ class PacketChannel:
         if self._relay is not None:
             self._relay.closing = True
         for sock in (self.outbound, self.inbound):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(sock)
 
     def close(self) -> None:
         self.shutdown()
@@ -241,20 +235,15 @@ class TlsRelay:
         except OSError as e:
             if not self.closing:
                 log.warning("packet channel relay (%s): %s", direction, e)
-        for sock in (source, sink):     # the other side sees the end at once
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        finally:
+            for sock in (source, sink):     # the other side sees the end at once
+                shut_down(sock)
 
     def close(self) -> None:
         """After PacketChannel.shutdown(): the SSL sockets are shut, so are the pairs here;
         both threads end without waiting on the peer."""
         for sock in (self._out_near, self._in_near, self._out_far, self._in_far):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(sock)
         for thread in self._threads:
             thread.join()
         for sock in (self._out_near, self._in_near, self._out_far, self._in_far):

@@ -179,10 +179,15 @@ class PrimaryFilters:
 
 def make_primary_filters(nic, channel: PacketChannel, settings: NetfilterSettings,
                          request_checkpoint: Callable[[str], None], on_lost: Callable[[str], None]):
-    """The datapath in C when it can run it (module docstring), else the Python threads."""
-    if native.IMPLEMENTATION == "native" and type(nic.backend) is TapBackend:
-        return NativePrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
-    return PrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
+    """The datapath in C when it can run it (module docstring), else the Python threads.  If
+    they cannot be made, the channel is closed (with it, a TLS channel's relay)."""
+    try:
+        if native.IMPLEMENTATION == "native" and type(nic.backend) is TapBackend:
+            return NativePrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
+        return PrimaryFilters(nic, channel, settings, request_checkpoint, on_lost)
+    except BaseException:
+        channel.close()
+        raise
 
 
 class NativeMirroringBackend:

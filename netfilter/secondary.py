@@ -210,10 +210,15 @@ class SecondaryFilters:
 
 
 def make_secondary_filters(nic, channel: PacketChannel, on_lost: Callable[[str], None]):
-    """The datapath in C when it can run it (module docstring), else the Python threads."""
-    if native.IMPLEMENTATION == "native":
-        return NativeSecondaryFilters(nic, channel, on_lost)
-    return SecondaryFilters(nic, channel, on_lost)
+    """The datapath in C when it can run it (module docstring), else the Python threads.  If
+    they cannot be made, the channel is closed (with it, a TLS channel's relay)."""
+    try:
+        if native.IMPLEMENTATION == "native":
+            return NativeSecondaryFilters(nic, channel, on_lost)
+        return SecondaryFilters(nic, channel, on_lost)
+    except BaseException:
+        channel.close()
+        raise
 
 
 class NativeRedirectingBackend:

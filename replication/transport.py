@@ -60,6 +60,16 @@ def _host_port(rest: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def shut_down(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    """shutdown(2) on the socket itself, quietly: blocked and later I/O on it fails, from any
+    thread.  Not SSLSocket.shutdown(), which drops the SSL object first: a thread sending on
+    the socket in between would put clear text on the wire."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
 def keepalive(sock: socket.socket) -> None:
     """TCP keepalive on a node channel: a peer that vanished (host down, cable cut) is found in
     about KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL s even when nothing is sent, and
@@ -211,7 +221,7 @@ class Channel:
             return
         deadline = time.monotonic() + seconds
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            shut_down(self.sock, socket.SHUT_WR)
             while (left := deadline - time.monotonic()) > 0:
                 self.sock.settimeout(left)
                 if not self.sock.recv(1 << 20):
@@ -237,10 +247,7 @@ class Channel:
         """From any thread: make blocked and future I/O on this channel fail."""
         self._aborted = True
         if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(self.sock)
         if self.proc is not None:
             self._kill_group()
 
@@ -457,10 +464,7 @@ class Listener:
         with self._close_lock:           # abort() and the destination's thread may both close it
             sock, self.sock = self.sock, None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut_down(sock)
             if sock.family == socket.AF_UNIX:
                 path = sock.getsockname()
                 if path and os.path.exists(path):

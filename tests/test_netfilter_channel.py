@@ -178,66 +178,101 @@ def test_native_fds_are_the_sockets_own_in_clear():
     server.close()
 
 
-def test_tls_relay_carries_the_datapaths_clear_bytes_as_tls(pki):
+@pytest.fixture
+def tls_pair(pki):
+    """A TLS channel pair, closed after the test whatever happened; no relay thread outlives it."""
+    client, server = connected_pair(pki)
+    yield client, server
+    client.close()
+    server.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("tls-relay")]
+
+
+def datapath_end(fd, timeout=5.0):
+    """The datapath's view of one of native_fds() (its own descriptor, as the C path has)."""
+    sock = socket.socket(fileno=os.dup(fd))
+    sock.settimeout(timeout)
+    return sock
+
+
+def test_tls_relay_carries_the_datapaths_clear_bytes_as_tls(tls_pair):
     """What the C datapath writes in clear on native_fds() reaches the peer's SSL object (so
     it went on the wire as TLS), in bursts and in order, and the peer's frames come out in
     clear the other way."""
-    client, server = connected_pair(pki)
+    client, server = tls_pair
     assert client.encrypted and client.endpoints.endswith("(TLS)")
     out_fd, in_fd = client.native_fds()
     assert client.native_fds() == (out_fd, in_fd)         # one relay per channel
     assert {out_fd, in_fd}.isdisjoint({client.outbound.fileno(), client.inbound.fileno()})
-    out_sock, in_sock = socket.socket(fileno=os.dup(out_fd)), socket.socket(fileno=os.dup(in_fd))
     frames = [(i, i.to_bytes(4, "big") * (1 + i % 300)) for i in range(2000)]
     wire = b"".join(FRAME_HEAD.pack(epoch, len(frame)) + frame for epoch, frame in frames)
-    sender = threading.Thread(target=out_sock.sendall, args=(wire,))
-    sender.start()
-    assert [server.recv() for _ in frames] == frames
-    sender.join(5)
-    server.send_many(frames[:500])
-    expected = b"".join(FRAME_HEAD.pack(epoch, len(frame)) + frame for epoch, frame in frames[:500])
-    assert read_exactly(in_sock, len(expected)) == expected
-    out_sock.close()
-    in_sock.close()
-    client.close()
-    server.close()
+    with datapath_end(out_fd) as out_sock, datapath_end(in_fd) as in_sock:
+        sender = threading.Thread(target=out_sock.sendall, args=(wire,))
+        sender.start()
+        assert [server.recv() for _ in frames] == frames
+        sender.join(5)
+        server.send_many(frames[:500])
+        expected = b"".join(FRAME_HEAD.pack(epoch, len(frame)) + frame for epoch, frame in frames[:500])
+        assert read_exactly(in_sock, len(expected)) == expected
 
 
-def test_tls_relay_a_broken_connection_is_a_closed_socket_for_the_datapath(pki):
-    client, server = connected_pair(pki)
+def test_tls_relay_a_broken_connection_is_a_closed_socket_for_the_datapath(tls_pair):
+    client, server = tls_pair
     out_fd, in_fd = client.native_fds()
-    in_sock = socket.socket(fileno=os.dup(in_fd))
-    in_sock.settimeout(5)
-    server.close()                          # the peer goes: the datapath reads the end
-    assert in_sock.recv(100) == b""
-    out_sock = socket.socket(fileno=os.dup(out_fd))
-    with pytest.raises(OSError):            # and its writes fail soon after, never hang
-        for _ in range(1000):
-            out_sock.send(b"x" * 60000)
-            time.sleep(0.001)
-    in_sock.close()
-    out_sock.close()
-    client.close()
+    with datapath_end(out_fd) as out_sock, datapath_end(in_fd) as in_sock:
+        server.close()                      # the peer goes: the datapath reads the end
+        assert in_sock.recv(100) == b""
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):   # and its writes fail soon after
+            for _ in range(1000):
+                out_sock.send(b"x" * 60000)
+                time.sleep(0.001)
 
 
-def test_tls_relay_closes_without_waiting_on_a_frozen_peer(pki):
-    """The relay's writer blocked on a peer that reads nothing, and its reader on a peer that
-    sends nothing: close() ends both at once."""
-    client, server = connected_pair(pki)
+def test_tls_relay_closes_without_waiting_on_a_frozen_peer(tls_pair):
+    """The relay's writer blocked in SSL on a peer that reads nothing (every buffer on the way
+    full, and still full a while later), its reader on a peer that sends nothing: close()
+    ends both at once."""
+    client, _ = tls_pair
     out_fd, _ = client.native_fds()
-    out_sock = socket.socket(fileno=os.dup(out_fd))
-    out_sock.setblocking(False)
-    try:
-        while True:                         # until the peer's, the relay's and the pair's buffers are full
-            out_sock.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    started = time.monotonic()
-    client.close()
-    assert time.monotonic() - started < 1.0
+    with datapath_end(out_fd) as out_sock:
+        out_sock.setblocking(False)
+        stuck_since = None
+        while stuck_since is None or time.monotonic() - stuck_since < 0.3:
+            try:
+                out_sock.send(b"x" * 65536)
+                stuck_since = None
+            except BlockingIOError:
+                stuck_since = stuck_since or time.monotonic()
+                time.sleep(0.02)
+        started = time.monotonic()
+        client.close()
+        assert time.monotonic() - started < 1.0
+
+
+def test_shutting_a_tls_channel_keeps_its_ssl_objects(tls_pair):
+    """SSLSocket.shutdown() would drop the SSL object before shutting the socket, so a thread
+    sending in between would write clear text: the channel shuts the sockets themselves."""
+    client, _ = tls_pair
+    client.native_fds()
+    client.shutdown()
+    for sock in (client.outbound, client.inbound):
+        assert sock._sslobj is not None
+        with pytest.raises(OSError):
+            sock.sendall(b"never in clear")
+
+
+def test_filters_that_cannot_be_made_close_the_channel_and_its_relay(tls_pair, monkeypatch):
+    import netfilter.secondary as secondary
+
+    def fails(*args, **kwargs):
+        raise MemoryError("no memory for the datapath")
+    monkeypatch.setattr(secondary.native, "ColoSecondary", fails)
+    monkeypatch.setattr(secondary.native, "IMPLEMENTATION", "native")
+    client, _ = tls_pair
+    with pytest.raises(MemoryError):
+        secondary.make_secondary_filters(None, client, lambda why: None)
+    assert client.outbound.fileno() == client.inbound.fileno() == -1
     assert not [t for t in threading.enumerate() if t.name.startswith("tls-relay")]
-    out_sock.close()
-    server.close()
 
 
 def test_oversized_frame_and_garbage_hello_end_the_channel():

@@ -216,11 +216,17 @@ def test_thousands_of_connections_each_keeps_its_own_offset(new_rewriter):
     assert rw.counters["connections"] == len(ports) and rw.counters["learned"] == len(ports)
     key = lambda port: parse(tcp_frame(sport=port, dport=443)).key  # noqa: E731
     assert all(rw.offset(key(port)) == i * 999 for i, port in enumerate(ports))
+    for i, port in enumerate(ports):        # a new ISN on each: tracked afresh, in place in its chain
+        rw.from_guest(tcp_frame(seq=i + 5, flags=SYN, sport=port, dport=443))
+    assert rw.counters["connections"] == len(ports) and all(rw.offset(key(port)) is None for port in ports)
+    for i, port in enumerate(ports):
+        rw.to_guest(tcp_frame(seq=7, ack=i * 2000 + 6, flags=SYN | ACK, sport=443, dport=port, src=CLIENT, dst=GUEST))
+    assert all(rw.offset(key(port)) == i * 1999 for i, port in enumerate(ports))
     for port in ports[::2]:
         rw.to_guest(tcp_frame(seq=8, flags=RST | ACK, sport=443, dport=port, src=CLIENT, dst=GUEST))
     clock.now += 10
     assert rw.scan_expired() == len(ports) // 2 and rw.counters["connections"] == len(ports) // 2
-    assert all(rw.offset(key(port)) == (i * 999 if i % 2 else None) for i, port in enumerate(ports))
+    assert all(rw.offset(key(port)) == (i * 1999 if i % 2 else None) for i, port in enumerate(ports))
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
