@@ -92,24 +92,36 @@ class Node:
 
 
 async def colo_pair(topo, workdir, guest: list[str], delay_ms: int, a_args: tuple = (), b_args: tuple = ()):
-    """Node a protected by node b; ``a_args``, ``b_args``: more daemon flags for each."""
+    """Node a protected by node b; ``a_args``, ``b_args``: more daemon flags for each.  If COLO
+    does not start, both daemons are stopped and the error says what the nodes said."""
     a = Node(topo, "a", workdir, guest + list(a_args))
     b = Node(topo, "b", workdir, guest + list(b_args) + ["--incoming", f"tcp:0.0.0.0:{PORT}"])
-    await a.connect()
-    await b.connect()
-    await asyncio.sleep(1.0)                      # the workload reaches its rate
-    await a.qmp.execute("migrate-set-parameters", {"x-checkpoint-delay": delay_ms, "max-bandwidth": 0})
-    with a.qmp.listener("MIGRATION") as events:
-        await a.qmp.execute("migrate", {"uri": f"tcp:{topo.nodes['b'].address}:{PORT}"})
-        try:
-            while (await asyncio.wait_for(events.get(), 60))["data"]["status"] not in ("colo", "failed", "cancelled"):
+    try:
+        await a.connect()
+        await b.connect()
+        await asyncio.sleep(1.0)                      # the workload reaches its rate
+        await a.qmp.execute("migrate-set-parameters", {"x-checkpoint-delay": delay_ms, "max-bandwidth": 0})
+        address = topo.nodes["b"].address
+        with a.qmp.listener("MIGRATION") as events:
+            await a.qmp.execute("migrate", {"uri": f"tcp:{address}:{PORT}"})
+            try:
+                while (await asyncio.wait_for(events.get(), 60))["data"]["status"] not in ("colo", "failed",
+                                                                                          "cancelled"):
+                    pass
+            except asyncio.TimeoutError:
                 pass
-        except asyncio.TimeoutError:
-            pass
-        info = await a.qmp.execute("query-migrate")
+            info = await a.qmp.execute("query-migrate")
         if info["status"] != "colo":
+            neighbour = subprocess.run(topo.in_namespace(a.namespace, ["ip", "neigh", "show", address]),
+                                       capture_output=True, text=True)
             raise RuntimeError(f"COLO did not start: migration {info['status']} {info.get('error-desc', '')}\n"
+                               f"node a's neighbour entry for {address}: "
+                               f"{neighbour.stdout.strip() or neighbour.stderr.strip() or 'none'}\n"
                                f"node a's log ends:\n{log_tail(a)}\nnode b's log ends:\n{log_tail(b)}")
+    except BaseException:
+        await b.close()
+        await a.close()
+        raise
     return a, b
 
 
