@@ -3,6 +3,7 @@ doorbell, with no exit per write; wrap-around, save/restore, migration, malforme
 
 import re
 import struct
+import time
 
 import blake3
 import pytest
@@ -48,6 +49,19 @@ def test_a_long_burst_wraps_the_ring_with_nothing_lost_or_repeated(guest_images,
     assert text.count("\n") == n and log.read_text() == text
     assert vm.console.state.cons == len(text) > 20 * vm.console.state.size
     assert vm.hypercall_exits[abi.HC_CONSOLE_WRITE] == 0
+
+
+def test_all_output_is_readable_once_the_state_says_the_guest_halted(guest_images, vms):
+    """A guest that prints and halts: whoever sees the state turn to shutdown (here, a reader
+    spinning on it) reads every line, not what the console thread has drained so far."""
+    for attempt in range(10):
+        vm = vms.new("probe", "mode=burst n=40")
+        vm.start()
+        deadline = time.monotonic() + 10
+        while vm.state != SHUTDOWN:
+            assert time.monotonic() < deadline, "the burst did not end"
+        assert vm.read_console().count("\n") == 40, (attempt, vm.read_console()[-300:])
+        vm.close()
 
 
 class _Ram:

@@ -552,7 +552,9 @@ class VirtualMachine:
         self._emit("STOP", {})
 
     def _stop(self, state: str, reason: str, event=None):
-        """From the vCPU thread: the VM stops on its own in `state`."""
+        """From the vCPU thread: the VM stops on its own in `state`.  The console is drained
+        first, so whoever sees the new state can read everything the guest printed."""
+        self.console_ring.stop()
         with self._cond:
             self._state = state
             self.stop_reason = reason
