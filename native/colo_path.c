@@ -155,9 +155,7 @@ static void channel_fill(channel *c, int *worked)
 
 static void channel_polled(channel *c, const struct pollfd *fds, int n)
 {
-    int revents = serve_revents(fds, n, c->in_fd);
-    if (revents >= 0)
-        c->in_readable = revents != 0;
+    serve_note_readable(fds, n, c->in_fd, &c->in_readable);
 }
 
 /* The next whole frame received: 1 with its epoch, body and length (not consumed yet),
@@ -299,9 +297,7 @@ static void primary_polled(serve_port *p, const struct pollfd *fds, int n)
 {
     ColoPrimary *self = PRIMARY_OF(p);
     channel_polled(&self->ch, fds, n);
-    int revents = serve_revents(fds, n, self->tap);
-    if (revents >= 0)
-        self->tap_readable = revents != 0;
+    serve_note_readable(fds, n, self->tap, &self->tap_readable);
 }
 
 static const char *primary_pass(serve_port *p, int *worked)

@@ -469,12 +469,13 @@ static int tap_tx(serve_port *p, serve_ctx *s, const uint8_t *frame, uint32_t le
 
 /* Reads frames from `fd` straight into the guest's RX buffers: frames read, or -1.  With
  * `mirror`, each frame the guest gets is also passed to it. */
-int serve_revents(const struct pollfd *fds, int n, int fd)
+void serve_note_readable(const struct pollfd *fds, int n, int fd, int *readable)
 {
     for (int i = 0; i < n; i++)
-        if (fds[i].fd == fd)
-            return fds[i].revents;
-    return -1;
+        if (fds[i].fd == fd) {
+            *readable = fds[i].revents != 0;
+            return;
+        }
 }
 
 long serve_rx_from_fd(serve_ctx *s, int fd, int *readable, long limit, uint8_t *scratch,
@@ -512,9 +513,7 @@ static long tap_rx(serve_port *p, serve_ctx *s, long limit)
 static void tap_polled(serve_port *p, const struct pollfd *fds, int n)
 {
     tap_port *t = (tap_port *)p;
-    int revents = serve_revents(fds, n, t->fd);
-    if (revents >= 0)
-        t->readable = revents != 0;
+    serve_note_readable(fds, n, t->fd, &t->readable);
 }
 
 static int tap_wait_fds(serve_port *p, struct pollfd *fds, int rx_room, int *timeout_ms)

@@ -79,8 +79,9 @@ void serve_rx_publish(serve_ctx *s);
 long serve_rx_from_fd(serve_ctx *s, int fd, int *readable, long limit, uint8_t *scratch,
                       void (*mirror)(void *ctx, const uint8_t *frame, uint32_t len), void *ctx);
 
-/* revents of `fd` among `fds`, or -1 when it was not polled. */
-int serve_revents(const struct pollfd *fds, int n, int fd);
+/* For a port's polled(): *readable as poll said for `fd`; left as it is when `fd` was not
+ * among `fds` (not asked for this time). */
+void serve_note_readable(const struct pollfd *fds, int n, int fd, int *readable);
 
 /* serve_rings(port, args): parses ring_serve_tap's arguments (without the tap), runs the loop
  * over `port`, returns ring_serve_tap's tuple; ValueError on a ring the guest got wrong. */
