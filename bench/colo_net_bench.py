@@ -6,8 +6,9 @@ failover a client sees on its own TCP connection.
 Node daemons in network namespaces as bench/colo_bench.py starts them (Node, colo_pair),
 kvstore on the service network, every client in the client namespace.  The baseline is
 the same guest on a single node without COLO, measured in the same run.  Per
-configuration (COLO also with TLS on its channels): redis-benchmark (SET and GET, 50 clients, the median of 3 runs) for throughput and latency, the
-checkpoints taken meanwhile by reason, the daemons' CPU per request; then one verifying
+configuration (COLO also with TLS on its channels): redis-benchmark (SET and GET, 50
+clients, the median of 3 runs) for throughput and latency, the checkpoints taken
+meanwhile by reason, the daemons' CPU per request; then one verifying
 client (one connection, numbered keys, every reply checked) for single-connection latency.
 Failover: the primary daemon gets SIGKILL while that client runs; the longest silence
 between two replies around it is the outage the client saw, and every acknowledged key

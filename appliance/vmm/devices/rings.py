@@ -14,8 +14,8 @@ The thread (a DeviceThread) runs only while the vCPU thread is out of its park
 (start()/stop() from the vCPU thread): so a paused, saving or checkpointing VM has no host
 writes into its RAM, and stop() first sends every frame the guest queued, leaving no TX
 frame in flight.  RX frames the host published and the guest has not read stay in the
-ring, in guest RAM, and travel with it.  Every host write into guest RAM is marked in the VMM's dirty bitmap under the
-bitmap's lock (GuestMemory.vmm_dirty), after the write.
+ring, in guest RAM, and travel with it.  Every host write into guest RAM is marked in the
+VMM's dirty bitmap under the bitmap's lock (GuestMemory.vmm_dirty), after the write.
 
 A ring the guest got wrong (out-of-RAM buffers, absurd lengths, index overruns) makes
 on_fault(reason) stop the VM as guest-panicked; the host never trusts an index it reads.
